@@ -1,0 +1,445 @@
+// CPU region-word similarity. Valid tokens are packed first, so the cost follows the real
+// lengths; the packed regions x words product is formed tile by tile (a few hundred tokens
+// a side) by the platform BLAS, the one routine that reaches this machine's GEMM ceiling,
+// and each tile is reduced at once by the ALIGN / AGGREGATE epilogue, so the
+// (Ni, Nt, R, L) tensor never exists. Tile pairs run in parallel, one BLAS thread each.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fastalign {
+namespace {
+
+enum Direction : int64_t { kT2I = 0, kI2T = 1, kBoth = 2 };
+enum Align : int64_t { kAlignMax = 0, kAlignLse = 1 };
+enum Aggregate : int64_t { kMean = 0, kSum = 1, kAggregateMax = 2, kAggregateLse = 3 };
+constexpr double kLeakySlope = 0.1;
+
+// Packed tokens per tile side: a 256 x 512 float tile (512 KiB) stays in L2 while reduced.
+constexpr int64_t kRowTile = 256;
+constexpr int64_t kColTile = 512;
+// Feature columns per pass of the sparse backward: a slice of every token stays in L2.
+constexpr int64_t kFeatureBlock = 64;
+
+struct Options {
+  bool t2i, i2t, leaky;
+  int64_t align, aggregate;
+  double align_tau, aggregate_tau;
+};
+
+// The valid tokens of x (N, T, D) as rows of one (sum lengths, D) matrix.
+struct Packed {
+  at::Tensor rows;
+  at::Tensor index;             // flat row of each packed token in x; undefined if all valid
+  std::vector<int64_t> offset;  // first packed row of item n, size N + 1
+};
+
+Packed pack_valid(const at::Tensor& x, const at::Tensor& lengths) {
+  const int64_t n = x.size(0), t = x.size(1), d = x.size(2);
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  Packed packed;
+  packed.offset.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) packed.offset[i + 1] = packed.offset[i] + len[i];
+  at::Tensor flat = x.reshape({n * t, d});
+  if (packed.offset[n] == n * t) {
+    packed.rows = flat;
+    return packed;
+  }
+  packed.index = at::empty({packed.offset[n]}, lengths.options());
+  int64_t* index = packed.index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t r = 0; r < len[i]; ++r) index[packed.offset[i] + r] = i * t + r;
+  packed.rows = flat.index_select(0, packed.index);
+  return packed;
+}
+
+// Inverse of pack_valid for gradients: packed rows back to (N, T, D), zeros at padding.
+at::Tensor unpack_valid(const at::Tensor& rows, const Packed& packed, const at::Tensor& like) {
+  if (!packed.index.defined()) return rows.view(like.sizes());
+  at::Tensor out = at::zeros({like.size(0) * like.size(1), like.size(2)}, rows.options());
+  out.index_copy_(0, packed.index, rows);
+  return out.view(like.sizes());
+}
+
+// Boundaries of consecutive item groups holding at most `budget` packed tokens each
+// (an item longer than the budget forms a group of its own).
+std::vector<int64_t> group_by_tokens(const std::vector<int64_t>& offset, int64_t budget) {
+  const int64_t n = static_cast<int64_t>(offset.size()) - 1;
+  std::vector<int64_t> bounds{0};
+  for (int64_t i = 0; i < n; ++i)
+    if (i > bounds.back() && offset[i + 1] - offset[bounds.back()] > budget) bounds.push_back(i);
+  bounds.push_back(n);
+  return bounds;
+}
+
+template <typename acc_t>
+inline acc_t activate(acc_t s, bool leaky) {
+  return leaky && !(s > 0) ? s * static_cast<acc_t>(kLeakySlope) : s;
+}
+
+template <typename acc_t>
+inline acc_t activation_slope(acc_t s, bool leaky) {
+  return leaky && !(s > 0) ? static_cast<acc_t>(kLeakySlope) : acc_t(1);
+}
+
+// AGGREGATE of n aligned values a[0], a[stride], ...
+template <typename acc_t>
+acc_t aggregate_values(const acc_t* a, int64_t n, int64_t stride, const Options& o) {
+  if (o.aggregate == kMean || o.aggregate == kSum) {
+    acc_t total = 0;
+    for (int64_t j = 0; j < n; ++j) total += a[j * stride];
+    return o.aggregate == kMean ? total / static_cast<acc_t>(n) : total;
+  }
+  acc_t best = a[0];
+  for (int64_t j = 1; j < n; ++j) best = std::max(best, a[j * stride]);
+  if (o.aggregate == kAggregateMax) return best;
+  const acc_t tau = static_cast<acc_t>(o.aggregate_tau);
+  acc_t total = 0;
+  for (int64_t j = 0; j < n; ++j) total += std::exp((a[j * stride] - best) / tau);
+  return best + tau * std::log(total);
+}
+
+// Where the epilogue writes: scores (Ni, Nt) and, when a gradient is needed, the aligned
+// value and arg-max key of every query token.
+template <typename scalar_t>
+struct ForwardOutputs {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* scores;
+  acc_t* a_t2i;  // (Ni, Nt, L) or null
+  int32_t* idx_t2i;
+  acc_t* a_i2t;  // (Ni, Nt, R) or null
+  int32_t* idx_i2t;
+  int64_t n_captions, max_regions, max_words;
+};
+
+// Reduces one tile S = regions[images i0..i1) x words[captions t0..t1)^T (row-major, ld).
+template <typename scalar_t>
+void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64_t t0, int64_t t1,
+                 const Packed& images, const Packed& captions, const Options& o,
+                 const ForwardOutputs<scalar_t>& out, std::vector<at::opmath_type<scalar_t>>& best,
+                 std::vector<int32_t>& arg, std::vector<at::opmath_type<scalar_t>>& total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row0 = images.offset[i0], col0 = captions.offset[t0];
+  const int64_t n_cols = captions.offset[t1] - col0, n_caps = t1 - t0;
+  const acc_t align_tau = static_cast<acc_t>(o.align_tau);
+  std::vector<acc_t> row_aligned;  // i2t: aligned value of (region r, caption t)
+  for (int64_t i = i0; i < i1; ++i) {
+    const scalar_t* rows = tile + (images.offset[i] - row0) * ld;
+    const int64_t n_rows = images.offset[i + 1] - images.offset[i];
+    std::vector<acc_t> score(n_caps, acc_t(0));
+    if (o.t2i) {  // every column (word): ALIGN over this image's rows (regions)
+      acc_t* col_best = best.data();
+      int32_t* col_arg = arg.data();
+      for (int64_t c = 0; c < n_cols; ++c) {
+        col_best[c] = rows[c];
+        col_arg[c] = 0;
+      }
+      for (int64_t r = 1; r < n_rows; ++r) {
+        const scalar_t* row = rows + r * ld;
+        for (int64_t c = 0; c < n_cols; ++c) {
+          const bool better = row[c] > col_best[c];  // strict: ties keep the first region
+          col_best[c] = better ? static_cast<acc_t>(row[c]) : col_best[c];
+          col_arg[c] = better ? static_cast<int32_t>(r) : col_arg[c];
+        }
+      }
+      for (int64_t c = 0; c < n_cols; ++c) col_best[c] = activate(col_best[c], o.leaky);
+      if (o.align == kAlignLse) {
+        acc_t* col_total = total.data();
+        std::fill(col_total, col_total + n_cols, acc_t(0));
+        for (int64_t r = 0; r < n_rows; ++r) {
+          const scalar_t* row = rows + r * ld;
+          for (int64_t c = 0; c < n_cols; ++c)
+            col_total[c] += std::exp((activate<acc_t>(row[c], o.leaky) - col_best[c]) / align_tau);
+        }
+        for (int64_t c = 0; c < n_cols; ++c)
+          col_best[c] += align_tau * std::log(col_total[c]);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c0 = captions.offset[t] - col0, n_words = captions.offset[t + 1] - col0 - c0;
+        score[t - t0] += aggregate_values(col_best + c0, n_words, 1, o);
+        if (out.a_t2i) {
+          const int64_t base = (i * out.n_captions + t) * out.max_words;
+          std::copy(col_best + c0, col_best + c0 + n_words, out.a_t2i + base);
+          if (out.idx_t2i) std::copy(col_arg + c0, col_arg + c0 + n_words, out.idx_t2i + base);
+        }
+      }
+    }
+    if (o.i2t) {  // every row (region) and caption: ALIGN over the caption's columns
+      row_aligned.resize(n_rows * n_caps);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const scalar_t* row = rows + r * ld;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t c0 = captions.offset[t] - col0, c1 = captions.offset[t + 1] - col0;
+          int64_t c_best = c0;
+          for (int64_t c = c0 + 1; c < c1; ++c) c_best = row[c] > row[c_best] ? c : c_best;
+          acc_t a = activate<acc_t>(row[c_best], o.leaky);
+          if (o.align == kAlignLse) {
+            acc_t sum = 0;
+            for (int64_t c = c0; c < c1; ++c)
+              sum += std::exp((activate<acc_t>(row[c], o.leaky) - a) / align_tau);
+            a += align_tau * std::log(sum);
+          }
+          row_aligned[r * n_caps + (t - t0)] = a;
+          if (out.a_i2t) {
+            const int64_t at = (i * out.n_captions + t) * out.max_regions + r;
+            out.a_i2t[at] = a;
+            if (out.idx_i2t) out.idx_i2t[at] = static_cast<int32_t>(c_best - c0);
+          }
+        }
+      }
+      for (int64_t t = t0; t < t1; ++t)
+        score[t - t0] += aggregate_values(row_aligned.data() + (t - t0), n_rows, n_caps, o);
+    }
+    for (int64_t t = t0; t < t1; ++t)
+      out.scores[i * out.n_captions + t] = static_cast<scalar_t>(score[t - t0]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_word_forward_cpu(
+    const at::Tensor& regions_in, const at::Tensor& words_in, const at::Tensor& region_lengths_in,
+    const at::Tensor& word_lengths_in, int64_t direction, int64_t align, int64_t aggregate,
+    double align_tau, double aggregate_tau, bool leaky, bool need_aux) {
+  TORCH_CHECK(regions_in.dim() == 3 && words_in.dim() == 3, "regions and words must be 3-D");
+  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
+  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
+  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
+  const int64_t n_images = regions.size(0), max_regions = regions.size(1);
+  const int64_t n_captions = words.size(0), max_words = words.size(1);
+  const Options o{direction != kI2T, direction != kT2I, leaky, align, aggregate, align_tau,
+                  aggregate_tau};
+  const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
+  const auto idx_options = regions.options().dtype(at::kInt);
+  at::Tensor scores = at::empty({n_images, n_captions}, regions.options());
+  at::Tensor a_t2i = at::empty({0}, acc_options), idx_t2i = at::empty({0}, idx_options);
+  at::Tensor a_i2t = at::empty({0}, acc_options), idx_i2t = at::empty({0}, idx_options);
+  if (need_aux && o.t2i) {
+    a_t2i = at::zeros({n_images, n_captions, max_words}, acc_options);
+    if (align == kAlignMax) idx_t2i = at::zeros({n_images, n_captions, max_words}, idx_options);
+  }
+  if (need_aux && o.i2t) {
+    a_i2t = at::zeros({n_images, n_captions, max_regions}, acc_options);
+    if (align == kAlignMax) idx_i2t = at::zeros({n_images, n_captions, max_regions}, idx_options);
+  }
+  if (n_images == 0 || n_captions == 0) return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
+
+  const Packed images = pack_valid(regions, region_lengths);
+  const Packed captions = pack_valid(words, word_lengths);
+  const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
+  const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
+  const int64_t n_caption_groups = static_cast<int64_t>(caption_groups.size()) - 1;
+  const int64_t n_tiles = (static_cast<int64_t>(image_groups.size()) - 1) * n_caption_groups;
+
+  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ForwardOutputs<scalar_t> out{
+        scores.data_ptr<scalar_t>(),
+        a_t2i.numel() ? a_t2i.data_ptr<acc_t>() : nullptr,
+        idx_t2i.numel() ? idx_t2i.data_ptr<int32_t>() : nullptr,
+        a_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr,
+        idx_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr,
+        n_captions, max_regions, max_words};
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor tile;
+      std::vector<acc_t> best, total;
+      std::vector<int32_t> arg;
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t i0 = image_groups[k / n_caption_groups];
+        const int64_t i1 = image_groups[k / n_caption_groups + 1];
+        const int64_t t0 = caption_groups[k % n_caption_groups];
+        const int64_t t1 = caption_groups[k % n_caption_groups + 1];
+        const int64_t row0 = images.offset[i0], n_rows = images.offset[i1] - row0;
+        const int64_t col0 = captions.offset[t0], n_cols = captions.offset[t1] - col0;
+        // Inside parallel_for the BLAS runs on this thread only.
+        tile = at::mm(images.rows.narrow(0, row0, n_rows), captions.rows.narrow(0, col0, n_cols).t());
+        best.resize(n_cols);
+        arg.resize(n_cols);
+        total.resize(n_cols);
+        reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), n_cols, i0, i1, t0, t1, images, captions,
+                              o, out, best, arg, total);
+      }
+    });
+  });
+  return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
+}
+
+// y[0..n) += c * x[0..n)
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t* y, const scalar_t* x, acc_t c, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += c * static_cast<acc_t>(x[d]);
+}
+
+// Align max: every query token's gradient goes to its one arg-max key, so the backward is
+// a gather-accumulate over (image, caption, token) triples, done feature block by feature
+// block. Pass one owns the rows of each caption, pass two those of each image: no races.
+template <typename scalar_t>
+void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const at::Tensor& coef_i2t,
+                  const at::Tensor& idx_i2t, const at::Tensor& regions, const at::Tensor& words,
+                  const int64_t* region_len, const int64_t* word_len, at::Tensor& grad_regions,
+                  at::Tensor& grad_words) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_images = regions.size(0), max_regions = regions.size(1), dim = regions.size(2);
+  const int64_t n_captions = words.size(0), max_words = words.size(1);
+  const scalar_t* region = regions.data_ptr<scalar_t>();
+  const scalar_t* word = words.data_ptr<scalar_t>();
+  const acc_t* c_t2i = coef_t2i.numel() ? coef_t2i.data_ptr<acc_t>() : nullptr;
+  const int32_t* k_t2i = coef_t2i.numel() ? idx_t2i.data_ptr<int32_t>() : nullptr;
+  const acc_t* c_i2t = coef_i2t.numel() ? coef_i2t.data_ptr<acc_t>() : nullptr;
+  const int32_t* k_i2t = coef_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr;
+  acc_t* g_region = grad_regions.data_ptr<acc_t>();
+  acc_t* g_word = grad_words.data_ptr<acc_t>();
+
+  at::parallel_for(0, n_captions, 1, [&](int64_t begin, int64_t end) {
+    acc_t acc[kFeatureBlock];
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
+        const int64_t dn = std::min(kFeatureBlock, dim - d0);
+        for (int64_t w = 0; c_t2i && w < word_len[t]; ++w) {
+          std::fill(acc, acc + dn, acc_t(0));
+          for (int64_t i = 0; i < n_images; ++i) {
+            const int64_t at = (i * n_captions + t) * max_words + w;
+            if (c_t2i[at] != 0)
+              axpy(acc, region + (i * max_regions + k_t2i[at]) * dim + d0, c_t2i[at], dn);
+          }
+          axpy(g_word + (t * max_words + w) * dim + d0, acc, acc_t(1), dn);
+        }
+        for (int64_t i = 0; c_i2t && i < n_images; ++i)
+          for (int64_t r = 0; r < region_len[i]; ++r) {
+            const int64_t at = (i * n_captions + t) * max_regions + r;
+            if (c_i2t[at] != 0)
+              axpy(g_word + (t * max_words + k_i2t[at]) * dim + d0,
+                   region + (i * max_regions + r) * dim + d0, c_i2t[at], dn);
+          }
+      }
+  });
+  at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
+    acc_t acc[kFeatureBlock];
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
+        const int64_t dn = std::min(kFeatureBlock, dim - d0);
+        for (int64_t t = 0; c_t2i && t < n_captions; ++t)
+          for (int64_t w = 0; w < word_len[t]; ++w) {
+            const int64_t at = (i * n_captions + t) * max_words + w;
+            if (c_t2i[at] != 0)
+              axpy(g_region + (i * max_regions + k_t2i[at]) * dim + d0,
+                   word + (t * max_words + w) * dim + d0, c_t2i[at], dn);
+          }
+        for (int64_t r = 0; c_i2t && r < region_len[i]; ++r) {
+          std::fill(acc, acc + dn, acc_t(0));
+          for (int64_t t = 0; t < n_captions; ++t) {
+            const int64_t at = (i * n_captions + t) * max_regions + r;
+            if (c_i2t[at] != 0)
+              axpy(acc, word + (t * max_words + k_i2t[at]) * dim + d0, c_i2t[at], dn);
+          }
+          axpy(g_region + (i * max_regions + r) * dim + d0, acc, acc_t(1), dn);
+        }
+      }
+  });
+}
+
+// Align lse: every key token takes part, so each tile of scores is recomputed, turned in
+// place into dL/ds, and multiplied back: grad_regions += G words, grad_words += G^T regions.
+// Image groups run in parallel; each thread accumulates its own grad_words partial.
+template <typename scalar_t>
+void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at::Tensor& coef_i2t,
+                  const at::Tensor& a_i2t, const at::Tensor& regions, const at::Tensor& words,
+                  const at::Tensor& region_lengths, const at::Tensor& word_lengths,
+                  double align_tau, bool leaky, at::Tensor& grad_regions, at::Tensor& grad_words) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_captions = words.size(0), max_regions = regions.size(1),
+                max_words = words.size(1);
+  const Packed images = pack_valid(regions, region_lengths);
+  const Packed captions = pack_valid(words, word_lengths);
+  const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
+  const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
+  const acc_t* c_t2i = coef_t2i.numel() ? coef_t2i.data_ptr<acc_t>() : nullptr;
+  const acc_t* v_t2i = coef_t2i.numel() ? a_t2i.data_ptr<acc_t>() : nullptr;
+  const acc_t* c_i2t = coef_i2t.numel() ? coef_i2t.data_ptr<acc_t>() : nullptr;
+  const acc_t* v_i2t = coef_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr;
+  const acc_t tau = static_cast<acc_t>(align_tau);
+
+  at::Tensor grad_image_rows = at::zeros_like(images.rows);
+  at::Tensor grad_word_partials =
+      at::zeros({at::get_num_threads(), captions.rows.size(0), captions.rows.size(1)},
+                captions.rows.options());
+  at::parallel_for(0, static_cast<int64_t>(image_groups.size()) - 1, 1, [&](int64_t begin,
+                                                                            int64_t end) {
+    at::Tensor grad_word_rows = grad_word_partials[at::get_thread_num()];
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
+      const int64_t row0 = images.offset[i0], n_rows = images.offset[i1] - row0;
+      const at::Tensor image_rows = images.rows.narrow(0, row0, n_rows);
+      for (size_t h = 0; h + 1 < caption_groups.size(); ++h) {
+        const int64_t t0 = caption_groups[h], t1 = caption_groups[h + 1];
+        const int64_t col0 = captions.offset[t0], n_cols = captions.offset[t1] - col0;
+        const at::Tensor word_rows = captions.rows.narrow(0, col0, n_cols);
+        at::Tensor tile = at::mm(image_rows, word_rows.t());
+        scalar_t* s = tile.data_ptr<scalar_t>();
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t r = 0; r < images.offset[i + 1] - images.offset[i]; ++r) {
+            scalar_t* row = s + (images.offset[i] - row0 + r) * n_cols;
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t c0 = captions.offset[t] - col0, n = captions.offset[t + 1] - col0 - c0;
+              const int64_t pair = i * n_captions + t;
+              for (int64_t w = 0; w < n; ++w) {
+                const acc_t raw = row[c0 + w], act = activate(raw, leaky);
+                acc_t g_s = 0;
+                if (c_t2i) {
+                  const int64_t at = pair * max_words + w;
+                  g_s += c_t2i[at] * std::exp((act - v_t2i[at]) / tau);
+                }
+                if (c_i2t) {
+                  const int64_t at = pair * max_regions + r;
+                  g_s += c_i2t[at] * std::exp((act - v_i2t[at]) / tau);
+                }
+                row[c0 + w] = static_cast<scalar_t>(g_s * activation_slope(raw, leaky));
+              }
+            }
+          }
+        grad_image_rows.narrow(0, row0, n_rows).addmm_(tile, word_rows);
+        grad_word_rows.narrow(0, col0, n_cols).addmm_(tile.t(), image_rows);
+      }
+    }
+  });
+  grad_regions.copy_(unpack_valid(grad_image_rows, images, regions));
+  grad_words.copy_(unpack_valid(grad_word_partials.sum(0), captions, words));
+}
+
+std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(
+    const at::Tensor& coef_t2i_in, const at::Tensor& aux_t2i_in, const at::Tensor& coef_i2t_in,
+    const at::Tensor& aux_i2t_in, const at::Tensor& regions_in, const at::Tensor& words_in,
+    const at::Tensor& region_lengths_in, const at::Tensor& word_lengths_in, int64_t align,
+    double align_tau, bool leaky) {
+  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
+  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
+  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
+  const at::Tensor coef_t2i = coef_t2i_in.contiguous(), aux_t2i = aux_t2i_in.contiguous();
+  const at::Tensor coef_i2t = coef_i2t_in.contiguous(), aux_i2t = aux_i2t_in.contiguous();
+  const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
+  at::Tensor grad_regions = at::zeros(regions.sizes(), acc_options);
+  at::Tensor grad_words = at::zeros(words.sizes(), acc_options);
+  AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_backward_cpu", [&] {
+    if (align == kAlignMax) {
+      backward_max<scalar_t>(coef_t2i, aux_t2i, coef_i2t, aux_i2t, regions, words,
+                             region_lengths.data_ptr<int64_t>(), word_lengths.data_ptr<int64_t>(),
+                             grad_regions, grad_words);
+    } else {
+      backward_lse<scalar_t>(coef_t2i, aux_t2i, coef_i2t, aux_i2t, regions, words, region_lengths,
+                             word_lengths, align_tau, leaky, grad_regions, grad_words);
+    }
+  });
+  return {grad_regions.to(regions.scalar_type()), grad_words.to(words.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
+  m.impl("region_word_forward", &region_word_forward_cpu);
+  m.impl("region_word_backward", &region_word_backward_cpu);
+}
+
+}  // namespace fastalign

@@ -1,0 +1,28 @@
+// Schemas of every fastalign operator. Device implementations register themselves in
+// cpu/*.cpp and cuda/*.cu; fake (meta) kernels and autograd are registered from Python
+// (fastalign/ops/*.py), following PyTorch's extension-cpp layout.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing fastalign._C from Python runs the static TORCH_LIBRARY registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fastalign, m) {
+  // direction: 0 t2i, 1 i2t, 2 both; align: 0 max, 1 lse; aggregate: 0 mean, 1 sum, 2 max,
+  // 3 lse. Returns (scores, a_t2i, idx_t2i, a_i2t, idx_i2t); the aux tensors are empty
+  // unless need_aux (see fastalign/ops/region_word.py for their exact meaning).
+  m.def(
+      "region_word_forward(Tensor regions, Tensor words, Tensor region_lengths, "
+      "Tensor word_lengths, int direction, int align, int aggregate, float align_tau, "
+      "float aggregate_tau, bool leaky, bool need_aux) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of regions and words from per-query-token coefficients dL/da; aux_* holds
+  // the arg-max indices (align max) or the aligned values (align lse) of the forward.
+  m.def(
+      "region_word_backward(Tensor coef_t2i, Tensor aux_t2i, Tensor coef_i2t, "
+      "Tensor aux_i2t, Tensor regions, Tensor words, Tensor region_lengths, "
+      "Tensor word_lengths, int align, float align_tau, bool leaky) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,94 @@
+"""Which backends exist on this machine, and how ``backend="auto"`` resolves.
+
+The compiled extension ``fastalign._C`` is optional: without it only the reference
+and (on a GPU, or under ``TRITON_INTERPRET=1``) the Triton backend run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+
+try:
+    from fastalign import _C  # noqa: F401  (loading it registers the fastalign:: ops)
+
+    _EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _EXTENSION_ERROR = str(exc)
+
+
+def extension_loaded() -> bool:
+    return _EXTENSION_ERROR is None
+
+
+def extension_has_cuda() -> bool:
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastalign::region_word_forward", "CUDA"
+    )
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels are run by the interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backends() -> dict[str, str]:
+    """Availability of each backend on this machine.
+
+    Returns a dict mapping backend name to ``"available"`` or the reason it is not.
+    """
+    report = {"reference": "available"}
+    if extension_loaded():
+        report["cpu"] = "available"
+    else:
+        report["cpu"] = f"unavailable: fastalign._C did not load ({_EXTENSION_ERROR})"
+    if not triton_importable():
+        report["triton"] = "unavailable: triton is not installed"
+    elif torch.cuda.is_available() or triton_interpret():
+        report["triton"] = "available"
+    else:
+        report["triton"] = "unavailable: no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+    if extension_has_cuda() and torch.cuda.is_available():
+        report["cuda"] = "available"
+    elif not extension_has_cuda():
+        report["cuda"] = "unavailable: fastalign._C was built without CUDA kernels for this op"
+    else:
+        report["cuda"] = "unavailable: no CUDA device"
+    return report
+
+
+def resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    """Turn ``backend`` into a concrete backend for tensors on ``device``.
+
+    ``"auto"`` picks the C++ kernel for CPU tensors and Triton for CUDA tensors, and
+    falls back to the reference when the fast path is not available.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if extension_loaded() else "reference"
+        if device.type == "cuda" and triton_importable():
+            return "triton"
+        return "reference"
+    if backend == "reference":
+        return backend
+    status = backends()[backend]
+    if status != "available":
+        raise RuntimeError(f"{op}: backend {backend!r} is {status}")
+    expected = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}[backend]
+    if device.type not in expected or (
+        backend == "triton" and device.type == "cpu" and not triton_interpret()
+    ):
+        raise ValueError(
+            f"{op}: backend {backend!r} needs tensors on {' or '.join(expected)}, got {device}"
+        )
+    return backend

@@ -1,0 +1,48 @@
+"""Module forms of the fastalign operators, for use inside models."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from fastalign.ops.region_word import region_word_similarity
+
+
+class RegionWordSimilarity(nn.Module):
+    """:func:`fastalign.region_word_similarity` with its options fixed at construction.
+
+    ``forward(regions (Ni, R, D), words (Nt, L, D), region_lengths=None, word_lengths=None)``
+    returns the (Ni, Nt) score matrix.
+    """
+
+    def __init__(
+        self,
+        direction: str = "t2i",
+        align: str = "max",
+        aggregate: str = "mean",
+        align_tau: float = 0.1,
+        aggregate_tau: float = 0.1,
+        score_activation: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            direction=direction,
+            align=align,
+            aggregate=aggregate,
+            align_tau=align_tau,
+            aggregate_tau=aggregate_tau,
+            score_activation=score_activation,
+            backend=backend,
+        )
+
+    def forward(
+        self,
+        regions: Tensor,
+        words: Tensor,
+        region_lengths: Tensor | None = None,
+        word_lengths: Tensor | None = None,
+    ) -> Tensor:
+        return region_word_similarity(regions, words, region_lengths, word_lengths, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

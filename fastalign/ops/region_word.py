@@ -1,0 +1,437 @@
+"""Fused region-word similarity (SPEC 1.1): reference, argument checks, dispatch, autograd.
+
+S[i, t] = AGGREGATE over query tokens of (ALIGN over key tokens of s(r, w)), where for
+``direction="t2i"`` the queries are caption t's words and the keys image i's regions,
+for ``"i2t"`` the reverse, and ``"both"`` sums the two.  The fast backends never form the
+(Ni, Nt, R, L) tensor: they stream tiles of region x word products and keep, when a
+gradient is needed, only the aligned value and arg-max key of every query token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastalign._backends import resolve_backend
+
+DIRECTIONS = ("t2i", "i2t", "both")
+ALIGNS = ("max", "lse")
+AGGREGATES = ("mean", "sum", "max", "lse")
+SCORE_ACTIVATIONS = (None, "leaky_relu")
+LEAKY_SLOPE = 0.1
+
+
+# --------------------------------------------------------------------------- reference
+def _align_aggregate_reference(
+    scores: Tensor,
+    key_mask: Tensor,
+    query_mask: Tensor,
+    key_dim: int,
+    align: str,
+    aggregate: str,
+    align_tau: float,
+    aggregate_tau: float,
+) -> Tensor:
+    """One direction on the 4-D tensor: ALIGN over ``key_dim``, AGGREGATE over the last."""
+    masked = scores.masked_fill(~key_mask, float("-inf"))
+    if align == "max":  # .max(dim) sends the gradient to the first arg-max, like the kernels
+        aligned = masked.max(dim=key_dim).values
+    else:
+        aligned = align_tau * torch.logsumexp(masked / align_tau, dim=key_dim)
+    if aggregate == "mean":
+        return (aligned * query_mask).sum(-1) / query_mask.sum(-1)
+    if aggregate == "sum":
+        return (aligned * query_mask).sum(-1)
+    aligned = aligned.masked_fill(~query_mask, float("-inf"))
+    if aggregate == "max":
+        return aligned.max(dim=-1).values
+    return aggregate_tau * torch.logsumexp(aligned / aggregate_tau, dim=-1)
+
+
+def region_word_similarity_reference(
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor | None = None,
+    word_lengths: Tensor | None = None,
+    direction: str = "t2i",
+    align: str = "max",
+    aggregate: str = "mean",
+    align_tau: float = 0.1,
+    aggregate_tau: float = 0.1,
+    score_activation: str | None = None,
+) -> Tensor:
+    """Plain-PyTorch specification of :func:`region_word_similarity` (forms the 4-D tensor)."""
+    n_images, n_regions, _ = regions.shape
+    n_captions, n_words, _ = words.shape
+    if region_lengths is None:
+        region_lengths = torch.full((n_images,), n_regions, device=regions.device)
+    if word_lengths is None:
+        word_lengths = torch.full((n_captions,), n_words, device=words.device)
+    region_mask = torch.arange(n_regions, device=regions.device) < region_lengths[:, None]
+    word_mask = torch.arange(n_words, device=words.device) < word_lengths[:, None]
+    scores = torch.einsum("ird,twd->itrw", regions, words)  # (Ni, Nt, R, L)
+    if score_activation == "leaky_relu":
+        scores = F.leaky_relu(scores, LEAKY_SLOPE)
+    options = (align, aggregate, align_tau, aggregate_tau)
+    total = 0
+    if direction in ("t2i", "both"):
+        total = total + _align_aggregate_reference(
+            scores, region_mask[:, None, :, None], word_mask[None, :, :], 2, *options
+        )
+    if direction in ("i2t", "both"):
+        total = total + _align_aggregate_reference(
+            scores.transpose(2, 3),
+            word_mask[None, :, :, None],
+            region_mask[:, None, :],
+            2,
+            *options,
+        )
+    return total
+
+
+# --------------------------------------------------------------------------- checks
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_tau(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+
+
+def _check_lengths(name: str, lengths, count: int, padded: int, device) -> Tensor:
+    """Checks ``lengths`` (None, a sequence or an integer tensor): shape (count,), 1..padded."""
+    if lengths is None:
+        return torch.full((count,), padded, dtype=torch.int64, device=device)
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths, device=device)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {lengths.dtype}")
+    if lengths.shape != (count,):
+        raise ValueError(f"{name} must have shape ({count},), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"{name} must be on {device}, got {lengths.device}")
+    if not torch.compiler.is_compiling():
+        bad = ((lengths < 1) | (lengths > padded)).nonzero()
+        if len(bad):
+            k = int(bad[0, 0])
+            raise ValueError(
+                f"{name}[{k}] = {int(lengths[k])}, expected 1 <= length <= {padded} "
+                f"(the padded size)"
+            )
+    return lengths.to(torch.int64)
+
+
+def _check_inputs(regions, words, backend: str) -> None:
+    for name, x in (("regions", regions), ("words", words)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (N, tokens, D), got shape {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(
+                f"{name} must have at least one item and one token, got {tuple(x.shape)}"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if regions.shape[2] != words.shape[2]:
+        raise ValueError(
+            f"regions and words must share the feature size D, got {regions.shape[2]} and "
+            f"{words.shape[2]}"
+        )
+    if regions.dtype != words.dtype:
+        raise TypeError(
+            f"regions and words must share a dtype, got {regions.dtype} and {words.dtype}"
+        )
+    if regions.device != words.device:
+        raise ValueError(
+            f"regions and words must be on one device, got {regions.device} and {words.device}"
+        )
+    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
+    if allowed and regions.dtype not in allowed:
+        raise TypeError(
+            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {regions.dtype}"
+        )
+
+
+# --------------------------------------------------------------------------- custom ops
+def _forward_fake(
+    regions,
+    words,
+    region_lengths,
+    word_lengths,
+    direction,
+    align,
+    aggregate,
+    align_tau,
+    aggregate_tau,
+    leaky,
+    need_aux,
+):
+    n_images, n_regions, _ = regions.shape
+    n_captions, n_words, _ = words.shape
+    acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
+    aux = []  # fresh tensors each: outputs must not alias one another
+    for used, tokens in ((direction != 1, n_words), (direction != 0, n_regions)):
+        shape = (n_images, n_captions, tokens)
+        aux.append(regions.new_empty(shape if need_aux and used else (0,), dtype=acc))
+        keep_idx = need_aux and used and align == 0
+        aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
+    return (regions.new_empty((n_images, n_captions)), *aux)
+
+
+def _backward_fake(
+    coef_t2i,
+    aux_t2i,
+    coef_i2t,
+    aux_i2t,
+    regions,
+    words,
+    region_lengths,
+    word_lengths,
+    align,
+    align_tau,
+    leaky,
+):
+    return torch.empty_like(regions), torch.empty_like(words)
+
+
+@torch.library.custom_op("fastalign::region_word_forward_triton", mutates_args=())
+def _forward_triton(
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor,
+    word_lengths: Tensor,
+    direction: int,
+    align: int,
+    aggregate: int,
+    align_tau: float,
+    aggregate_tau: float,
+    leaky: bool,
+    need_aux: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from fastalign.kernels.triton.region_word import region_word_forward
+
+    return region_word_forward(
+        regions,
+        words,
+        region_lengths,
+        word_lengths,
+        direction,
+        align,
+        aggregate,
+        align_tau,
+        aggregate_tau,
+        leaky,
+        need_aux,
+    )
+
+
+@torch.library.custom_op("fastalign::region_word_backward_triton", mutates_args=())
+def _backward_triton(
+    coef_t2i: Tensor,
+    aux_t2i: Tensor,
+    coef_i2t: Tensor,
+    aux_i2t: Tensor,
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor,
+    word_lengths: Tensor,
+    align: int,
+    align_tau: float,
+    leaky: bool,
+) -> tuple[Tensor, Tensor]:
+    from fastalign.kernels.triton.region_word import region_word_backward
+
+    return region_word_backward(
+        coef_t2i,
+        aux_t2i,
+        coef_i2t,
+        aux_i2t,
+        regions,
+        words,
+        region_lengths,
+        word_lengths,
+        align,
+        align_tau,
+        leaky,
+    )
+
+
+def _query_coefficients(
+    grad: Tensor, aligned: Tensor, query_mask: Tensor, aggregate: int, aggregate_tau: float
+) -> Tensor:
+    """dL/da for every query token from dL/dS (Ni, Nt); zero at padded tokens."""
+    grad = grad[..., None]
+    if aggregate == 0:
+        return grad * query_mask / query_mask.sum(-1, keepdim=True)
+    if aggregate == 1:
+        return grad * query_mask
+    masked = aligned.masked_fill(~query_mask, float("-inf"))
+    if aggregate == 2:  # the first arg-max query token takes it all, like torch.max(dim)
+        return grad * F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)
+    return grad * torch.softmax(masked / aggregate_tau, dim=-1)
+
+
+def _setup_context(ctx, inputs, output):
+    regions, words, region_lengths, word_lengths, direction, align, aggregate = inputs[:7]
+    align_tau, aggregate_tau, leaky, _ = inputs[7:]
+    _, a_t2i, idx_t2i, a_i2t, idx_i2t = output
+    ctx.mark_non_differentiable(a_t2i, a_i2t)
+    ctx.options = (direction, align, aggregate, align_tau, aggregate_tau, leaky)
+    ctx.save_for_backward(
+        regions, words, region_lengths, word_lengths, a_t2i, idx_t2i, a_i2t, idx_i2t
+    )
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_scores, *_aux_grads):
+        regions, words, region_lengths, word_lengths, a_t2i, idx_t2i, a_i2t, idx_i2t = (
+            ctx.saved_tensors
+        )
+        direction, align, aggregate, align_tau, aggregate_tau, leaky = ctx.options
+        grad = grad_scores.to(a_t2i.dtype if direction != 1 else a_i2t.dtype)
+        coefs, auxes = [], []
+        for used, aligned, idx, lengths, padded, mask_shape in (
+            (direction != 1, a_t2i, idx_t2i, word_lengths, words.shape[1], (1, -1)),
+            (direction != 0, a_i2t, idx_i2t, region_lengths, regions.shape[1], (-1, 1)),
+        ):
+            if not used:
+                coefs.append(aligned)
+                auxes.append(idx)
+                continue
+            if aligned.numel() == 0:
+                raise RuntimeError("region_word_forward ran with need_aux=False; no gradient")
+            valid = torch.arange(padded, device=lengths.device) < lengths[:, None]
+            mask = (
+                valid.view(*mask_shape[:1], *valid.shape) if mask_shape[0] == 1 else valid[:, None]
+            )
+            coef = _query_coefficients(grad, aligned, mask, aggregate, aggregate_tau)
+            if align == 0 and leaky:  # sign of the aligned value = sign of the max score
+                coef = torch.where(aligned > 0, coef, coef * LEAKY_SLOPE)
+            coefs.append(coef)
+            auxes.append(idx if align == 0 else aligned)
+        grad_regions, grad_words = backward_op(
+            coefs[0],
+            auxes[0],
+            coefs[1],
+            auxes[1],
+            regions,
+            words,
+            region_lengths,
+            word_lengths,
+            align,
+            align_tau,
+            leaky,
+        )
+        return grad_regions, grad_words, *([None] * 9)
+
+    return backward
+
+
+_FORWARD_OPS: dict[str, object] = {"triton": torch.ops.fastalign.region_word_forward_triton}
+torch.library.register_fake("fastalign::region_word_backward_triton")(_backward_fake)
+torch.library.register_fake("fastalign::region_word_forward_triton")(_forward_fake)
+torch.library.register_autograd(
+    "fastalign::region_word_forward_triton",
+    _make_backward(torch.ops.fastalign.region_word_backward_triton),
+    setup_context=_setup_context,
+)
+if hasattr(torch.ops.fastalign, "region_word_forward"):  # the compiled extension is loaded
+    _FORWARD_OPS["cpu"] = _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
+    torch.library.register_fake("fastalign::region_word_forward")(_forward_fake)
+    torch.library.register_fake("fastalign::region_word_backward")(_backward_fake)
+    torch.library.register_autograd(
+        "fastalign::region_word_forward",
+        _make_backward(torch.ops.fastalign.region_word_backward),
+        setup_context=_setup_context,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def region_word_similarity(
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor | None = None,
+    word_lengths: Tensor | None = None,
+    direction: str = "t2i",
+    align: str = "max",
+    aggregate: str = "mean",
+    align_tau: float = 0.1,
+    aggregate_tau: float = 0.1,
+    score_activation: str | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Fine-grained image-caption scores from region and word embeddings.
+
+    Args:
+        regions: (Ni, R, D) region embeddings; raw dot products are used, so L2-normalise
+            first for cosine scores.
+        words: (Nt, L, D) word embeddings, same dtype and device as ``regions``.
+        region_lengths: (Ni,) integer counts of valid leading regions, 1 <= len <= R; None
+            means all valid. Padded tokens never influence the result or get gradient.
+        word_lengths: (Nt,) the same for words, 1 <= len <= L.
+        direction: ``"t2i"`` (each word aligns over regions, aggregate over words),
+            ``"i2t"`` (the reverse) or ``"both"`` (their sum, the LAPS score).
+        align: ``"max"`` or ``"lse"`` (align_tau * log-sum-exp(x / align_tau)).
+        aggregate: ``"mean"``, ``"sum"``, ``"max"`` or ``"lse"`` (with aggregate_tau).
+        score_activation: None, or ``"leaky_relu"`` (slope 0.1) on every region-word score.
+        backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
+            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        (Ni, Nt) scores in the inputs' dtype. With ``align="max"`` gradients go to the first
+        arg-max key token, like ``torch.max(dim)``.
+    """
+    _check_choice("direction", direction, DIRECTIONS)
+    _check_choice("align", align, ALIGNS)
+    _check_choice("aggregate", aggregate, AGGREGATES)
+    _check_choice("score_activation", score_activation, SCORE_ACTIVATIONS)
+    _check_tau("align_tau", align_tau)
+    _check_tau("aggregate_tau", aggregate_tau)
+    if not isinstance(regions, Tensor):
+        raise TypeError(f"regions must be a torch.Tensor, got {type(regions).__name__}")
+    backend = resolve_backend(backend, regions.device, "region_word_similarity")
+    _check_inputs(regions, words, backend)
+    region_lengths = _check_lengths(
+        "region_lengths", region_lengths, regions.shape[0], regions.shape[1], regions.device
+    )
+    word_lengths = _check_lengths(
+        "word_lengths", word_lengths, words.shape[0], words.shape[1], words.device
+    )
+    if backend == "reference":
+        return region_word_similarity_reference(
+            regions,
+            words,
+            region_lengths,
+            word_lengths,
+            direction,
+            align,
+            aggregate,
+            align_tau,
+            aggregate_tau,
+            score_activation,
+        )
+    need_aux = torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad)
+    scores, *_ = _FORWARD_OPS[backend](
+        regions.contiguous(),
+        words.contiguous(),
+        region_lengths,
+        word_lengths,
+        DIRECTIONS.index(direction),
+        ALIGNS.index(align),
+        AGGREGATES.index(aggregate),
+        float(align_tau),
+        float(aggregate_tau),
+        score_activation == "leaky_relu",
+        need_aux,
+    )
+    return scores

@@ -1,0 +1,36 @@
+"""Builds fastalign._C: C++ kernels always, CUDA kernels when CUDA is available or
+FASTALIGN_FORCE_CUDA=1 (architectures from TORCH_CUDA_ARCH_LIST)."""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _want_cuda() -> bool:
+    import torch
+
+    forced = os.environ.get("FASTALIGN_FORCE_CUDA", "0") == "1"
+    return (forced or torch.cuda.is_available()) and CUDA_HOME is not None
+
+
+def _extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        return CUDAExtension(
+            "fastalign._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "fastalign._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+    )
+
+
+setup(
+    ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)}
+)
