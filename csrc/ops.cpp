@@ -12,12 +12,13 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastalign, m) {
   // direction: 0 t2i, 1 i2t, 2 both; align: 0 max, 1 lse; aggregate: 0 mean, 1 sum, 2 max,
-  // 3 lse. Returns (scores, a_t2i, idx_t2i, a_i2t, idx_i2t); the aux tensors are empty
-  // unless need_aux (see fastalign/ops/region_word.py for their exact meaning).
+  // 3 lse. Returns (scores, a_t2i, idx_t2i, a_i2t, idx_i2t): the aligned values are kept
+  // when need_values, the arg-max indices (align max) when need_indices, else the tensors
+  // are empty (see fastalign/ops/region_word.py for their exact meaning).
   m.def(
       "region_word_forward(Tensor regions, Tensor words, Tensor region_lengths, "
       "Tensor word_lengths, int direction, int align, int aggregate, float align_tau, "
-      "float aggregate_tau, bool leaky, bool need_aux) "
+      "float aggregate_tau, bool leaky, bool need_indices, bool need_values) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of regions and words from per-query-token coefficients dL/da; aux_* holds
   // the arg-max indices (align max) or the aligned values (align lse) of the forward.

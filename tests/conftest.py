@@ -1,3 +1,10 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter. It must be chosen before the
+# first import of triton in this process; the ahead-of-time compile check compiles in a
+# clean subprocess of its own.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -198,13 +198,29 @@ def test_non_contiguous_inputs():
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("need_aux", [True, False])
-def test_opcheck_forward(need_aux):
+@pytest.mark.parametrize("need_indices,need_values", [(True, True), (True, False), (False, False)])
+def test_opcheck_forward(need_indices, need_values):
     regions, words, rl, wl = make_inputs(3, 4, 5, 6, 7)
-    regions.requires_grad_(need_aux)
-    words.requires_grad_(need_aux)
+    regions.requires_grad_(need_indices)
+    words.requires_grad_(need_indices)
     for direction, align in itertools.product(range(3), range(2)):
-        args = (regions, words, rl, wl, direction, align, 0, 0.1, 0.1, True, need_aux)
+        if align == 1 and need_indices and not need_values:
+            continue  # align lse reads the values: the public function always keeps them
+        leaky = need_values  # the leaky slope of align max reads the values
+        args = (
+            regions,
+            words,
+            rl,
+            wl,
+            direction,
+            align,
+            0,
+            0.1,
+            0.1,
+            leaky,
+            need_indices,
+            need_values,
+        )
         torch.library.opcheck(torch.ops.fastalign.region_word_forward.default, args)
 
 
@@ -212,7 +228,7 @@ def test_opcheck_forward(need_aux):
 def test_opcheck_backward():
     regions, words, rl, wl = make_inputs(3, 4, 5, 6, 7)
     _, a_t2i, idx_t2i, a_i2t, idx_i2t = torch.ops.fastalign.region_word_forward(
-        regions, words, rl, wl, 2, 0, 0, 0.1, 0.1, False, True
+        regions, words, rl, wl, 2, 0, 0, 0.1, 0.1, False, True, True
     )
     coef_t2i, coef_i2t = torch.randn_like(a_t2i), torch.randn_like(a_i2t)
     torch.library.opcheck(
@@ -313,3 +329,36 @@ def test_gpu_backends_match_reference(backend):
         want = grads(region_word_similarity_reference, *inputs, upstream, **kw)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+TRITON_COMBOS = [
+    ("t2i", "max", "lse", None),  # CHAN
+    ("both", "max", "mean", "leaky_relu"),  # LAPS
+    ("i2t", "lse", "max", "leaky_relu"),
+    ("both", "lse", "sum", None),
+]
+needs_triton = pytest.mark.skipif(
+    fastalign.backends()["triton"] != "available", reason="triton not available"
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("direction,align,aggregate,activation", TRITON_COMBOS)
+def test_triton_through_public_api_matches_reference(direction, align, aggregate, activation):
+    """The custom op, its autograd and the shared backward formula (interpreter on CPU)."""
+    kw = options(direction, align, aggregate, activation)
+    inputs = make_inputs(4, 5, 7, 9, 19, dtype=torch.float32, seed=zlib.crc32(str(kw).encode()))
+    upstream = torch.randn(4, 5)
+    got = grads(fastalign.region_word_similarity, *inputs, upstream, backend="triton", **kw)
+    want = grads(region_word_similarity_reference, *inputs, upstream, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_opcheck_triton_op():
+    regions, words, rl, wl = make_inputs(2, 3, 4, 5, 16, dtype=torch.float32)
+    regions.requires_grad_()
+    words.requires_grad_()
+    args = (regions, words, rl, wl, 2, 0, 3, 0.1, 0.1, True, True, True)
+    torch.library.opcheck(torch.ops.fastalign.region_word_forward_triton.default, args)

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace fastalign {
@@ -20,9 +21,9 @@ enum Align : int64_t { kAlignMax = 0, kAlignLse = 1 };
 enum Aggregate : int64_t { kMean = 0, kSum = 1, kAggregateMax = 2, kAggregateLse = 3 };
 constexpr double kLeakySlope = 0.1;
 
-// Packed tokens per tile side: a 256 x 512 float tile (512 KiB) stays in L2 while reduced.
+// Valid tokens per tile side: a 256 x 256 float tile (256 KiB) stays in L2 while reduced.
 constexpr int64_t kRowTile = 256;
-constexpr int64_t kColTile = 512;
+constexpr int64_t kColTile = 256;
 // Feature columns per pass of the sparse backward: a slice of every token stays in L2.
 constexpr int64_t kFeatureBlock = 64;
 
@@ -32,41 +33,46 @@ struct Options {
   double align_tau, aggregate_tau;
 };
 
-// The valid tokens of x (N, T, D) as rows of one (sum lengths, D) matrix.
-struct Packed {
-  at::Tensor rows;
-  at::Tensor index;             // flat row of each packed token in x; undefined if all valid
-  std::vector<int64_t> offset;  // first packed row of item n, size N + 1
+// Where the valid tokens of x (N, T, D) sit once packed: item n owns rows
+// offset[n]..offset[n+1] of the (sum of lengths, D) matrix of valid tokens.
+struct Tokens {
+  at::Tensor x;
+  std::vector<int64_t> offset;
 };
 
-Packed pack_valid(const at::Tensor& x, const at::Tensor& lengths) {
-  const int64_t n = x.size(0), t = x.size(1), d = x.size(2);
+Tokens make_tokens(const at::Tensor& x, const at::Tensor& lengths) {
   const int64_t* len = lengths.data_ptr<int64_t>();
-  Packed packed;
-  packed.offset.assign(n + 1, 0);
-  for (int64_t i = 0; i < n; ++i) packed.offset[i + 1] = packed.offset[i] + len[i];
-  at::Tensor flat = x.reshape({n * t, d});
-  if (packed.offset[n] == n * t) {
-    packed.rows = flat;
-    return packed;
+  Tokens tokens{x, std::vector<int64_t>(x.size(0) + 1, 0)};
+  for (int64_t n = 0; n < x.size(0); ++n) tokens.offset[n + 1] = tokens.offset[n] + len[n];
+  return tokens;
+}
+
+// The valid tokens of items [n0, n1) as one (tokens, D) matrix: a view of x when none of
+// them is padded, else a copy into `buffer` (grown as needed, reused across tiles).
+at::Tensor gather_rows(const Tokens& tokens, int64_t n0, int64_t n1, at::Tensor& buffer) {
+  const int64_t padded = tokens.x.size(1), dim = tokens.x.size(2);
+  const int64_t rows = tokens.offset[n1] - tokens.offset[n0];
+  if (rows == (n1 - n0) * padded) return tokens.x.view({-1, dim}).narrow(0, n0 * padded, rows);
+  if (!buffer.defined() || buffer.size(0) < rows) buffer = at::empty({rows, dim}, tokens.x.options());
+  const int64_t row_bytes = dim * tokens.x.element_size();
+  char* dst = static_cast<char*>(buffer.data_ptr());
+  const char* src = static_cast<const char*>(tokens.x.data_ptr());
+  for (int64_t n = n0; n < n1; ++n)
+    std::memcpy(dst + (tokens.offset[n] - tokens.offset[n0]) * row_bytes,
+                src + n * padded * row_bytes, (tokens.offset[n + 1] - tokens.offset[n]) * row_bytes);
+  return buffer.narrow(0, 0, rows);
+}
+
+// grad (N, T, D) rows of items [n0, n1) += rows, the packed (tokens, D) gradient.
+void scatter_add_rows(const at::Tensor& rows, const Tokens& tokens, int64_t n0, int64_t n1,
+                      at::Tensor& grad) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t len = tokens.offset[n + 1] - tokens.offset[n];
+    grad[n].narrow(0, 0, len).add_(rows.narrow(0, tokens.offset[n] - tokens.offset[n0], len));
   }
-  packed.index = at::empty({packed.offset[n]}, lengths.options());
-  int64_t* index = packed.index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t r = 0; r < len[i]; ++r) index[packed.offset[i] + r] = i * t + r;
-  packed.rows = flat.index_select(0, packed.index);
-  return packed;
 }
 
-// Inverse of pack_valid for gradients: packed rows back to (N, T, D), zeros at padding.
-at::Tensor unpack_valid(const at::Tensor& rows, const Packed& packed, const at::Tensor& like) {
-  if (!packed.index.defined()) return rows.view(like.sizes());
-  at::Tensor out = at::zeros({like.size(0) * like.size(1), like.size(2)}, rows.options());
-  out.index_copy_(0, packed.index, rows);
-  return out.view(like.sizes());
-}
-
-// Boundaries of consecutive item groups holding at most `budget` packed tokens each
+// Boundaries of consecutive item groups holding at most `budget` valid tokens each
 // (an item longer than the budget forms a group of its own).
 std::vector<int64_t> group_by_tokens(const std::vector<int64_t>& offset, int64_t budget) {
   const int64_t n = static_cast<int64_t>(offset.size()) - 1;
@@ -120,7 +126,7 @@ struct ForwardOutputs {
 // Reduces one tile S = regions[images i0..i1) x words[captions t0..t1)^T (row-major, ld).
 template <typename scalar_t>
 void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64_t t0, int64_t t1,
-                 const Packed& images, const Packed& captions, const Options& o,
+                 const Tokens& images, const Tokens& captions, const Options& o,
                  const ForwardOutputs<scalar_t>& out, std::vector<at::opmath_type<scalar_t>>& best,
                  std::vector<int32_t>& arg, std::vector<at::opmath_type<scalar_t>>& total) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -162,11 +168,9 @@ void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c0 = captions.offset[t] - col0, n_words = captions.offset[t + 1] - col0 - c0;
         score[t - t0] += aggregate_values(col_best + c0, n_words, 1, o);
-        if (out.a_t2i) {
-          const int64_t base = (i * out.n_captions + t) * out.max_words;
-          std::copy(col_best + c0, col_best + c0 + n_words, out.a_t2i + base);
-          if (out.idx_t2i) std::copy(col_arg + c0, col_arg + c0 + n_words, out.idx_t2i + base);
-        }
+        const int64_t base = (i * out.n_captions + t) * out.max_words;
+        if (out.a_t2i) std::copy(col_best + c0, col_best + c0 + n_words, out.a_t2i + base);
+        if (out.idx_t2i) std::copy(col_arg + c0, col_arg + c0 + n_words, out.idx_t2i + base);
       }
     }
     if (o.i2t) {  // every row (region) and caption: ALIGN over the caption's columns
@@ -185,11 +189,9 @@ void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64
             a += align_tau * std::log(sum);
           }
           row_aligned[r * n_caps + (t - t0)] = a;
-          if (out.a_i2t) {
-            const int64_t at = (i * out.n_captions + t) * out.max_regions + r;
-            out.a_i2t[at] = a;
-            if (out.idx_i2t) out.idx_i2t[at] = static_cast<int32_t>(c_best - c0);
-          }
+          const int64_t at = (i * out.n_captions + t) * out.max_regions + r;
+          if (out.a_i2t) out.a_i2t[at] = a;
+          if (out.idx_i2t) out.idx_i2t[at] = static_cast<int32_t>(c_best - c0);
         }
       }
       for (int64_t t = t0; t < t1; ++t)
@@ -203,7 +205,7 @@ void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_word_forward_cpu(
     const at::Tensor& regions_in, const at::Tensor& words_in, const at::Tensor& region_lengths_in,
     const at::Tensor& word_lengths_in, int64_t direction, int64_t align, int64_t aggregate,
-    double align_tau, double aggregate_tau, bool leaky, bool need_aux) {
+    double align_tau, double aggregate_tau, bool leaky, bool need_indices, bool need_values) {
   TORCH_CHECK(regions_in.dim() == 3 && words_in.dim() == 3, "regions and words must be 3-D");
   const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
   const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
@@ -214,25 +216,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
                   aggregate_tau};
   const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
   const auto idx_options = regions.options().dtype(at::kInt);
+  const bool keep_indices = need_indices && align == kAlignMax;
+  auto aux = [&](bool used, int64_t tokens, const at::TensorOptions& options) {
+    return used ? at::zeros({n_images, n_captions, tokens}, options) : at::empty({0}, options);
+  };
   at::Tensor scores = at::empty({n_images, n_captions}, regions.options());
-  at::Tensor a_t2i = at::empty({0}, acc_options), idx_t2i = at::empty({0}, idx_options);
-  at::Tensor a_i2t = at::empty({0}, acc_options), idx_i2t = at::empty({0}, idx_options);
-  if (need_aux && o.t2i) {
-    a_t2i = at::zeros({n_images, n_captions, max_words}, acc_options);
-    if (align == kAlignMax) idx_t2i = at::zeros({n_images, n_captions, max_words}, idx_options);
-  }
-  if (need_aux && o.i2t) {
-    a_i2t = at::zeros({n_images, n_captions, max_regions}, acc_options);
-    if (align == kAlignMax) idx_i2t = at::zeros({n_images, n_captions, max_regions}, idx_options);
-  }
+  at::Tensor a_t2i = aux(need_values && o.t2i, max_words, acc_options);
+  at::Tensor idx_t2i = aux(keep_indices && o.t2i, max_words, idx_options);
+  at::Tensor a_i2t = aux(need_values && o.i2t, max_regions, acc_options);
+  at::Tensor idx_i2t = aux(keep_indices && o.i2t, max_regions, idx_options);
   if (n_images == 0 || n_captions == 0) return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
 
-  const Packed images = pack_valid(regions, region_lengths);
-  const Packed captions = pack_valid(words, word_lengths);
+  const Tokens images = make_tokens(regions, region_lengths);
+  const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
   const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
-  const int64_t n_caption_groups = static_cast<int64_t>(caption_groups.size()) - 1;
-  const int64_t n_tiles = (static_cast<int64_t>(image_groups.size()) - 1) * n_caption_groups;
 
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -243,24 +241,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
         a_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr,
         idx_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr,
         n_captions, max_regions, max_words};
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor tile;
+    // Caption groups are packed once each; image groups only when they hold padding.
+    at::parallel_for(0, static_cast<int64_t>(caption_groups.size()) - 1, 1, [&](int64_t begin,
+                                                                               int64_t end) {
+      at::Tensor word_buffer, image_buffer, tile;
       std::vector<acc_t> best, total;
       std::vector<int32_t> arg;
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t i0 = image_groups[k / n_caption_groups];
-        const int64_t i1 = image_groups[k / n_caption_groups + 1];
-        const int64_t t0 = caption_groups[k % n_caption_groups];
-        const int64_t t1 = caption_groups[k % n_caption_groups + 1];
-        const int64_t row0 = images.offset[i0], n_rows = images.offset[i1] - row0;
-        const int64_t col0 = captions.offset[t0], n_cols = captions.offset[t1] - col0;
-        // Inside parallel_for the BLAS runs on this thread only.
-        tile = at::mm(images.rows.narrow(0, row0, n_rows), captions.rows.narrow(0, col0, n_cols).t());
+      for (int64_t h = begin; h < end; ++h) {
+        const int64_t t0 = caption_groups[h], t1 = caption_groups[h + 1];
+        const at::Tensor word_rows = gather_rows(captions, t0, t1, word_buffer);
+        const int64_t n_cols = word_rows.size(0);
         best.resize(n_cols);
         arg.resize(n_cols);
         total.resize(n_cols);
-        reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), n_cols, i0, i1, t0, t1, images, captions,
-                              o, out, best, arg, total);
+        for (size_t g = 0; g + 1 < image_groups.size(); ++g) {
+          const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
+          // Inside parallel_for the BLAS runs on this thread only.
+          tile = at::mm(gather_rows(images, i0, i1, image_buffer), word_rows.t());
+          reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), n_cols, i0, i1, t0, t1, images,
+                                captions, o, out, best, arg, total);
+        }
       }
     });
   });
@@ -352,8 +352,8 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_captions = words.size(0), max_regions = regions.size(1),
                 max_words = words.size(1);
-  const Packed images = pack_valid(regions, region_lengths);
-  const Packed captions = pack_valid(words, word_lengths);
+  const Tokens images = make_tokens(regions, region_lengths);
+  const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
   const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
   const acc_t* c_t2i = coef_t2i.numel() ? coef_t2i.data_ptr<acc_t>() : nullptr;
@@ -362,21 +362,22 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
   const acc_t* v_i2t = coef_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr;
   const acc_t tau = static_cast<acc_t>(align_tau);
 
-  at::Tensor grad_image_rows = at::zeros_like(images.rows);
-  at::Tensor grad_word_partials =
-      at::zeros({at::get_num_threads(), captions.rows.size(0), captions.rows.size(1)},
-                captions.rows.options());
+  at::Tensor grad_word_partials = at::zeros({at::get_num_threads(), n_captions, max_words,
+                                             words.size(2)}, grad_words.options());
   at::parallel_for(0, static_cast<int64_t>(image_groups.size()) - 1, 1, [&](int64_t begin,
                                                                             int64_t end) {
-    at::Tensor grad_word_rows = grad_word_partials[at::get_thread_num()];
+    at::Tensor grad_word_partial = grad_word_partials[at::get_thread_num()];
+    at::Tensor image_buffer, word_buffer;
     for (int64_t g = begin; g < end; ++g) {
       const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
-      const int64_t row0 = images.offset[i0], n_rows = images.offset[i1] - row0;
-      const at::Tensor image_rows = images.rows.narrow(0, row0, n_rows);
+      const int64_t row0 = images.offset[i0];
+      const at::Tensor image_rows = gather_rows(images, i0, i1, image_buffer);
+      at::Tensor grad_image_rows = at::zeros_like(image_rows);
       for (size_t h = 0; h + 1 < caption_groups.size(); ++h) {
         const int64_t t0 = caption_groups[h], t1 = caption_groups[h + 1];
-        const int64_t col0 = captions.offset[t0], n_cols = captions.offset[t1] - col0;
-        const at::Tensor word_rows = captions.rows.narrow(0, col0, n_cols);
+        const int64_t col0 = captions.offset[t0];
+        const at::Tensor word_rows = gather_rows(captions, t0, t1, word_buffer);
+        const int64_t n_cols = word_rows.size(0);
         at::Tensor tile = at::mm(image_rows, word_rows.t());
         scalar_t* s = tile.data_ptr<scalar_t>();
         for (int64_t i = i0; i < i1; ++i)
@@ -400,13 +401,13 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
               }
             }
           }
-        grad_image_rows.narrow(0, row0, n_rows).addmm_(tile, word_rows);
-        grad_word_rows.narrow(0, col0, n_cols).addmm_(tile.t(), image_rows);
+        grad_image_rows.addmm_(tile, word_rows);
+        scatter_add_rows(at::mm(tile.t(), image_rows), captions, t0, t1, grad_word_partial);
       }
+      scatter_add_rows(grad_image_rows, images, i0, i1, grad_regions);
     }
   });
-  grad_regions.copy_(unpack_valid(grad_image_rows, images, regions));
-  grad_words.copy_(unpack_valid(grad_word_partials.sum(0), captions, words));
+  grad_words.copy_(grad_word_partials.sum(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(

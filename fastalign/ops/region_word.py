@@ -174,7 +174,8 @@ def _forward_fake(
     align_tau,
     aggregate_tau,
     leaky,
-    need_aux,
+    need_indices,
+    need_values,
 ):
     n_images, n_regions, _ = regions.shape
     n_captions, n_words, _ = words.shape
@@ -182,8 +183,8 @@ def _forward_fake(
     aux = []  # fresh tensors each: outputs must not alias one another
     for used, tokens in ((direction != 1, n_words), (direction != 0, n_regions)):
         shape = (n_images, n_captions, tokens)
-        aux.append(regions.new_empty(shape if need_aux and used else (0,), dtype=acc))
-        keep_idx = need_aux and used and align == 0
+        aux.append(regions.new_empty(shape if need_values and used else (0,), dtype=acc))
+        keep_idx = need_indices and used and align == 0
         aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
     return (regions.new_empty((n_images, n_captions)), *aux)
 
@@ -216,7 +217,8 @@ def _forward_triton(
     align_tau: float,
     aggregate_tau: float,
     leaky: bool,
-    need_aux: bool,
+    need_indices: bool,
+    need_values: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from fastalign.kernels.triton.region_word import region_word_forward
 
@@ -231,7 +233,8 @@ def _forward_triton(
         align_tau,
         aggregate_tau,
         leaky,
-        need_aux,
+        need_indices,
+        need_values,
     )
 
 
@@ -269,21 +272,26 @@ def _backward_triton(
 def _query_coefficients(
     grad: Tensor, aligned: Tensor, query_mask: Tensor, aggregate: int, aggregate_tau: float
 ) -> Tensor:
-    """dL/da for every query token from dL/dS (Ni, Nt); zero at padded tokens."""
-    grad = grad[..., None]
+    """dL/da for every query token from dL/dS (Ni, Nt); zero at padded tokens.
+
+    ``aligned`` (Ni, Nt, Q) is only read for aggregate max / lse; ``query_mask`` broadcasts
+    to (Ni, Nt, Q).
+    """
     if aggregate == 0:
-        return grad * query_mask / query_mask.sum(-1, keepdim=True)
+        return (grad / query_mask.sum(-1))[..., None] * query_mask
     if aggregate == 1:
-        return grad * query_mask
+        return grad[..., None] * query_mask
     masked = aligned.masked_fill(~query_mask, float("-inf"))
     if aggregate == 2:  # the first arg-max query token takes it all, like torch.max(dim)
-        return grad * F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)
-    return grad * torch.softmax(masked / aggregate_tau, dim=-1)
+        weights = F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)
+    else:
+        weights = torch.softmax(masked / aggregate_tau, dim=-1)
+    return grad[..., None] * weights
 
 
 def _setup_context(ctx, inputs, output):
     regions, words, region_lengths, word_lengths, direction, align, aggregate = inputs[:7]
-    align_tau, aggregate_tau, leaky, _ = inputs[7:]
+    align_tau, aggregate_tau, leaky = inputs[7:10]
     _, a_t2i, idx_t2i, a_i2t, idx_i2t = output
     ctx.mark_non_differentiable(a_t2i, a_i2t)
     ctx.options = (direction, align, aggregate, align_tau, aggregate_tau, leaky)
@@ -298,27 +306,30 @@ def _make_backward(backward_op):
             ctx.saved_tensors
         )
         direction, align, aggregate, align_tau, aggregate_tau, leaky = ctx.options
-        grad = grad_scores.to(a_t2i.dtype if direction != 1 else a_i2t.dtype)
+        grad = grad_scores.to(torch.float64 if regions.dtype == torch.float64 else torch.float32)
+        region_mask = (
+            torch.arange(regions.shape[1], device=regions.device) < region_lengths[:, None]
+        )
+        word_mask = torch.arange(words.shape[1], device=words.device) < word_lengths[:, None]
         coefs, auxes = [], []
-        for used, aligned, idx, lengths, padded, mask_shape in (
-            (direction != 1, a_t2i, idx_t2i, word_lengths, words.shape[1], (1, -1)),
-            (direction != 0, a_i2t, idx_i2t, region_lengths, regions.shape[1], (-1, 1)),
+        for used, aligned, idx, mask in (
+            (direction != 1, a_t2i, idx_t2i, word_mask[None, :, :]),
+            (direction != 0, a_i2t, idx_i2t, region_mask[:, None, :]),
         ):
+            aux = idx if align == 0 else aligned
             if not used:
-                coefs.append(aligned)
-                auxes.append(idx)
+                coefs.append(grad.new_empty(0))
+                auxes.append(aux)
                 continue
-            if aligned.numel() == 0:
-                raise RuntimeError("region_word_forward ran with need_aux=False; no gradient")
-            valid = torch.arange(padded, device=lengths.device) < lengths[:, None]
-            mask = (
-                valid.view(*mask_shape[:1], *valid.shape) if mask_shape[0] == 1 else valid[:, None]
-            )
+            if aux.numel() == 0:
+                raise RuntimeError(
+                    "region_word_forward ran without keeping what its backward needs"
+                )
             coef = _query_coefficients(grad, aligned, mask, aggregate, aggregate_tau)
             if align == 0 and leaky:  # sign of the aligned value = sign of the max score
                 coef = torch.where(aligned > 0, coef, coef * LEAKY_SLOPE)
             coefs.append(coef)
-            auxes.append(idx if align == 0 else aligned)
+            auxes.append(aux)
         grad_regions, grad_words = backward_op(
             coefs[0],
             auxes[0],
@@ -332,7 +343,7 @@ def _make_backward(backward_op):
             align_tau,
             leaky,
         )
-        return grad_regions, grad_words, *([None] * 9)
+        return grad_regions, grad_words, *([None] * 10)
 
     return backward
 
@@ -420,7 +431,12 @@ def region_word_similarity(
             aggregate_tau,
             score_activation,
         )
-    need_aux = torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad)
+    leaky = score_activation == "leaky_relu"
+    need_grad = torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad)
+    # What the backward reads: arg-max indices (align max), aligned values (align lse,
+    # aggregate max / lse, or the sign for the leaky-ReLU slope).
+    need_indices = need_grad and align == "max"
+    need_values = need_grad and (align == "lse" or aggregate in ("max", "lse") or leaky)
     scores, *_ = _FORWARD_OPS[backend](
         regions.contiguous(),
         words.contiguous(),
@@ -431,7 +447,8 @@ def region_word_similarity(
         AGGREGATES.index(aggregate),
         float(align_tau),
         float(aggregate_tau),
-        score_activation == "leaky_relu",
-        need_aux,
+        leaky,
+        need_indices,
+        need_values,
     )
     return scores

@@ -1,0 +1,140 @@
+"""Shared benchmark runner: wall time, peak extra memory, a printed table and a CSV.
+
+Peak memory on CPU is the rise of the resident set (VmHWM) over its level just before
+one call, measured in a fresh process (glibc and MKL told to hand large blocks back), so
+it counts every allocation, the BLAS's included. On CUDA it is the rise of
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_MEMORY_FLAG = "--measure-memory-of"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
+    """Median wall time of ``fn`` in milliseconds after one warm-up call."""
+    fn()
+    synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _output_mib(result: object) -> float:
+    tensors = result if isinstance(result, (tuple, list)) else (result,)
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2**20
+
+
+def peak_memory_mib(
+    case_key: str, fn: Callable[[], object] | None, device: torch.device
+) -> tuple[float, float]:
+    """(peak rise, size of the returned tensors) of one call of a case, in MiB.
+
+    The rise is over what existed before the call, so inputs are not counted; what the
+    call returns (scores, gradients) is, and ``peak - outputs`` is the working memory.
+    CPU: runs this script again as ``--measure-memory-of case_key`` in a fresh process.
+    """
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        outputs = _output_mib(fn())
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, outputs
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+        MKL_DISABLE_FAST_MM="1",
+    )
+    out = subprocess.run(
+        [sys.executable, sys.argv[0], _MEMORY_FLAG, case_key],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak, outputs = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(outputs)
+
+
+def serve_memory_request(cases: Callable[[str], Callable[[], object]]) -> bool:
+    """In the child process: build the case, warm it up, measure one call, print MiB."""
+    if _MEMORY_FLAG not in sys.argv:
+        return False
+    fn = cases(sys.argv[sys.argv.index(_MEMORY_FLAG) + 1])
+    fn()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = _rss_kib("VmRSS")
+    outputs = _output_mib(fn())
+    print((_rss_kib("VmHWM") - before) / 1024, outputs)
+    return True
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def report(rows: list[dict], name: str, title: str) -> Path:
+    """Prints ``rows`` as an aligned table and writes them to benchmarks/results/<name>.csv."""
+    columns = list(rows[0])
+    cells = [[_format(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[k]) for r in cells)) for k, c in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.csv"
+    partial = path.with_suffix(".csv.tmp")
+    with partial.open("w", newline="") as f:  # written whole, then renamed into place
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+    print(f"written to {path}")
+    return path
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)

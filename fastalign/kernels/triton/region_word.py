@@ -1,0 +1,680 @@
+"""Triton kernels of the fused region-word similarity (SPEC 1.1), forward and backward.
+
+Forward: a program per (query item, key item) streams tl.dot score tiles over D chunks, aligns
+online over keys, aggregates over queries. Backward: a program per (item, token block, D chunk)
+rebuilds each tile's one-hot/softmax coefficients G and accumulates G @ tokens; no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_DIRECTION_T2I, _DIRECTION_I2T, _DIRECTION_BOTH = 0, 1, 2
+_ALIGN_MAX, _ALIGN_LSE = 0, 1
+# Register cap of every launch.  Without it ptxas (with the --regAllocOptLevel=2 that Triton 3.9
+# passes) aims at ~64-80 registers and spills a few bytes; 128 keeps the fp16/bf16 kernels
+# spill-free for all block sizes the launchers pick, at 4 (16) resident CTAs (warps) per SM.
+_MAXNREG = 128
+
+
+@triton.jit
+def _activate(s, LEAKY: tl.constexpr):
+    """leaky_relu with slope 0.1 (SPEC 1.1) when LEAKY, else identity."""
+    if LEAKY:
+        s = tl.where(s > 0, s, s * 0.1)
+    return s
+
+
+@triton.jit
+def _region_word_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    q_len_ptr,
+    k_len_ptr,
+    score_ptr,
+    a_ptr,
+    idx_ptr,
+    n_k,
+    D,
+    stride_q_item,
+    stride_q_tok,
+    stride_k_item,
+    stride_k_tok,
+    stride_s_q,
+    stride_s_k,
+    stride_a_q,
+    stride_a_k,
+    align_tau,
+    aggregate_tau,
+    ALIGN: tl.constexpr,
+    AGGREGATE: tl.constexpr,
+    LEAKY: tl.constexpr,
+    STORE_A: tl.constexpr,
+    STORE_IDX: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """score[q, k] = AGGREGATE_{query tokens} ALIGN_{key tokens} act(<q_tok, k_tok>)."""
+    pid = tl.program_id(0).to(tl.int64)
+    qi = pid // n_k
+    ki = pid % n_k
+    q_len = tl.load(q_len_ptr + qi).to(tl.int32)
+    k_len = tl.load(k_len_ptr + ki).to(tl.int32)
+    q_base = q_ptr + qi * stride_q_item
+    k_base = k_ptr + ki * stride_k_item
+    aux_off = qi * stride_a_q + ki * stride_a_k
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    align_scale = 1.4426950408889634 / align_tau
+    agg_scale = 1.4426950408889634 / aggregate_tau
+
+    # aggregate state over query tokens, reduced block by block (every block has a valid row)
+    if AGGREGATE <= 1:
+        agg = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), axis=0)
+    else:
+        agg = tl.max(tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32), axis=0)
+    agg_sum = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), axis=0)
+
+    for q0 in range(0, q_len, BLOCK_Q):
+        rows = q0 + offs_q
+        row_ok = rows < q_len
+        best = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_Q], dtype=tl.int32)
+        run_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        for k0 in range(0, k_len, BLOCK_K):
+            cols = k0 + offs_k
+            col_ok = cols < k_len
+            s = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                d_ok = dd < D
+                q_tile = tl.load(
+                    q_base + rows[:, None] * stride_q_tok + dd[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                k_tile = tl.load(
+                    k_base + cols[None, :] * stride_k_tok + dd[:, None],
+                    mask=col_ok[None, :] & d_ok[:, None],
+                    other=0.0,
+                )
+                s = tl.dot(q_tile, k_tile, s, input_precision=PRECISION)
+            s = _activate(s, LEAKY)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            tile_max = tl.max(s, axis=1)
+            if ALIGN == 0:
+                if STORE_IDX:
+                    tile_arg = tl.argmax(s, axis=1).to(tl.int32) + k0
+                    best_idx = tl.where(tile_max > best, tile_arg, best_idx)
+                best = tl.maximum(best, tile_max)
+            else:
+                new_max = tl.maximum(best, tile_max)
+                run_sum = run_sum * tl.exp2((best - new_max) * align_scale) + tl.sum(
+                    tl.exp2((s - new_max[:, None]) * align_scale), axis=1
+                )
+                best = new_max
+        if ALIGN == 0:
+            aligned = best
+        else:
+            aligned = best + align_tau * tl.log(run_sum)
+        if STORE_A:
+            tl.store(a_ptr + aux_off + rows, tl.where(row_ok, aligned, 0.0), mask=row_ok)
+        if STORE_IDX:
+            tl.store(idx_ptr + aux_off + rows, tl.where(row_ok, best_idx, 0), mask=row_ok)
+
+        if AGGREGATE <= 1:
+            agg += tl.sum(tl.where(row_ok, aligned, 0.0), axis=0)
+        else:
+            block_max = tl.max(tl.where(row_ok, aligned, float("-inf")), axis=0)
+            if AGGREGATE == 3:
+                new_max = tl.maximum(agg, block_max)
+                agg_sum = agg_sum * tl.exp2((agg - new_max) * agg_scale) + tl.sum(
+                    tl.exp2((tl.where(row_ok, aligned, float("-inf")) - new_max) * agg_scale),
+                    axis=0,
+                )
+                agg = new_max
+            else:
+                agg = tl.maximum(agg, block_max)
+
+    if AGGREGATE == 0:
+        score = agg / q_len.to(tl.float32)
+    elif AGGREGATE == 3:
+        score = agg + aggregate_tau * tl.log(agg_sum)
+    else:
+        score = agg
+    out = score_ptr + qi * stride_s_q + ki * stride_s_k
+    if ACCUMULATE:
+        score += tl.load(out)
+    tl.store(out, score)
+
+
+@triton.jit
+def _region_word_bwd_kernel(
+    x_ptr,
+    y_ptr,
+    x_len_ptr,
+    y_len_ptr,
+    grad_ptr,
+    cq_ptr,
+    auxq_ptr,
+    ck_ptr,
+    auxk_ptr,
+    n_y,
+    LX,
+    D,
+    stride_x_item,
+    stride_x_tok,
+    stride_y_item,
+    stride_y_tok,
+    stride_g_item,
+    stride_g_tok,
+    stride_cq_x,
+    stride_cq_y,
+    stride_ck_x,
+    stride_ck_y,
+    align_tau,
+    ALIGN: tl.constexpr,
+    LEAKY: tl.constexpr,
+    HAS_Q: tl.constexpr,
+    HAS_K: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """grad_x[x, u, :] = sum_{y, v} G[u, v] * y_tok[v, :] for one (x, u block, D chunk).
+
+    Source "q" is the direction where x's tokens are the queries (coef and aux indexed by u),
+    source "k" the one where they are the keys (coef and aux indexed by y's token v).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    n_ublocks = tl.cdiv(LX, BLOCK_U)
+    xi = pid // n_ublocks
+    u0 = (pid % n_ublocks).to(tl.int32) * BLOCK_U
+    x_len = tl.load(x_len_ptr + xi).to(tl.int32)
+    offs_u = u0 + tl.arange(0, BLOCK_U)
+    u_ok = offs_u < x_len
+    offs_v = tl.arange(0, BLOCK_V)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    do_ok = offs_do < D
+    x_base = x_ptr + xi * stride_x_item
+    align_scale = 1.4426950408889634 / align_tau
+
+    acc = tl.zeros([BLOCK_U, BLOCK_DO], dtype=tl.float32)
+    n_y_run = tl.where(u0 < x_len, n_y, 0)  # blocks past the real length only write zeros
+    # per-y pointers advance by one item stride per step (64-bit pointer arithmetic)
+    y_base = y_ptr
+    cq_base = cq_ptr + xi * stride_cq_x
+    auxq_base = auxq_ptr + xi * stride_cq_x
+    ck_base = ck_ptr + xi * stride_ck_x
+    auxk_base = auxk_ptr + xi * stride_ck_x
+    for yi in range(0, n_y_run):
+        y_len = tl.load(y_len_ptr + yi).to(tl.int32)
+        if HAS_Q:
+            cq = tl.load(cq_base + offs_u, mask=u_ok, other=0.0)
+            if ALIGN == 0:
+                iq = tl.load(auxq_base + offs_u, mask=u_ok, other=-1)
+            else:
+                aq = tl.load(auxq_base + offs_u, mask=u_ok, other=0.0)
+        for v0 in range(0, y_len, BLOCK_V):
+            cols = v0 + offs_v
+            v_ok = cols < y_len
+            valid = u_ok[:, None] & v_ok[None, :]
+            g = tl.zeros([BLOCK_U, BLOCK_V], dtype=tl.float32)
+            if HAS_K:
+                ck = tl.load(ck_base + cols, mask=v_ok, other=0.0)
+            if ALIGN == 0:
+                if HAS_Q:
+                    g += tl.where(iq[:, None] == cols[None, :], cq[:, None], 0.0)
+                if HAS_K:
+                    ik = tl.load(auxk_base + cols, mask=v_ok, other=-1)
+                    g += tl.where(ik[None, :] == offs_u[:, None], ck[None, :], 0.0)
+            else:
+                s = tl.zeros([BLOCK_U, BLOCK_V], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    dd = d0 + offs_d
+                    d_ok = dd < D
+                    x_tile = tl.load(
+                        x_base + offs_u[:, None] * stride_x_tok + dd[None, :],
+                        mask=u_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
+                    y_tile_t = tl.load(
+                        y_base + cols[None, :] * stride_y_tok + dd[:, None],
+                        mask=v_ok[None, :] & d_ok[:, None],
+                        other=0.0,
+                    )
+                    s = tl.dot(x_tile, y_tile_t, s, input_precision=PRECISION)
+                # padded tokens get -inf so that their exp is 0 (no overflow on garbage)
+                act = tl.where(valid, _activate(s, LEAKY), float("-inf"))
+                if HAS_Q:
+                    g += cq[:, None] * tl.exp2((act - aq[:, None]) * align_scale)
+                if HAS_K:
+                    ak = tl.load(auxk_base + cols, mask=v_ok, other=0.0)
+                    g += ck[None, :] * tl.exp2((act - ak[None, :]) * align_scale)
+                if LEAKY:  # leaky_relu'(s)
+                    g = tl.where(s > 0, g, g * 0.1)
+            g = tl.where(valid, g, 0.0)
+            y_tile = tl.load(
+                y_base + cols[:, None] * stride_y_tok + offs_do[None, :],
+                mask=v_ok[:, None] & do_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(g.to(y_tile.dtype), y_tile, acc, input_precision=PRECISION)
+        y_base += stride_y_item
+        cq_base += stride_cq_y
+        auxq_base += stride_cq_y
+        ck_base += stride_ck_y
+        auxk_base += stride_ck_y
+
+    out = grad_ptr + xi * stride_g_item + offs_u[:, None] * stride_g_tok + offs_do[None, :]
+    tl.store(out, acc.to(grad_ptr.dtype.element_ty), mask=(offs_u[:, None] < LX) & do_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launchers
+def _token_block(n: int) -> int:
+    return 16 if n <= 16 else 32
+
+
+def _d_block(dtype: torch.dtype) -> int:
+    """D chunk of the score tiles: the fp32 "ieee" dot runs on FMA units and needs narrower."""
+    return 16 if dtype == torch.float32 else 64
+
+
+def _out_block(align: int, dim: int) -> int:
+    """D chunk of one backward program; lse recomputes the scores once per chunk, so wider."""
+    return min(64 if align == _ALIGN_MAX else 128, max(16, triton.next_power_of_2(dim)))
+
+
+def _backward_warps(align: int) -> int:
+    """The lse backward holds a (BLOCK_U x 128) fp32 accumulator and a score tile: 8 warps."""
+    return 4 if align == _ALIGN_MAX else 8
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch_forward(
+    queries: Tensor,
+    keys: Tensor,
+    query_lengths: Tensor,
+    key_lengths: Tensor,
+    scores: Tensor,
+    a_out: Tensor | None,
+    idx_out: Tensor | None,
+    key_first_aux: bool,
+    query_axis_scores: int,
+    align: int,
+    aggregate: int,
+    align_tau: float,
+    aggregate_tau: float,
+    leaky: bool,
+    accumulate: bool,
+) -> None:
+    n_q, len_q, dim = queries.shape
+    n_k, len_k, _ = keys.shape
+    aux = a_out if a_out is not None else idx_out
+    if aux is not None:  # aux laid out (Ni, Nt, tokens): the key item is axis 0 when key_first_aux
+        stride_a_q = aux.stride(1 if key_first_aux else 0)
+        stride_a_k = aux.stride(0 if key_first_aux else 1)
+    else:
+        stride_a_q = stride_a_k = 0
+    if n_q * n_k == 0:
+        return
+    _region_word_fwd_kernel[(n_q * n_k,)](
+        queries,
+        keys,
+        query_lengths,
+        key_lengths,
+        scores,
+        a_out if a_out is not None else scores,
+        idx_out if idx_out is not None else scores,
+        n_k,
+        dim,
+        queries.stride(0),
+        queries.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        scores.stride(query_axis_scores),
+        scores.stride(1 - query_axis_scores),
+        stride_a_q,
+        stride_a_k,
+        float(align_tau),
+        float(aggregate_tau),
+        ALIGN=align,
+        AGGREGATE=aggregate,
+        LEAKY=bool(leaky),
+        STORE_A=a_out is not None,
+        STORE_IDX=idx_out is not None,
+        ACCUMULATE=accumulate,
+        BLOCK_Q=_token_block(len_q),
+        BLOCK_K=_token_block(len_k),
+        BLOCK_D=_d_block(queries.dtype),
+        PRECISION=_precision(queries.dtype),
+        num_warps=4,
+        maxnreg=_MAXNREG,
+    )
+
+
+def region_word_forward(
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor,
+    word_lengths: Tensor,
+    direction: int,
+    align: int,
+    aggregate: int,
+    align_tau: float,
+    aggregate_tau: float,
+    leaky: bool,
+    need_indices: bool,
+    need_values: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused region-word similarity forward.
+
+    Args:
+        regions: (Ni, R, D) float16/bfloat16/float32, contiguous.
+        words: (Nt, L, D), same dtype and device.
+        region_lengths: (Ni,) int64, 1 <= len <= R.  word_lengths: (Nt,) int64, 1 <= len <= L.
+        direction: 0 t2i, 1 i2t, 2 both.  align: 0 max, 1 lse.
+        aggregate: 0 mean, 1 sum, 2 max, 3 lse.
+        leaky: apply leaky_relu(0.1) to every dot product before ALIGN.
+        need_indices: also return the arg-max indices (align max only).
+        need_values: also return the aligned values.
+
+    Returns:
+        (scores (Ni, Nt) in the inputs' dtype, a_t2i (Ni, Nt, L) float32,
+        idx_t2i (Ni, Nt, L) int32, a_i2t (Ni, Nt, R) float32, idx_i2t (Ni, Nt, R) int32);
+        aux tensors that are not produced are ``torch.empty(0)`` on the device, and
+        padded tokens hold 0.
+    """
+    n_images, n_regions, _ = regions.shape
+    n_captions, n_words, _ = words.shape
+    device = regions.device
+    scores = torch.empty((n_images, n_captions), dtype=torch.float32, device=device)
+    # Fresh empties for what is not kept: the outputs of a custom op must not alias.
+    a_t2i, a_i2t = (torch.empty(0, dtype=torch.float32, device=device) for _ in range(2))
+    idx_t2i, idx_i2t = (torch.empty(0, dtype=torch.int32, device=device) for _ in range(2))
+    store_idx = need_indices and align == _ALIGN_MAX
+    options = (align, aggregate, align_tau, aggregate_tau, leaky)
+    if direction in (_DIRECTION_T2I, _DIRECTION_BOTH):
+        shape = (n_images, n_captions, n_words)
+        if need_values:
+            a_t2i = torch.zeros(shape, dtype=torch.float32, device=device)
+        if store_idx:
+            idx_t2i = torch.zeros(shape, dtype=torch.int32, device=device)
+        _launch_forward(
+            words,
+            regions,
+            word_lengths,
+            region_lengths,
+            scores,
+            a_t2i if need_values else None,
+            idx_t2i if store_idx else None,
+            True,
+            1,
+            *options,
+            accumulate=False,
+        )
+    if direction in (_DIRECTION_I2T, _DIRECTION_BOTH):
+        shape = (n_images, n_captions, n_regions)
+        if need_values:
+            a_i2t = torch.zeros(shape, dtype=torch.float32, device=device)
+        if store_idx:
+            idx_i2t = torch.zeros(shape, dtype=torch.int32, device=device)
+        _launch_forward(
+            regions,
+            words,
+            region_lengths,
+            word_lengths,
+            scores,
+            a_i2t if need_values else None,
+            idx_i2t if store_idx else None,
+            False,
+            0,
+            *options,
+            accumulate=direction == _DIRECTION_BOTH,
+        )
+    return scores.to(regions.dtype), a_t2i, idx_t2i, a_i2t, idx_i2t
+
+
+def _launch_backward(
+    x: Tensor,
+    y: Tensor,
+    x_lengths: Tensor,
+    y_lengths: Tensor,
+    coef_q: Tensor,
+    aux_q: Tensor,
+    coef_k: Tensor,
+    aux_k: Tensor,
+    x_axis: int,
+    align: int,
+    align_tau: float,
+    leaky: bool,
+) -> Tensor:
+    """Gradient of x; coef/aux tensors are (Ni, Nt, tokens) with x's item on ``x_axis``."""
+    n_x, len_x, dim = x.shape
+    grad = torch.empty_like(x)
+    has_q, has_k = coef_q.numel() > 0, coef_k.numel() > 0
+    if not (has_q or has_k) or grad.numel() == 0 or y.shape[0] == 0:
+        return grad.zero_()
+    coef_q, aux_q = (coef_q.contiguous(), aux_q.contiguous()) if has_q else (grad, grad)
+    coef_k, aux_k = (coef_k.contiguous(), aux_k.contiguous()) if has_k else (grad, grad)
+    q_strides = (coef_q.stride(x_axis), coef_q.stride(1 - x_axis)) if has_q else (0, 0)
+    k_strides = (coef_k.stride(x_axis), coef_k.stride(1 - x_axis)) if has_k else (0, 0)
+    block_u = _token_block(len_x)
+    block_v = _token_block(y.shape[1])
+    block_do = _out_block(align, dim)
+    grid = (n_x * triton.cdiv(len_x, block_u), triton.cdiv(dim, block_do))
+    _region_word_bwd_kernel[grid](
+        x,
+        y,
+        x_lengths,
+        y_lengths,
+        grad,
+        coef_q,
+        aux_q,
+        coef_k,
+        aux_k,
+        y.shape[0],
+        len_x,
+        dim,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        *q_strides,
+        *k_strides,
+        float(align_tau),
+        ALIGN=align,
+        LEAKY=bool(leaky),
+        HAS_Q=has_q,
+        HAS_K=has_k,
+        BLOCK_U=block_u,
+        BLOCK_V=block_v,
+        BLOCK_D=_d_block(x.dtype),
+        BLOCK_DO=block_do,
+        PRECISION=_precision(x.dtype),
+        num_warps=_backward_warps(align),
+        maxnreg=_MAXNREG,
+    )
+    return grad
+
+
+def region_word_backward(
+    coef_t2i: Tensor,
+    aux_t2i: Tensor,
+    coef_i2t: Tensor,
+    aux_i2t: Tensor,
+    regions: Tensor,
+    words: Tensor,
+    region_lengths: Tensor,
+    word_lengths: Tensor,
+    align: int,
+    align_tau: float,
+    leaky: bool,
+) -> tuple[Tensor, Tensor]:
+    """Fused region-word similarity backward (deterministic, no atomics).
+
+    Args:
+        coef_t2i: (Ni, Nt, L) float32 dScore/da_t2i (times act' for align max), 0 at padded
+            words; ``empty(0)`` when t2i is unused.  aux_t2i: (Ni, Nt, L) int32 arg-max regions
+            (align max) or float32 aligned values a_t2i (align lse).
+        coef_i2t, aux_i2t: the same for i2t, (Ni, Nt, R).
+        regions: (Ni, R, D), words: (Nt, L, D); region_lengths (Ni,), word_lengths (Nt,) int64.
+        align: 0 max, 1 lse.  align_tau: lse temperature.  leaky: leaky_relu(0.1) scores.
+
+    Returns:
+        (grad_regions (Ni, R, D), grad_words (Nt, L, D)) in the inputs' dtype, 0 at padding.
+    """
+    options = (align, align_tau, leaky)
+    # regions' tokens are the queries of i2t and the keys of t2i; coef tensors are (Ni, Nt, .)
+    grad_regions = _launch_backward(
+        regions,
+        words,
+        region_lengths,
+        word_lengths,
+        coef_i2t,
+        aux_i2t,
+        coef_t2i,
+        aux_t2i,
+        0,
+        *options,
+    )
+    grad_words = _launch_backward(
+        words,
+        regions,
+        word_lengths,
+        region_lengths,
+        coef_t2i,
+        aux_t2i,
+        coef_i2t,
+        aux_i2t,
+        1,
+        *options,
+    )
+    return grad_regions, grad_words
+
+
+# --------------------------------------------------------------------------- AOT check
+def _divisibility(signature: dict[str, str]) -> dict[str, int]:
+    """tt.divisibility hints the JIT derives for contiguous inputs with D % 16 == 0."""
+    return {
+        name: 16
+        for name, ty in signature.items()
+        if ty.startswith("*") or name == "D" or name.endswith(("_item", "_tok"))
+    }
+
+
+def aot_specs() -> list[dict]:
+    """Kernels and realistic specialisations for the ahead-of-time compile check.
+
+    Each dict: name, fn, signature, constexprs, num_warps, expect_mma, options (the launch's
+    maxnreg) and divisibility (the multiple-of-16 hints the JIT gives these arguments at run
+    time, so loads vectorise).
+    """
+    fwd_ints = ["n_k", "D"] + [
+        f"stride_{n}" for n in ("q_item", "q_tok", "k_item", "k_tok", "s_q", "s_k", "a_q", "a_k")
+    ]
+    bwd_ints = ["n_y", "LX", "D"] + [
+        f"stride_{n}"
+        for n in ("x_item", "x_tok", "y_item", "y_tok", "g_item", "g_tok")
+        + ("cq_x", "cq_y", "ck_x", "ck_y")
+    ]
+    specs = []
+    for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        fwd_const = {
+            "ALIGN": _ALIGN_MAX,
+            "AGGREGATE": 0,
+            "LEAKY": True,
+            "STORE_A": True,
+            "STORE_IDX": True,
+            "ACCUMULATE": False,
+            "BLOCK_Q": 32,
+            "BLOCK_K": 32,
+            "BLOCK_D": _d_block(dtype),
+            "PRECISION": "tf32",
+        }
+        signature = {
+            "q_ptr": f"*{ty}",
+            "k_ptr": f"*{ty}",
+            "q_len_ptr": "*i64",
+            "k_len_ptr": "*i64",
+            "score_ptr": "*fp32",
+            "a_ptr": "*fp32",
+            "idx_ptr": "*i32",
+            **{name: "i32" for name in fwd_ints},
+            "align_tau": "fp32",
+            "aggregate_tau": "fp32",
+            **{name: "constexpr" for name in fwd_const},
+        }
+        for align_name, align in (("max", _ALIGN_MAX), ("lse", _ALIGN_LSE)):
+            const = dict(fwd_const, ALIGN=align, STORE_IDX=align == _ALIGN_MAX)
+            if align == _ALIGN_LSE:
+                const["AGGREGATE"] = 3
+            specs.append(
+                {
+                    "name": f"region_word_fwd_{align_name}_{ty}",
+                    "fn": _region_word_fwd_kernel,
+                    "signature": dict(signature),
+                    "constexprs": const,
+                    "num_warps": 4,
+                    "expect_mma": True,
+                    "options": {"maxnreg": _MAXNREG},
+                    "divisibility": _divisibility(signature),
+                }
+            )
+    for align_name, align, aux_ty in (("max", _ALIGN_MAX, "*i32"), ("lse", _ALIGN_LSE, "*fp32")):
+        bwd_const = {
+            "ALIGN": align,
+            "LEAKY": True,
+            "HAS_Q": True,
+            "HAS_K": True,
+            "BLOCK_U": 32,
+            "BLOCK_V": 32,
+            "BLOCK_D": 64,
+            "BLOCK_DO": 64 if align == _ALIGN_MAX else 128,
+            "PRECISION": "tf32",
+        }
+        signature = {
+            "x_ptr": "*fp16",
+            "y_ptr": "*fp16",
+            "x_len_ptr": "*i64",
+            "y_len_ptr": "*i64",
+            "grad_ptr": "*fp16",
+            "cq_ptr": "*fp32",
+            "auxq_ptr": aux_ty,
+            "ck_ptr": "*fp32",
+            "auxk_ptr": aux_ty,
+            **{name: "i32" for name in bwd_ints},
+            "align_tau": "fp32",
+            **{name: "constexpr" for name in bwd_const},
+        }
+        specs.append(
+            {
+                "name": f"region_word_bwd_{align_name}_fp16",
+                "fn": _region_word_bwd_kernel,
+                "signature": signature,
+                "constexprs": bwd_const,
+                "num_warps": _backward_warps(align),
+                "expect_mma": True,
+                "options": {"maxnreg": _MAXNREG},
+                "divisibility": _divisibility(signature),
+            }
+        )
+    return specs
