@@ -29,10 +29,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeat: int = 5) -> float:
-    """Median wall time of ``fn`` in milliseconds after one warm-up call."""
-    fn()
-    synchronize(device)
+def time_ms(
+    fn: Callable[[], object], device: torch.device, repeat: int = 5, warmup: bool = True
+) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call if ``warmup``."""
+    if warmup:
+        fn()
+        synchronize(device)
     samples = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -88,12 +91,20 @@ def peak_memory_mib(
     return float(peak), float(outputs)
 
 
-def serve_memory_request(cases: Callable[[str], Callable[[], object]]) -> bool:
-    """In the child process: build the case, warm it up, measure one call, print MiB."""
+def serve_memory_request(
+    cases: Callable[[str], Callable[[], object]],
+    warmup_key: Callable[[str], str] = lambda key: key,
+) -> bool:
+    """In the child process: build the case, warm up, measure one call, print MiB.
+
+    The warm-up runs the case ``warmup_key(key)`` (a smaller one for long cases), so that
+    one-time allocations (thread pools, BLAS buffers) are not counted.
+    """
     if _MEMORY_FLAG not in sys.argv:
         return False
-    fn = cases(sys.argv[sys.argv.index(_MEMORY_FLAG) + 1])
-    fn()
+    key = sys.argv[sys.argv.index(_MEMORY_FLAG) + 1]
+    cases(warmup_key(key))()
+    fn = cases(key)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = _rss_kib("VmRSS")
     outputs = _output_mib(fn())

@@ -20,8 +20,9 @@ TORCH_LIBRARY(fastalign, m) {
       "Tensor word_lengths, int direction, int align, int aggregate, float align_tau, "
       "float aggregate_tau, bool leaky, bool need_indices, bool need_values) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Gradients of regions and words from per-query-token coefficients dL/da; aux_* holds
-  // the arg-max indices (align max) or the aligned values (align lse) of the forward.
+  // Gradients of regions and words from per-query-token coefficients dL/da (any strides;
+  // padded tokens are never read); aux_* holds the arg-max indices (align max) or the
+  // aligned values (align lse) of the forward.
   m.def(
       "region_word_backward(Tensor coef_t2i, Tensor aux_t2i, Tensor coef_i2t, "
       "Tensor aux_i2t, Tensor regions, Tensor words, Tensor region_lengths, "

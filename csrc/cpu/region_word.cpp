@@ -21,9 +21,9 @@ enum Align : int64_t { kAlignMax = 0, kAlignLse = 1 };
 enum Aggregate : int64_t { kMean = 0, kSum = 1, kAggregateMax = 2, kAggregateLse = 3 };
 constexpr double kLeakySlope = 0.1;
 
-// Valid tokens per tile side: a 256 x 256 float tile (256 KiB) stays in L2 while reduced.
+// Valid tokens per tile side: a 256 x 512 float tile (512 KiB) stays in L2 while reduced.
 constexpr int64_t kRowTile = 256;
-constexpr int64_t kColTile = 256;
+constexpr int64_t kColTile = 512;
 // Feature columns per pass of the sparse backward: a slice of every token stays in L2.
 constexpr int64_t kFeatureBlock = 64;
 
@@ -241,30 +241,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
         a_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr,
         idx_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr,
         n_captions, max_regions, max_words};
-    // Caption groups are packed once each; image groups only when they hold padding.
-    at::parallel_for(0, static_cast<int64_t>(caption_groups.size()) - 1, 1, [&](int64_t begin,
-                                                                               int64_t end) {
-      at::Tensor word_buffer, image_buffer, tile;
+    // Tiles run caption-group-major, so a thread gathers a caption group's words once for
+    // its consecutive tiles; image groups are gathered only when they hold padding.
+    const int64_t n_image_groups = static_cast<int64_t>(image_groups.size()) - 1;
+    const int64_t n_tiles = (static_cast<int64_t>(caption_groups.size()) - 1) * n_image_groups;
+    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor word_buffer, image_buffer, word_rows, tile;
       std::vector<acc_t> best, total;
       std::vector<int32_t> arg;
-      for (int64_t h = begin; h < end; ++h) {
+      int64_t gathered = -1;
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t h = k / n_image_groups, g = k % n_image_groups;
         const int64_t t0 = caption_groups[h], t1 = caption_groups[h + 1];
-        const at::Tensor word_rows = gather_rows(captions, t0, t1, word_buffer);
-        const int64_t n_cols = word_rows.size(0);
-        best.resize(n_cols);
-        arg.resize(n_cols);
-        total.resize(n_cols);
-        for (size_t g = 0; g + 1 < image_groups.size(); ++g) {
-          const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
-          // Inside parallel_for the BLAS runs on this thread only.
-          tile = at::mm(gather_rows(images, i0, i1, image_buffer), word_rows.t());
-          reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), n_cols, i0, i1, t0, t1, images,
-                                captions, o, out, best, arg, total);
+        const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
+        if (h != gathered) {
+          word_rows = gather_rows(captions, t0, t1, word_buffer);
+          gathered = h;
+          best.resize(word_rows.size(0));
+          arg.resize(word_rows.size(0));
+          total.resize(word_rows.size(0));
         }
+        // Inside parallel_for the BLAS runs on this thread only.
+        tile = at::mm(gather_rows(images, i0, i1, image_buffer), word_rows.t());
+        reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), word_rows.size(0), i0, i1, t0, t1,
+                              images, captions, o, out, best, arg, total);
       }
     });
   });
   return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
+}
+
+// dL/da of every query token, read through its strides: the mean / sum coefficients come
+// as broadcast views (stride 0 along the tokens) and are never materialised. Padded tokens
+// are never read.
+template <typename acc_t>
+struct Coefficients {
+  const acc_t* data = nullptr;
+  int64_t stride_image = 0, stride_caption = 0, stride_token = 0;
+  explicit operator bool() const { return data != nullptr; }
+  acc_t operator()(int64_t i, int64_t t, int64_t q) const {
+    return data[i * stride_image + t * stride_caption + q * stride_token];
+  }
+};
+
+template <typename acc_t>
+Coefficients<acc_t> coefficients(const at::Tensor& coef) {
+  if (coef.numel() == 0) return {};
+  return {coef.data_ptr<acc_t>(), coef.stride(0), coef.stride(1), coef.stride(2)};
 }
 
 // y[0..n) += c * x[0..n)
@@ -286,10 +309,9 @@ void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const a
   const int64_t n_captions = words.size(0), max_words = words.size(1);
   const scalar_t* region = regions.data_ptr<scalar_t>();
   const scalar_t* word = words.data_ptr<scalar_t>();
-  const acc_t* c_t2i = coef_t2i.numel() ? coef_t2i.data_ptr<acc_t>() : nullptr;
-  const int32_t* k_t2i = coef_t2i.numel() ? idx_t2i.data_ptr<int32_t>() : nullptr;
-  const acc_t* c_i2t = coef_i2t.numel() ? coef_i2t.data_ptr<acc_t>() : nullptr;
-  const int32_t* k_i2t = coef_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr;
+  const auto c_t2i = coefficients<acc_t>(coef_t2i), c_i2t = coefficients<acc_t>(coef_i2t);
+  const int32_t* k_t2i = c_t2i ? idx_t2i.data_ptr<int32_t>() : nullptr;
+  const int32_t* k_i2t = c_i2t ? idx_i2t.data_ptr<int32_t>() : nullptr;
   acc_t* g_region = grad_regions.data_ptr<acc_t>();
   acc_t* g_word = grad_words.data_ptr<acc_t>();
 
@@ -302,17 +324,18 @@ void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const a
           std::fill(acc, acc + dn, acc_t(0));
           for (int64_t i = 0; i < n_images; ++i) {
             const int64_t at = (i * n_captions + t) * max_words + w;
-            if (c_t2i[at] != 0)
-              axpy(acc, region + (i * max_regions + k_t2i[at]) * dim + d0, c_t2i[at], dn);
+            const acc_t c = c_t2i(i, t, w);
+            if (c != 0) axpy(acc, region + (i * max_regions + k_t2i[at]) * dim + d0, c, dn);
           }
           axpy(g_word + (t * max_words + w) * dim + d0, acc, acc_t(1), dn);
         }
         for (int64_t i = 0; c_i2t && i < n_images; ++i)
           for (int64_t r = 0; r < region_len[i]; ++r) {
             const int64_t at = (i * n_captions + t) * max_regions + r;
-            if (c_i2t[at] != 0)
+            const acc_t c = c_i2t(i, t, r);
+            if (c != 0)
               axpy(g_word + (t * max_words + k_i2t[at]) * dim + d0,
-                   region + (i * max_regions + r) * dim + d0, c_i2t[at], dn);
+                   region + (i * max_regions + r) * dim + d0, c, dn);
           }
       }
   });
@@ -324,16 +347,17 @@ void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const a
         for (int64_t t = 0; c_t2i && t < n_captions; ++t)
           for (int64_t w = 0; w < word_len[t]; ++w) {
             const int64_t at = (i * n_captions + t) * max_words + w;
-            if (c_t2i[at] != 0)
+            const acc_t c = c_t2i(i, t, w);
+            if (c != 0)
               axpy(g_region + (i * max_regions + k_t2i[at]) * dim + d0,
-                   word + (t * max_words + w) * dim + d0, c_t2i[at], dn);
+                   word + (t * max_words + w) * dim + d0, c, dn);
           }
         for (int64_t r = 0; c_i2t && r < region_len[i]; ++r) {
           std::fill(acc, acc + dn, acc_t(0));
           for (int64_t t = 0; t < n_captions; ++t) {
             const int64_t at = (i * n_captions + t) * max_regions + r;
-            if (c_i2t[at] != 0)
-              axpy(acc, word + (t * max_words + k_i2t[at]) * dim + d0, c_i2t[at], dn);
+            const acc_t c = c_i2t(i, t, r);
+            if (c != 0) axpy(acc, word + (t * max_words + k_i2t[at]) * dim + d0, c, dn);
           }
           axpy(g_region + (i * max_regions + r) * dim + d0, acc, acc_t(1), dn);
         }
@@ -356,10 +380,9 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
   const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
   const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
-  const acc_t* c_t2i = coef_t2i.numel() ? coef_t2i.data_ptr<acc_t>() : nullptr;
-  const acc_t* v_t2i = coef_t2i.numel() ? a_t2i.data_ptr<acc_t>() : nullptr;
-  const acc_t* c_i2t = coef_i2t.numel() ? coef_i2t.data_ptr<acc_t>() : nullptr;
-  const acc_t* v_i2t = coef_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr;
+  const auto c_t2i = coefficients<acc_t>(coef_t2i), c_i2t = coefficients<acc_t>(coef_i2t);
+  const acc_t* v_t2i = c_t2i ? a_t2i.data_ptr<acc_t>() : nullptr;
+  const acc_t* v_i2t = c_i2t ? a_i2t.data_ptr<acc_t>() : nullptr;
   const acc_t tau = static_cast<acc_t>(align_tau);
 
   at::Tensor grad_word_partials = at::zeros({at::get_num_threads(), n_captions, max_words,
@@ -389,14 +412,10 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
               for (int64_t w = 0; w < n; ++w) {
                 const acc_t raw = row[c0 + w], act = activate(raw, leaky);
                 acc_t g_s = 0;
-                if (c_t2i) {
-                  const int64_t at = pair * max_words + w;
-                  g_s += c_t2i[at] * std::exp((act - v_t2i[at]) / tau);
-                }
-                if (c_i2t) {
-                  const int64_t at = pair * max_regions + r;
-                  g_s += c_i2t[at] * std::exp((act - v_i2t[at]) / tau);
-                }
+                if (c_t2i)
+                  g_s += c_t2i(i, t, w) * std::exp((act - v_t2i[pair * max_words + w]) / tau);
+                if (c_i2t)
+                  g_s += c_i2t(i, t, r) * std::exp((act - v_i2t[pair * max_regions + r]) / tau);
                 row[c0 + w] = static_cast<scalar_t>(g_s * activation_slope(raw, leaky));
               }
             }
@@ -418,8 +437,9 @@ std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(
   const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
   const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
   const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor coef_t2i = coef_t2i_in.contiguous(), aux_t2i = aux_t2i_in.contiguous();
-  const at::Tensor coef_i2t = coef_i2t_in.contiguous(), aux_i2t = aux_i2t_in.contiguous();
+  const at::Tensor aux_t2i = aux_t2i_in.contiguous(), aux_i2t = aux_i2t_in.contiguous();
+  const at::Tensor& coef_t2i = coef_t2i_in;  // read through strides: see Coefficients
+  const at::Tensor& coef_i2t = coef_i2t_in;
   const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
   at::Tensor grad_regions = at::zeros(regions.sizes(), acc_options);
   at::Tensor grad_words = at::zeros(words.sizes(), acc_options);

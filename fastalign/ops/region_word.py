@@ -272,15 +272,17 @@ def _backward_triton(
 def _query_coefficients(
     grad: Tensor, aligned: Tensor, query_mask: Tensor, aggregate: int, aggregate_tau: float
 ) -> Tensor:
-    """dL/da for every query token from dL/dS (Ni, Nt); zero at padded tokens.
+    """dL/da (Ni, Nt, Q) for every query token from dL/dS (Ni, Nt).
 
-    ``aligned`` (Ni, Nt, Q) is only read for aggregate max / lse; ``query_mask`` broadcasts
-    to (Ni, Nt, Q).
+    ``query_mask`` broadcasts to (Ni, Nt, Q); ``aligned`` is only read for aggregate max /
+    lse. Values at padded tokens are never read by the kernels, so mean and sum return a
+    broadcast view that costs no memory.
     """
+    shape = torch.broadcast_shapes(grad.shape + (1,), query_mask.shape)
     if aggregate == 0:
-        return (grad / query_mask.sum(-1))[..., None] * query_mask
+        return (grad / query_mask.sum(-1))[..., None].expand(shape)
     if aggregate == 1:
-        return grad[..., None] * query_mask
+        return grad[..., None].expand(shape)
     masked = aligned.masked_fill(~query_mask, float("-inf"))
     if aggregate == 2:  # the first arg-max query token takes it all, like torch.max(dim)
         weights = F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)

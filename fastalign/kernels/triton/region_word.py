@@ -532,8 +532,8 @@ def region_word_backward(
     """Fused region-word similarity backward (deterministic, no atomics).
 
     Args:
-        coef_t2i: (Ni, Nt, L) float32 dScore/da_t2i (times act' for align max), 0 at padded
-            words; ``empty(0)`` when t2i is unused.  aux_t2i: (Ni, Nt, L) int32 arg-max regions
+        coef_t2i: (Ni, Nt, L) float32 dScore/da_t2i (times act' for align max), any strides;
+            values at padded words are ignored; ``empty(0)`` when t2i is unused.  aux_t2i: (Ni, Nt, L) int32 arg-max regions
             (align max) or float32 aligned values a_t2i (align lse).
         coef_i2t, aux_i2t: the same for i2t, (Ni, Nt, R).
         regions: (Ni, R, D), words: (Nt, L, D); region_lengths (Ni,), word_lengths (Nt,) int64.
