@@ -533,8 +533,9 @@ def region_word_backward(
 
     Args:
         coef_t2i: (Ni, Nt, L) float32 dScore/da_t2i (times act' for align max), any strides;
-            values at padded words are ignored; ``empty(0)`` when t2i is unused.  aux_t2i: (Ni, Nt, L) int32 arg-max regions
-            (align max) or float32 aligned values a_t2i (align lse).
+            values at padded words are ignored; ``empty(0)`` when t2i is unused.
+        aux_t2i: (Ni, Nt, L) int32 arg-max regions (align max) or float32 aligned values
+            a_t2i (align lse).
         coef_i2t, aux_i2t: the same for i2t, (Ni, Nt, R).
         regions: (Ni, R, D), words: (Nt, L, D); region_lengths (Ni,), word_lengths (Nt,) int64.
         align: 0 max, 1 lse.  align_tau: lse temperature.  leaky: leaky_relu(0.1) scores.
