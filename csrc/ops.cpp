@@ -27,4 +27,12 @@ TORCH_LIBRARY(fastalign, m) {
       "region_word_backward(Tensor coef_t2i, Tensor aux_t2i, Tensor coef_i2t, "
       "Tensor aux_i2t, Tensor regions, Tensor words, Tensor region_lengths, "
       "Tensor word_lengths, int align, float align_tau, bool leaky) -> (Tensor, Tensor)");
+  // Dimension-correlation loss of a, b (N, D) and, when need_grad, its gradients w.r.t. a
+  // and b (for an upstream gradient of 1; empty tensors otherwise). mode: 0 barlow,
+  // 1 softmax; path: 0 auto, 1 through C = A^T B / N, 2 through the N x N Gram matrices
+  // (barlow only). Returns (loss (), grad_a (N, D), grad_b (N, D)).
+  m.def(
+      "dimension_correlation_loss_forward(Tensor a, Tensor b, int mode, "
+      "float off_diagonal_weight, float tau, float eps, bool need_grad, int path) "
+      "-> (Tensor, Tensor, Tensor)");
 }

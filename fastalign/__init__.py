@@ -2,7 +2,19 @@
 
 from fastalign import nn
 from fastalign._backends import backends
+from fastalign.evaluation import evaluate
+from fastalign.ops.dimension_correlation import (
+    dimension_correlation,
+    dimension_correlation_loss,
+)
 from fastalign.ops.region_word import region_word_similarity
 
 __version__ = "0.1.0"
-__all__ = ["backends", "nn", "region_word_similarity"]
+__all__ = [
+    "backends",
+    "evaluate",
+    "nn",
+    "region_word_similarity",
+    "dimension_correlation",
+    "dimension_correlation_loss",
+]

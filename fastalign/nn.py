@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from fastalign.ops.dimension_correlation import (
+    DEFAULT_OFF_DIAGONAL_WEIGHT,
+    dimension_correlation_loss,
+)
 from fastalign.ops.region_word import region_word_similarity
 
 
@@ -43,6 +47,36 @@ class RegionWordSimilarity(nn.Module):
         word_lengths: Tensor | None = None,
     ) -> Tensor:
         return region_word_similarity(regions, words, region_lengths, word_lengths, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class DimensionCorrelationLoss(nn.Module):
+    """:func:`fastalign.dimension_correlation_loss` with its options fixed at construction.
+
+    ``forward(a (N, D), b (N, D))`` returns the scalar regularizer of the paired features.
+    """
+
+    def __init__(
+        self,
+        mode: str = "barlow",
+        off_diagonal_weight: float = DEFAULT_OFF_DIAGONAL_WEIGHT,
+        tau: float = 0.1,
+        eps: float = 1e-5,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            mode=mode,
+            off_diagonal_weight=off_diagonal_weight,
+            tau=tau,
+            eps=eps,
+            backend=backend,
+        )
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return dimension_correlation_loss(a, b, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

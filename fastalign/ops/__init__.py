@@ -1,5 +1,18 @@
 """fastalign operators: each module holds its reference, dispatch and autograd."""
 
+from fastalign.ops.dimension_correlation import (
+    dimension_correlation,
+    dimension_correlation_loss,
+    dimension_correlation_loss_reference,
+    dimension_correlation_reference,
+)
 from fastalign.ops.region_word import region_word_similarity, region_word_similarity_reference
 
-__all__ = ["region_word_similarity", "region_word_similarity_reference"]
+__all__ = [
+    "region_word_similarity",
+    "region_word_similarity_reference",
+    "dimension_correlation",
+    "dimension_correlation_loss",
+    "dimension_correlation_reference",
+    "dimension_correlation_loss_reference",
+]

@@ -1,0 +1,476 @@
+// CPU dimension-correlation loss (SPEC 1.2): the loss and its gradients w.r.t. a and b in
+// one call. One pass over the rows of a and b gives every column's statistics (in double)
+// and C's diagonal, and catches NaN and infinity. Every product runs on the BLAS, over blocks
+// of standardised rows that are rebuilt when needed and never stored whole: C = A^T B, then
+// dL/dC in C's place, then dL/dA_hat = B_hat G^T and dL/dB_hat = A_hat G straight into the
+// gradients' buffers, whose column sums for the standardisation's backward are taken while
+// each block is hot. For barlow with N well below D, the two N x N Gram matrices replace C:
+// ||C||_F^2 = <A A^T, B B^T>_F / N^2, and the gradients follow without forming C.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace fastalign {
+namespace {
+
+enum Mode : int64_t { kBarlow = 0, kSoftmax = 1 };
+enum Path : int64_t { kAuto = 0, kCorrelation = 1, kGram = 2 };
+
+// The column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows,
+// one partial per chunk, added in a fixed order: the result does not depend on the threads.
+constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kMinChunkRows = 64;
+// Rows per block of the blocked products: enough for the BLAS to run at full speed while C,
+// updated once per block, costs little memory traffic.
+constexpr int64_t kProductRows = 512;
+// Rows summed in the inputs' precision before the sums go into double.
+constexpr int64_t kSubRows = 16;
+// Columns per thread-owned range when a block's column sums are split among threads.
+constexpr int64_t kColumnBlock = 64;
+// Rows of C per block of the softmax passes, which bounds ATen's temporaries to kRows x D.
+constexpr int64_t kRows = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Options {
+  int64_t mode;
+  double off_diagonal_weight, tau, eps;
+};
+
+// n_sums column sums over the rows: accumulate(r0, r1, partial) adds rows [r0, r1) into its
+// chunk's partial (n_sums x cols, zeroed); the chunks run in parallel.
+template <typename F>
+std::vector<double> column_sums(int64_t rows, int64_t cols, int64_t n_sums, const F& accumulate) {
+  const int64_t n_chunks = std::min(kMaxChunks, ceil_div(rows, kMinChunkRows));
+  const int64_t chunk_rows = ceil_div(rows, n_chunks);
+  const int64_t width = n_sums * cols;
+  std::vector<double> partial(n_chunks * width, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk)
+      accumulate(chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows),
+                 partial.data() + chunk * width);
+  });
+  std::vector<double> total(partial.begin(), partial.begin() + width);
+  for (int64_t chunk = 1; chunk < n_chunks; ++chunk) {
+    const double* p = partial.data() + chunk * width;
+    for (int64_t i = 0; i < width; ++i) total[i] += p[i];
+  }
+  return total;
+}
+
+// Column statistics of a and b: x_hat = (x - mean) * rstd, rstd = 1 / sqrt(biased variance +
+// eps), in the inputs' precision as the kernels apply them; diag[k] = C_kk in double.
+template <typename scalar_t>
+struct Stats {
+  std::vector<scalar_t> mean_a, rstd_a, mean_b, rstd_b;
+  std::vector<double> diag;
+};
+
+// One pass over the rows of a and b (rows, cols), shifted by the first row so that a large
+// mean costs no precision; kSubRows rows at a time in the inputs' precision (full SIMD width),
+// then added into double. Raises ValueError on a NaN or an infinity.
+template <typename scalar_t>
+Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows, int64_t cols,
+                             double eps) {
+  const std::vector<scalar_t> shift_a(a, a + cols), shift_b(b, b + cols);
+  const scalar_t* sa = shift_a.data();
+  const scalar_t* sb = shift_b.data();
+  enum { kSumA, kSquaresA, kSumB, kSquaresB, kCross, kCheckA, kCheckB, kSums };
+  const std::vector<double> sums = column_sums(rows, cols, kSums, [&](int64_t r0, int64_t r1,
+                                                                      double* partial) {
+    std::vector<scalar_t> local(kSums * cols);
+    scalar_t* sum_a = local.data() + kSumA * cols;
+    scalar_t* squares_a = local.data() + kSquaresA * cols;
+    scalar_t* sum_b = local.data() + kSumB * cols;
+    scalar_t* squares_b = local.data() + kSquaresB * cols;
+    scalar_t* cross = local.data() + kCross * cols;
+    scalar_t* check_a = local.data() + kCheckA * cols;
+    scalar_t* check_b = local.data() + kCheckB * cols;
+    for (int64_t q0 = r0; q0 < r1; q0 += kSubRows) {
+      std::fill(local.begin(), local.end(), scalar_t(0));
+      for (int64_t r = q0; r < std::min(r1, q0 + kSubRows); ++r) {
+        const scalar_t* ar = a + r * cols;
+        const scalar_t* br = b + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          const scalar_t x = ar[c] - sa[c], y = br[c] - sb[c];
+          sum_a[c] += x;
+          squares_a[c] += x * x;
+          sum_b[c] += y;
+          squares_b[c] += y * y;
+          cross[c] += x * y;
+          check_a[c] += ar[c] - ar[c];  // NaN from a NaN or an infinity on
+          check_b[c] += br[c] - br[c];
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < kSums * cols; ++i) partial[i] += local[i];
+    }
+  });
+  for (const auto& [name, check] : {std::pair{"a", kCheckA}, std::pair{"b", kCheckB}}) {
+    for (int64_t c = 0; c < cols; ++c)
+      TORCH_CHECK_VALUE(sums[check * cols + c] == 0.0, name, "[:, ", c,
+                        "] holds a NaN or an infinity: dimension_correlation_loss needs finite "
+                        "inputs");
+  }
+  Stats<scalar_t> s{std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),
+                    std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),
+                    std::vector<double>(cols)};
+  const double inv_rows = 1.0 / static_cast<double>(rows);
+  for (int64_t c = 0; c < cols; ++c) {
+    const double mean_a = sums[kSumA * cols + c] * inv_rows;  // of the shifted values
+    const double mean_b = sums[kSumB * cols + c] * inv_rows;
+    const double var_a = std::max(sums[kSquaresA * cols + c] * inv_rows - mean_a * mean_a, 0.0);
+    const double var_b = std::max(sums[kSquaresB * cols + c] * inv_rows - mean_b * mean_b, 0.0);
+    const double cov = sums[kCross * cols + c] * inv_rows - mean_a * mean_b;
+    const double rstd_a = 1.0 / std::sqrt(var_a + eps), rstd_b = 1.0 / std::sqrt(var_b + eps);
+    s.mean_a[c] = static_cast<scalar_t>(static_cast<double>(sa[c]) + mean_a);
+    s.mean_b[c] = static_cast<scalar_t>(static_cast<double>(sb[c]) + mean_b);
+    s.rstd_a[c] = static_cast<scalar_t>(rstd_a);
+    s.rstd_b[c] = static_cast<scalar_t>(rstd_b);
+    s.diag[c] = cov * rstd_a * rstd_b;
+  }
+  return s;
+}
+
+// out[r - r0, :] = (x[r, :] - mean) * rstd for the rows [r0, r1) of x (rows, cols).
+template <typename scalar_t>
+void standardize_rows(const scalar_t* x, const std::vector<scalar_t>& mean,
+                      const std::vector<scalar_t>& rstd, int64_t r0, int64_t r1, scalar_t* out) {
+  const int64_t cols = static_cast<int64_t>(mean.size());
+  const scalar_t* m = mean.data();
+  const scalar_t* s = rstd.data();
+  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = x + r * cols;
+      scalar_t* dst = out + (r - r0) * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) dst[c] = (row[c] - m[c]) * s[c];
+    }
+  });
+}
+
+// Rows [r0, r1) of a and b, standardised into a_hat and b_hat ((r1 - r0) x D views).
+template <typename scalar_t>
+struct RowBlocks {
+  const at::Tensor& a;
+  const at::Tensor& b;
+  const Stats<scalar_t>& s;
+  at::Tensor a_buffer, b_buffer;
+
+  RowBlocks(const at::Tensor& a_, const at::Tensor& b_, const Stats<scalar_t>& s_)
+      : a(a_), b(b_), s(s_) {
+    const int64_t rows = std::min(a.size(0), kProductRows);
+    a_buffer = at::empty({rows, a.size(1)}, a.options());
+    b_buffer = at::empty({rows, b.size(1)}, b.options());
+  }
+
+  std::pair<at::Tensor, at::Tensor> operator()(int64_t r0, int64_t r1) {
+    standardize_rows(a.data_ptr<scalar_t>(), s.mean_a, s.rstd_a, r0, r1,
+                     a_buffer.data_ptr<scalar_t>());
+    standardize_rows(b.data_ptr<scalar_t>(), s.mean_b, s.rstd_b, r0, r1,
+                     b_buffer.data_ptr<scalar_t>());
+    return {a_buffer.narrow(0, 0, r1 - r0), b_buffer.narrow(0, 0, r1 - r0)};
+  }
+};
+
+// N * C = A_hat^T B_hat, kProductRows rows at a time: A_hat and B_hat are never stored whole.
+template <typename scalar_t>
+at::Tensor correlation_by_row_blocks(RowBlocks<scalar_t>& blocks) {
+  const int64_t n = blocks.a.size(0), d = blocks.a.size(1);
+  at::Tensor c = at::empty({d, d}, blocks.a.options());
+  for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
+    const auto [a_hat, b_hat] = blocks(r0, std::min(n, r0 + kProductRows));
+    if (r0 == 0) {
+      at::mm_out(c, a_hat.t(), b_hat);
+    } else {
+      c.addmm_(a_hat.t(), b_hat);
+    }
+  }
+  return c;
+}
+
+// sums[c] += sum_r g[r, c], sums[cols + c] += sum_r g[r, c] * x_hat[r, c] over the rows of one
+// block (g and x_hat (rows, cols), contiguous); threads split the columns.
+template <typename scalar_t>
+void add_gradient_sums(const at::Tensor& g, const at::Tensor& x_hat, std::vector<double>& sums) {
+  const int64_t rows = g.size(0), cols = g.size(1);
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  const scalar_t* xp = x_hat.data_ptr<scalar_t>();
+  at::parallel_for(0, ceil_div(cols, kColumnBlock), 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = begin * kColumnBlock, c1 = std::min(cols, end * kColumnBlock);
+    double* sum_g = sums.data();
+    double* sum_gx = sums.data() + cols;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* gr = gp + r * cols;
+      const scalar_t* xr = xp + r * cols;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        sum_g[c] += gr[c];
+        sum_gx[c] += static_cast<double>(gr[c] * xr[c]);
+      }
+    }
+  });
+}
+
+// The gradient through the standardisation: out = rstd * (g - mean(g) - x_hat * mean(g *
+// x_hat)) for g (rows, cols) = dL/dx_hat, given sums = (sum_r g, sum_r g * x_hat); x_hat is
+// recomputed from x. out may be g.
+template <typename scalar_t>
+void standardize_backward(const scalar_t* x, const std::vector<scalar_t>& mean,
+                          const std::vector<scalar_t>& rstd, const std::vector<double>& sums,
+                          const scalar_t* g, scalar_t* out, int64_t rows) {
+  const int64_t cols = static_cast<int64_t>(mean.size());
+  std::vector<scalar_t> mean_g(cols), mean_gx(cols);
+  for (int64_t c = 0; c < cols; ++c) {
+    mean_g[c] = static_cast<scalar_t>(sums[c] / static_cast<double>(rows));
+    mean_gx[c] = static_cast<scalar_t>(sums[cols + c] / static_cast<double>(rows));
+  }
+  const scalar_t* m = mean.data();
+  const scalar_t* s = rstd.data();
+  const scalar_t* mg = mean_g.data();
+  const scalar_t* mgx = mean_gx.data();
+  at::parallel_for(0, rows, kMinChunkRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = x + r * cols;
+      const scalar_t* gr = g + r * cols;
+      scalar_t* dst = out + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const scalar_t x_hat = (xr[c] - m[c]) * s[c];
+        dst[c] = s[c] * (gr[c] - mg[c] - x_hat * mgx[c]);
+      }
+    }
+  });
+}
+
+// The sums standardize_backward needs, from g and x in one pass (for the Gram path, where
+// x_hat is not at hand block by block).
+template <typename scalar_t>
+std::vector<double> gradient_sums(const scalar_t* x, const std::vector<scalar_t>& mean,
+                                  const std::vector<scalar_t>& rstd, const scalar_t* g,
+                                  int64_t rows) {
+  const int64_t cols = static_cast<int64_t>(mean.size());
+  const scalar_t* m = mean.data();
+  const scalar_t* s = rstd.data();
+  return column_sums(rows, cols, 2, [&](int64_t r0, int64_t r1, double* partial) {
+    double* sum_g = partial;
+    double* sum_gx = partial + cols;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* xr = x + r * cols;
+      const scalar_t* gr = g + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const scalar_t x_hat = (xr[c] - m[c]) * s[c];
+        sum_g[c] += gr[c];
+        sum_gx[c] += static_cast<double>(gr[c] * x_hat);
+      }
+    }
+  });
+}
+
+// dL/dA_hat = B_hat G^T into grad_a and dL/dB_hat = A_hat G into grad_b (G = dL/dC / N, in
+// g), kProductRows rows at a time, and the column sums that standardize_backward needs.
+template <typename scalar_t>
+void gradients_by_row_blocks(RowBlocks<scalar_t>& blocks, const at::Tensor& g,
+                             at::Tensor& grad_a, at::Tensor& grad_b, std::vector<double>& sums_a,
+                             std::vector<double>& sums_b) {
+  const int64_t n = grad_a.size(0);
+  for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
+    const int64_t r1 = std::min(n, r0 + kProductRows);
+    const auto [a_hat, b_hat] = blocks(r0, r1);
+    at::Tensor rows_a = grad_a.narrow(0, r0, r1 - r0), rows_b = grad_b.narrow(0, r0, r1 - r0);
+    at::mm_out(rows_a, b_hat, g.t());
+    at::mm_out(rows_b, a_hat, g);
+    add_gradient_sums<scalar_t>(rows_a, a_hat, sums_a);
+    add_gradient_sums<scalar_t>(rows_b, b_hat, sums_b);
+  }
+}
+
+// The barlow loss from c = N * C; with write_g, c becomes G / N (2 lambda C off the diagonal,
+// -2 (1 - C_kk) on it, divided by N).
+template <typename scalar_t>
+double barlow_from_c(at::Tensor& c, int64_t n, double lambda, bool write_g) {
+  const int64_t d = c.size(0);
+  const double inv_n = 1.0 / static_cast<double>(n);
+  scalar_t* data = c.data_ptr<scalar_t>();
+  std::vector<double> off(d), on(d);
+  const auto off_scale = static_cast<scalar_t>(2.0 * lambda * inv_n * inv_n);
+  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      scalar_t* row = data + k * d;
+      double squares = 0.0;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t l = 0; l < d; ++l) squares += static_cast<double>(row[l]) * row[l];
+      const double c_kk = row[k] * inv_n;
+      off[k] = squares * inv_n * inv_n - c_kk * c_kk;
+      on[k] = (1.0 - c_kk) * (1.0 - c_kk);
+      if (write_g) {
+#pragma omp simd
+        for (int64_t l = 0; l < d; ++l) row[l] *= off_scale;
+        row[k] = static_cast<scalar_t>(-2.0 * (1.0 - c_kk) * inv_n);
+      }
+    }
+  });
+  return std::accumulate(on.begin(), on.end(), 0.0) +
+         lambda * std::accumulate(off.begin(), off.end(), 0.0);
+}
+
+// The softmax loss from c = N * C; with write_g, c becomes G / N = (P_rows + P_cols - 2 I) /
+// (2 D tau N). The exponentials run through ATen's vectorised kernels, kRows rows (or
+// columns) of C at a time.
+template <typename scalar_t>
+double softmax_from_c(at::Tensor& c, int64_t n, double tau, bool write_g) {
+  const int64_t d = c.size(0);
+  at::Tensor& s = c.mul_(1.0 / (static_cast<double>(n) * tau));  // C / tau
+  at::Tensor lse_rows = at::empty({d}, s.options()), lse_cols = at::empty({d}, s.options());
+  const int64_t n_blocks = ceil_div(d, kRows);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kRows, nr = std::min(kRows, d - r0);
+      at::Tensor rows = lse_rows.narrow(0, r0, nr), cols = lse_cols.narrow(0, r0, nr);
+      at::logsumexp_out(rows, s.narrow(0, r0, nr), {1});
+      at::logsumexp_out(cols, s.narrow(1, r0, nr), {0});
+    }
+  });
+  const scalar_t* sp = s.data_ptr<scalar_t>();
+  const scalar_t* lr = lse_rows.data_ptr<scalar_t>();
+  const scalar_t* lc = lse_cols.data_ptr<scalar_t>();
+  double total = 0.0;  // both log-softmax values at the diagonal, summed over k
+  for (int64_t k = 0; k < d; ++k) total += 2.0 * sp[k * d + k] - lr[k] - lc[k];
+  if (write_g) {
+    const double scale = 1.0 / (2.0 * static_cast<double>(d) * tau * static_cast<double>(n));
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t r0 = block * kRows, nr = std::min(kRows, d - r0);
+        at::Tensor rows = s.narrow(0, r0, nr);
+        const at::Tensor p_rows = at::exp(rows - lse_rows.narrow(0, r0, nr).unsqueeze(1));
+        rows.sub_(lse_cols.unsqueeze(0)).exp_().add_(p_rows).mul_(scale);
+        rows.diagonal(r0).sub_(2.0 * scale);
+      }
+    });
+  }
+  return -total / (2.0 * static_cast<double>(d));
+}
+
+// Barlow through the Gram matrices Ga = A_hat A_hat^T, Gb = B_hat B_hat^T (cheaper when N is
+// well below D). With grad_b defined, also the gradients: grad_b = A_hat diag(g) + k Ga B_hat
+// and b_hat becomes A's: B_hat diag(g) + k Gb A_hat, where g_k = dL/dC_kk / N (the diagonal
+// part of dL/dC; the off-diagonal part is 2 lambda C) and k = 2 lambda / N^2.
+template <typename scalar_t>
+double barlow_gram(const at::Tensor& a_hat, at::Tensor& b_hat, const std::vector<double>& diag,
+                   double lambda, at::Tensor* grad_b) {
+  const int64_t n = a_hat.size(0), d = a_hat.size(1);
+  const double inv_n = 1.0 / static_cast<double>(n);
+  const at::Tensor gram_a = at::mm(a_hat, a_hat.t()), gram_b = at::mm(b_hat, b_hat.t());
+  const scalar_t* ga = gram_a.data_ptr<scalar_t>();
+  const scalar_t* gb = gram_b.data_ptr<scalar_t>();
+  std::vector<double> inner(n);  // <Ga, Gb>_F row by row
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      double total = 0.0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t m = 0; m < n; ++m) total += static_cast<double>(ga[r * n + m]) * gb[r * n + m];
+      inner[r] = total;
+    }
+  });
+  double on = 0.0, on_squares = 0.0;
+  for (const double c_kk : diag) {
+    on += (1.0 - c_kk) * (1.0 - c_kk);
+    on_squares += c_kk * c_kk;
+  }
+  const double frobenius = std::accumulate(inner.begin(), inner.end(), 0.0) * inv_n * inv_n;
+  if (grad_b) {
+    at::Tensor g = at::empty({1, d}, a_hat.options());
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d; ++k)
+      gp[k] = static_cast<scalar_t>((-2.0 * (1.0 - diag[k]) - 2.0 * lambda * diag[k]) * inv_n);
+    const double k = 2.0 * lambda * inv_n * inv_n;
+    at::mul_out(*grad_b, a_hat, g).addmm_(gram_a, b_hat, 1.0, k);
+    b_hat.mul_(g).addmm_(gram_b, a_hat, 1.0, k);
+  }
+  return on + lambda * (frobenius - on_squares);
+}
+
+template <typename scalar_t>
+double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Options& o, bool gram,
+                          at::Tensor& grad_a, at::Tensor& grad_b) {
+  const int64_t n = a.size(0), d = a.size(1);
+  const bool need_grad = grad_a.numel() > 0;
+  const scalar_t* ap = a.data_ptr<scalar_t>();
+  const scalar_t* bp = b.data_ptr<scalar_t>();
+  const Stats<scalar_t> s = column_stats(ap, bp, n, d, o.eps);
+  if (gram) {
+    at::Tensor a_hat = need_grad ? grad_a : at::empty_like(a);
+    at::Tensor b_hat = at::empty_like(b);
+    standardize_rows(ap, s.mean_a, s.rstd_a, 0, n, a_hat.data_ptr<scalar_t>());
+    standardize_rows(bp, s.mean_b, s.rstd_b, 0, n, b_hat.data_ptr<scalar_t>());
+    const double loss = barlow_gram<scalar_t>(a_hat, b_hat, s.diag, o.off_diagonal_weight,
+                                              need_grad ? &grad_b : nullptr);
+    if (need_grad) {  // b_hat holds dL/dA_hat now
+      const scalar_t* ga = b_hat.data_ptr<scalar_t>();
+      scalar_t* gb = grad_b.data_ptr<scalar_t>();
+      standardize_backward(ap, s.mean_a, s.rstd_a, gradient_sums(ap, s.mean_a, s.rstd_a, ga, n),
+                           ga, grad_a.data_ptr<scalar_t>(), n);
+      standardize_backward(bp, s.mean_b, s.rstd_b, gradient_sums(bp, s.mean_b, s.rstd_b, gb, n),
+                           gb, gb, n);
+    }
+    return loss;
+  }
+  RowBlocks<scalar_t> blocks(a, b, s);
+  at::Tensor c = correlation_by_row_blocks(blocks);
+  const double loss = o.mode == kSoftmax
+                          ? softmax_from_c<scalar_t>(c, n, o.tau, need_grad)
+                          : barlow_from_c<scalar_t>(c, n, o.off_diagonal_weight, need_grad);
+  if (need_grad) {
+    std::vector<double> sums_a(2 * d, 0.0), sums_b(2 * d, 0.0);
+    gradients_by_row_blocks(blocks, c, grad_a, grad_b, sums_a, sums_b);
+    scalar_t* ga = grad_a.data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.data_ptr<scalar_t>();
+    standardize_backward(ap, s.mean_a, s.rstd_a, sums_a, ga, ga, n);
+    standardize_backward(bp, s.mean_b, s.rstd_b, sums_b, gb, gb, n);
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss_forward_cpu(
+    const at::Tensor& a_in, const at::Tensor& b_in, int64_t mode, double off_diagonal_weight,
+    double tau, double eps, bool need_grad, int64_t path) {
+  TORCH_CHECK(a_in.dim() == 2 && a_in.sizes() == b_in.sizes(),
+              "a and b must be (N, D) matrices of one shape, got ", a_in.sizes(), " and ",
+              b_in.sizes());
+  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "a and b must share a dtype");
+  TORCH_CHECK_VALUE(a_in.size(0) >= 2 && a_in.size(1) >= 1,
+                    "dimension_correlation_loss needs N >= 2 rows and D >= 1 columns, got ",
+                    a_in.sizes());
+  TORCH_CHECK(mode == kBarlow || mode == kSoftmax, "mode must be 0 (barlow) or 1 (softmax)");
+  TORCH_CHECK(path == kAuto || path == kCorrelation || (path == kGram && mode == kBarlow),
+              "path must be 0 (auto), 1 (through C) or 2 (Gram, barlow only), got ", path);
+  const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t n = a.size(0), d = a.size(1);
+  // Multiply-adds: through C N D^2 (+ 2 N D^2 for the gradients); through the Gram matrices
+  // 2 N^2 D (+ 2 N^2 D).
+  const bool cheaper = need_grad ? 4 * n < 3 * d : 2 * n < d;
+  const bool gram = mode == kBarlow && (path == kGram || (path == kAuto && cheaper));
+  at::Tensor grad_a = need_grad ? at::empty_like(a) : at::empty({0}, a.options());
+  at::Tensor grad_b = need_grad ? at::empty_like(b) : at::empty({0}, b.options());
+  const Options o{mode, off_diagonal_weight, tau, eps};
+  double loss = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "dimension_correlation_loss_forward_cpu", [&] {
+    loss = loss_and_gradients<scalar_t>(a, b, o, gram, grad_a, grad_b);
+  });
+  return {at::scalar_tensor(loss, a.options()), grad_a, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastalign, CPU, m) {
+  m.impl("dimension_correlation_loss_forward", &dimension_correlation_loss_forward_cpu);
+}
+
+}  // namespace fastalign

@@ -1,0 +1,365 @@
+"""Matching losses on the global batch under ``torch.distributed`` (torchrun + DDP).
+
+Every rank holds ``B`` image-caption pairs (the same ``B`` on every rank); the global batch
+is the concatenation of the ranks' pairs in rank order, ``B_global = W * B``. The scores
+follow open_clip's *local loss* layout: a rank never forms the (B_global, B_global) matrix,
+only
+
+* ``rows`` (B, B_global): its own images against every caption, and
+* ``cols`` (B_global, B): every image against its own captions,
+
+with the embeddings of the other ranks gathered *with* gradient (:func:`all_gather_with_grad`).
+Each rank then computes the loss terms that belong to its own images (rows) and its own
+captions (columns). Summed over the ranks these terms are exactly the loss of one process
+on the global batch.
+
+Gradient scaling. Let ``L = sum_r L_r`` be the single-process loss on the global batch and
+``L_r`` the terms of rank ``r``. The backward of :func:`all_gather_with_grad` sums the
+incoming gradient over the ranks before keeping its own slice, so on rank ``r`` the
+gradient reaching its local embeddings is ``dL/d(emb_r)`` (all ranks' terms, not only
+``L_r``), and the parameter gradient computed on rank ``r`` is the part of ``dL/dθ`` that
+flows through its own embeddings. DDP then *averages* over the ``W`` ranks, which would
+give ``dL/dθ / W``. :func:`global_batch_loss` therefore returns ``W * L_r``: after DDP's
+averaging the gradient is exactly ``dL/dθ``. The loss value itself is recovered as the
+*mean* over ranks of the returned values (``all_reduce(loss) / W``); each rank's value is
+also an estimate of ``L`` (for InfoNCE it is open_clip's local loss, the mean of the
+rank's own row and column cross-entropies).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastalign.losses import hinge_terms, info_nce_terms
+
+__all__ = [
+    "all_gather_with_grad",
+    "cleanup",
+    "gather_tokens",
+    "global_batch_loss",
+    "global_batch_scores",
+    "is_distributed",
+    "rank",
+    "setup_from_env",
+    "world_size",
+]
+
+LOSSES = ("hinge", "infonce")
+SimilarityFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------- process group
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (the default group if None); 0 without one."""
+    return dist.get_rank(group) if is_distributed() else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Number of processes in ``group`` (the default group if None); 1 without one."""
+    return dist.get_world_size(group) if is_distributed() else 1
+
+
+def setup_from_env(
+    backend: str | None = None, timeout: datetime.timedelta | None = None
+) -> torch.device:
+    """Initialise the default process group from the variables torchrun sets.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+    (``init_method="env://"``). Without ``WORLD_SIZE`` in the environment (a plain
+    ``python train.py``) nothing is initialised. A group that is already initialised is
+    kept.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"`` or None: nccl when CUDA and nccl are available,
+            else gloo.
+        timeout: passed to ``init_process_group`` (its default when None).
+
+    Returns:
+        The device this process should use: ``cuda:LOCAL_RANK`` (made current) with the
+        nccl backend, else the CPU.
+    """
+    if not dist.is_available():
+        raise RuntimeError("torch.distributed is not available in this build of PyTorch")
+    if backend is None:
+        use_nccl = torch.cuda.is_available() and dist.is_nccl_available()
+        backend = "nccl" if use_nccl else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" not in os.environ or is_distributed():
+        return device
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun or "
+            f"set all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
+        )
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return device
+
+
+def cleanup() -> None:
+    """Destroy the default process group, if there is one."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- gathers
+def _gather_shapes(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """(W, x.dim()) int64: the shape of ``x`` on every rank (one small all_gather)."""
+    shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)
+    parts = [torch.empty_like(shape) for _ in range(world_size(group))]
+    dist.all_gather(parts, shape, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+    """Concatenation along dim 0 of same-shaped ``x`` from every rank, without gradient."""
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Forward: all_gather + cat. Backward: all_reduce (sum) of the gradient, own slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.group = group
+        ctx.start = dist.get_rank(group) * x.shape[0]
+        ctx.stop = ctx.start + x.shape[0]
+        return _all_gather_no_grad(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # Every rank's loss terms may depend on every slice: sum the gradients of all
+        # ranks (a copy: the incoming buffer may be shared), then keep this rank's slice.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start : ctx.stop], None
+
+
+def _check_tensor(name: str, x: object) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension (the batch), got a scalar")
+
+
+def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Concatenate ``x`` (B, ...) of every rank along dim 0, differentiably.
+
+    The backward all-reduces (sums) the incoming gradient over the ranks and returns this
+    rank's slice, so a loss term on *any* rank that reads this rank's rows sends its
+    gradient here. Every rank must pass the same shape (checked with one small extra
+    collective; pad token dimensions with :func:`gather_tokens`).
+
+    Args:
+        x: (B, ...) tensor, the same shape on every rank.
+        group: the process group (the default group if None).
+
+    Returns:
+        (W * B, ...) tensor, rank ``r``'s rows at ``[r * B, (r + 1) * B)``. Without a
+        process group, or with a world size of 1, ``x`` itself.
+
+    Raises:
+        ValueError: the ranks passed different shapes (raised on every rank alike).
+    """
+    _check_tensor("x", x)
+    if world_size(group) == 1:
+        return x
+    shapes = _gather_shapes(x, group)
+    if (shapes != shapes[0]).any():
+        raise ValueError(
+            "all_gather_with_grad needs the same shape on every rank, got "
+            + ", ".join(f"rank {r}: {tuple(s.tolist())}" for r, s in enumerate(shapes))
+        )
+    return _AllGatherWithGrad.apply(x, group)
+
+
+def gather_tokens(
+    x: Tensor, lengths: Tensor | None = None, group: dist.ProcessGroup | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gather token sequences whose padded length differs between ranks.
+
+    ``x`` is padded with zeros along the token dimension to the largest ``T`` over the
+    ranks, then gathered with :func:`all_gather_with_grad`; the padding is a constant and
+    never gets gradient. The lengths are gathered without gradient.
+
+    Args:
+        x: (B, T, D) token embeddings; ``B`` and ``D`` equal on every rank, ``T`` free.
+        lengths: (B,) integer counts of valid leading tokens; None means all ``T`` valid.
+        group: the process group (the default group if None).
+
+    Returns:
+        ``x_global`` (W * B, T_max, D) and ``lengths_global`` (W * B,) int64, in rank
+        order. Without a process group (or world size 1): ``x`` and its lengths.
+
+    Raises:
+        ValueError: ``x`` is not 3-D, ``lengths`` has the wrong shape, or the ranks'
+            ``B`` or ``D`` differ.
+    """
+    _check_tensor("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, T, D), got shape {tuple(x.shape)}")
+    if lengths is None:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+    else:
+        lengths = torch.as_tensor(lengths, device=x.device)
+        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+        if lengths.shape != (x.shape[0],):
+            raise ValueError(f"lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}")
+        lengths = lengths.to(torch.int64)
+    if world_size(group) == 1:
+        return x, lengths
+    shapes = _gather_shapes(x, group)
+    if (shapes[:, [0, 2]] != shapes[0, [0, 2]]).any():
+        raise ValueError(
+            "gather_tokens needs the same batch size B and feature size D on every rank, got "
+            + ", ".join(f"rank {r}: {tuple(s.tolist())}" for r, s in enumerate(shapes))
+        )
+    t_max = int(shapes[:, 1].max())
+    if x.shape[1] < t_max:
+        x = F.pad(x, (0, 0, 0, t_max - x.shape[1]))
+    return _AllGatherWithGrad.apply(x, group), _all_gather_no_grad(lengths, group)
+
+
+# --------------------------------------------------------------------------- scores
+def global_batch_scores(
+    region_embs: Tensor,
+    region_lengths: Tensor | None,
+    word_embs: Tensor,
+    word_lengths: Tensor | None,
+    similarity_fn: SimilarityFn,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """Scores of the local pairs against the global batch (open_clip local-loss layout).
+
+    Args:
+        region_embs: (B, R, D) region embeddings of this rank's images (pair k's image).
+        region_lengths: (B,) valid regions per image, or None (all ``R``).
+        word_embs: (B, L, D) word embeddings of this rank's captions (pair k's caption).
+        word_lengths: (B,) valid words per caption, or None (all ``L``).
+        similarity_fn: ``fn(regions (Ni, R, D), words (Nt, L, D), region_lengths (Ni,),
+            word_lengths (Nt,)) -> (Ni, Nt)``, e.g. ``functools.partial(
+            fastalign.region_word_similarity, direction="both")``.
+        group: the process group (the default group if None).
+
+    Returns:
+        ``rows`` (B, B_global): this rank's images x all captions; ``cols`` (B_global, B):
+        all images x this rank's captions; ``rank_offset``: index of this rank's first pair
+        in the global batch, so local pair k's score is ``rows[k, rank_offset + k]`` and
+        ``cols[rank_offset + k, k]``. Without a process group (or world size 1) ``rows``
+        and ``cols`` are the same (B, B) tensor and ``rank_offset`` is 0.
+    """
+    _check_tensor("region_embs", region_embs)
+    _check_tensor("word_embs", word_embs)
+    if region_embs.shape[0] != word_embs.shape[0]:
+        raise ValueError(
+            f"region_embs and word_embs must hold the same number of pairs, got "
+            f"{region_embs.shape[0]} and {word_embs.shape[0]}"
+        )
+    regions_all, region_lengths_all = gather_tokens(region_embs, region_lengths, group)
+    words_all, word_lengths_all = gather_tokens(word_embs, word_lengths, group)
+    if world_size(group) == 1:
+        scores = similarity_fn(regions_all, words_all, region_lengths_all, word_lengths_all)
+        return scores, scores, 0
+    n = region_embs.shape[0]
+    offset = rank(group) * n
+    local_region_lengths = region_lengths_all[offset : offset + n]
+    local_word_lengths = word_lengths_all[offset : offset + n]
+    rows = similarity_fn(region_embs, words_all, local_region_lengths, word_lengths_all)
+    cols = similarity_fn(regions_all, word_embs, region_lengths_all, local_word_lengths)
+    return rows, cols, offset
+
+
+# --------------------------------------------------------------------------- row-wise terms
+# --------------------------------------------------------------------------- loss
+def global_batch_loss(
+    region_embs: Tensor,
+    region_lengths: Tensor | None,
+    word_embs: Tensor,
+    word_lengths: Tensor | None,
+    image_index: Tensor | None,
+    similarity_fn: SimilarityFn,
+    loss: str = "hinge",
+    margin: float = 0.2,
+    max_violation: bool = True,
+    temperature: float = 0.05,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """This rank's share of a matching loss on the global batch, scaled for DDP.
+
+    With ``L`` the single-process loss on the concatenated global batch
+    (:func:`fastalign.losses.hinge_triplet_loss` for ``"hinge"``, summed over the batch;
+    :func:`fastalign.losses.info_nce_loss` for ``"infonce"``, a mean) and ``L_r`` the terms
+    of this rank's images (rows) and captions (columns), the result is ``W * L_r``: DDP's
+    averaging of the parameter gradients over ``W`` ranks then yields exactly ``dL/dθ``,
+    and ``all_reduce(result) / W == L``. Without a process group it is ``L`` itself.
+
+    Args:
+        region_embs: (B, R, D) this rank's image regions (one entry per pair).
+        region_lengths: (B,) valid regions, or None.
+        word_embs: (B, L, D) this rank's caption words.
+        word_lengths: (B,) valid words, or None.
+        image_index: (B,) integer id of each pair's image, or None (all distinct); pairs
+            with the same id, on any rank, are positives and never negatives.
+        similarity_fn: see :func:`global_batch_scores`.
+        loss: ``"hinge"`` or ``"infonce"``.
+        margin, max_violation: hinge options.
+        temperature: InfoNCE temperature.
+        group: the process group (the default group if None).
+
+    Returns:
+        Scalar tensor ``W * L_r``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "infonce" and not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    rows, cols, offset = global_batch_scores(
+        region_embs, region_lengths, word_embs, word_lengths, similarity_fn, group
+    )
+    n, n_global = rows.shape
+    device = rows.device
+    local = torch.arange(n, device=device) + offset  # global index of each local pair
+    if image_index is None:
+        positives = local[:, None] == torch.arange(n_global, device=device)[None, :]
+    else:
+        image_index = torch.as_tensor(image_index, device=device)
+        if image_index.shape != (n,):
+            raise ValueError(f"image_index must have shape ({n},), got {tuple(image_index.shape)}")
+        index_all = image_index if n == n_global else _all_gather_no_grad(image_index, group)
+        # (B, B_global): same image, on any rank; plus the matched pair itself.
+        positives = image_index[:, None] == index_all[None, :]
+        positives[torch.arange(n, device=device), local] = True
+    # Caption j (global offset + j) against image k: positive iff image k is caption j's
+    # image, so cols.T (B, B_global) shares the mask of rows.
+    cols_t = cols.T
+    ar = torch.arange(n, device=device)
+    if loss == "hinge":
+        row_terms = hinge_terms(rows, rows[ar, local], positives, margin, max_violation)
+        col_terms = hinge_terms(cols_t, cols_t[ar, local], positives, margin, max_violation)
+        share = row_terms.sum() + col_terms.sum()
+    else:
+        row_terms = info_nce_terms(rows, local, positives, temperature)
+        col_terms = info_nce_terms(cols_t, local, positives, temperature)
+        share = (row_terms.sum() + col_terms.sum()) / (2 * n_global)
+    return share * world_size(group)  # undoes DDP's 1 / W, see the module docstring

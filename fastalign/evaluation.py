@@ -1,0 +1,520 @@
+"""Image-text retrieval evaluation (SPEC section 3): similarity matrix, ranks and recalls.
+
+The protocol of VSE++ / SCAN / CHAN, on an (n_images, n_captions) score matrix ``sims``
+in which caption j belongs to image ``j // captions_per_image``:
+
+- image-to-text (i2t): an image's rank is the rank of the best of its captions,
+  ``1 + #{negative captions j : sims[i, j] >= max over its positives of sims[i, p]}``;
+- text-to-image (t2i): a caption's rank is
+  ``1 + #{other images i' : sims[i', j] >= sims[i(j), j]}``;
+- R@K = percentage of queries with rank <= K (K = 1, 5, 10), ``rsum`` = the six recalls
+  summed, ``medr`` = floor of the median rank and ``meanr`` = the mean rank (1-based, as
+  SCAN reports them).
+
+Ties count against the positive: a negative with a score equal to the positive's ranks
+above it, so a constant score matrix gives the worst ranks, never the best. Ranks are
+found by counting comparisons, in blocks of rows so that the temporary memory stays
+bounded, never by sorting rows.
+
+Protocols: Flickr30K 1K and COCO 5K are :func:`evaluate` on the whole test matrix (1000 x
+5000 and 5000 x 25000); COCO 1K is :func:`evaluate_folds` (the mean over 5 folds of 1000
+images and their 5000 captions).
+
+:func:`similarity_matrix` builds the matrix from region and word embeddings by streaming
+:func:`fastalign.region_word_similarity` over blocks sized to a memory budget. Features
+stay in their storage dtype (float16 or float32, numpy memmaps included) and are computed
+in float32 or lower, never in float64. Evaluation is model-agnostic: it takes embeddings,
+however a model produced them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastalign.ops.region_word import region_word_similarity
+
+RECALL_KS = (1, 5, 10)
+RESULT_KEYS = (
+    "r1_i2t",
+    "r5_i2t",
+    "r10_i2t",
+    "r1_t2i",
+    "r5_t2i",
+    "r10_t2i",
+    "rsum",
+    "medr_i2t",
+    "meanr_i2t",
+    "medr_t2i",
+    "meanr_t2i",
+)
+# Elements of the score matrix compared at once when counting ranks, unless ``block_rows``
+# says otherwise: 2 Mi, i.e. about 10 MiB of temporaries (a bool comparison and the int32
+# copy that torch's sum over it makes).
+_RANK_BLOCK_ELEMENTS = 1 << 21
+
+
+# --------------------------------------------------------------------------- checks
+def _check_positive_int(name: str, value: object) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _as_score_matrix(sims: Tensor | np.ndarray, captions_per_image: int) -> Tensor:
+    """Checks ``sims`` (n_images, n_images * captions_per_image); returns it as a tensor.
+
+    Numpy arrays (memmaps included) are wrapped without a copy.
+    """
+    captions_per_image = _check_positive_int("captions_per_image", captions_per_image)
+    if isinstance(sims, np.ndarray):
+        if sims.dtype.kind != "f":
+            raise TypeError(f"sims must hold floating-point scores, got dtype {sims.dtype}")
+        with warnings.catch_warnings():  # a read-only memmap: the scores are only read
+            warnings.simplefilter("ignore", UserWarning)
+            sims = torch.from_numpy(sims)
+    elif not isinstance(sims, Tensor):
+        raise TypeError(f"sims must be a torch.Tensor or numpy array, got {type(sims).__name__}")
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be 2-D (n_images, n_captions), got shape {tuple(sims.shape)}")
+    if not sims.dtype.is_floating_point:
+        raise TypeError(f"sims must hold floating-point scores, got dtype {sims.dtype}")
+    n_images, n_captions = sims.shape
+    if n_images == 0 or n_captions != n_images * captions_per_image:
+        raise ValueError(
+            f"sims has shape {tuple(sims.shape)}: expected (n_images, n_images * "
+            f"captions_per_image) with n_images >= 1 and captions_per_image = "
+            f"{captions_per_image}, i.e. {n_images * captions_per_image} captions"
+        )
+    return sims
+
+
+def _raise_nan(sims: Tensor, first_row: int, first_col: int, block_rows: int) -> None:
+    count = sum(
+        int(torch.isnan(sims[r : r + block_rows]).sum()) for r in range(0, len(sims), block_rows)
+    )
+    raise ValueError(
+        f"sims holds {count} NaN value(s), the first at [{first_row}, {first_col}]; "
+        f"ranks are undefined for NaN scores"
+    )
+
+
+# --------------------------------------------------------------------------- ranks
+def compute_ranks(
+    sims: Tensor | np.ndarray, captions_per_image: int = 5, *, block_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """1-based retrieval ranks of every image (i2t) and every caption (t2i).
+
+    Args:
+        sims: (n_images, n_captions) scores, n_captions = n_images * captions_per_image;
+            caption j belongs to image j // captions_per_image. Any floating dtype and
+            device; a numpy array is read in place.
+        captions_per_image: captions per image (5 for Flickr30K and COCO).
+        block_rows: rows of ``sims`` compared at once (the temporary memory is about 5
+            bytes per element of a block_rows x n_captions block); None picks about 2 Mi
+            elements (10 MiB). The result does not depend on it.
+
+    Returns:
+        ``(ranks_i2t, ranks_t2i)``: int64 tensors of shape (n_images,) and (n_captions,) on
+        the device of ``sims``. Ties count against the positive.
+    """
+    sims = _as_score_matrix(sims, captions_per_image)
+    n_images, n_captions = sims.shape
+    if block_rows is None:
+        block_rows = max(1, _RANK_BLOCK_ELEMENTS // n_captions)
+    block_rows = _check_positive_int("block_rows", block_rows)
+    device = sims.device
+    caption_ids = torch.arange(n_captions, device=device)
+    positive_t2i = sims[caption_ids // captions_per_image, caption_ids]  # (n_captions,)
+    offsets = torch.arange(captions_per_image, device=device)
+
+    ranks_i2t = torch.empty(n_images, dtype=torch.int64, device=device)
+    at_or_above = torch.zeros(n_captions, dtype=torch.int64, device=device)
+    for start in range(0, n_images, block_rows):
+        block = sims[start : start + block_rows]  # (b, n_captions)
+        nan = torch.isnan(block)
+        if bool(nan.any()):
+            row, col = (int(v) for v in nan.nonzero()[0])
+            _raise_nan(sims, start + row, col, block_rows)
+        image_ids = torch.arange(start, start + len(block), device=device)
+        columns = image_ids[:, None] * captions_per_image + offsets  # (b, captions_per_image)
+        positives = block.gather(1, columns)
+        best = positives.max(dim=1, keepdim=True).values  # (b, 1)
+        # Captions at or above the best positive, minus the positives among them (the best
+        # one itself and any positive tied with it): the negatives that outrank it.
+        above = (block >= best).sum(1, dtype=torch.int32) - (positives >= best).sum(1)
+        ranks_i2t[start : start + len(block)] = 1 + above
+        # t2i: every image at or above the caption's positive score, the positive included.
+        at_or_above += (block >= positive_t2i).sum(0, dtype=torch.int32)
+    return ranks_i2t, at_or_above
+
+
+def _rank_metrics(ranks: Tensor, suffix: str) -> dict[str, float]:
+    """R@1/5/10 (percent), medr (floor of the median) and meanr of 1-based ``ranks``."""
+    n = ranks.numel()
+    metrics = {f"r{k}_{suffix}": 100.0 * int((ranks <= k).sum()) / n for k in RECALL_KS}
+    ordered = ranks.sort().values  # one 1-D vector of ranks, not the score rows
+    low, high = int(ordered[(n - 1) // 2]), int(ordered[n // 2])
+    metrics[f"medr_{suffix}"] = float((low + high) // 2)
+    metrics[f"meanr_{suffix}"] = int(ranks.sum()) / n
+    return metrics
+
+
+def evaluate(
+    sims: Tensor | np.ndarray, captions_per_image: int = 5, *, block_rows: int | None = None
+) -> dict[str, float]:
+    """Recall@K, median and mean rank of image-to-text and text-to-image retrieval.
+
+    Args:
+        sims: (n_images, n_captions) scores, n_captions = n_images * captions_per_image;
+            caption j belongs to image j // captions_per_image. Any floating dtype and
+            device (numpy arrays are read in place); no NaN.
+        captions_per_image: captions per image (5 for Flickr30K and COCO).
+        block_rows: rows compared at once, see :func:`compute_ranks` (bounds memory only).
+
+    Returns:
+        ``r1_i2t, r5_i2t, r10_i2t, r1_t2i, r5_t2i, r10_t2i`` (percent), ``rsum`` (their
+        sum), ``medr_i2t, meanr_i2t, medr_t2i, meanr_t2i`` (1-based ranks; medr is the floor
+        of the median), all Python floats. An image's i2t rank is that of its best caption.
+        Ties count against the positive (a negative scoring equal to it ranks above it).
+
+    Raises:
+        TypeError: ``sims`` is not a floating-point tensor / array.
+        ValueError: wrong shape, NaN scores (with their count and the first position).
+    """
+    ranks_i2t, ranks_t2i = compute_ranks(sims, captions_per_image, block_rows=block_rows)
+    metrics = _rank_metrics(ranks_i2t, "i2t") | _rank_metrics(ranks_t2i, "t2i")
+    metrics["rsum"] = sum(metrics[f"r{k}_{d}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return {key: metrics[key] for key in RESULT_KEYS}
+
+
+def evaluate_folds(
+    sims: Tensor | np.ndarray, n_folds: int = 5, captions_per_image: int = 5
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """The COCO 1K protocol: :func:`evaluate` on each fold, then the mean over the folds.
+
+    Fold k holds images ``[k * m, (k + 1) * m)`` and their captions
+    ``[k * m * captions_per_image, (k + 1) * m * captions_per_image)``, m = n_images /
+    n_folds (1000 for COCO's 5000 test images). COCO 5K is :func:`evaluate` on the whole
+    matrix.
+
+    Args:
+        sims: (n_images, n_images * captions_per_image) scores; n_images divisible by
+            ``n_folds``.
+        n_folds: number of folds (5 for COCO 1K).
+        captions_per_image: captions per image.
+
+    Returns:
+        ``(mean, per_fold)``: the mean of every metric over the folds (``rsum`` is also the
+        sum of the mean recalls) and the list of the folds' own results.
+    """
+    sims = _as_score_matrix(sims, captions_per_image)
+    n_folds = _check_positive_int("n_folds", n_folds)
+    n_images = sims.shape[0]
+    if n_images % n_folds:
+        raise ValueError(
+            f"n_folds = {n_folds} must divide the number of images, got {n_images} images"
+        )
+    size = n_images // n_folds
+    width = size * captions_per_image
+    per_fold = [
+        evaluate(sims[k * size : (k + 1) * size, k * width : (k + 1) * width], captions_per_image)
+        for k in range(n_folds)
+    ]
+    mean = {key: sum(fold[key] for fold in per_fold) / n_folds for key in RESULT_KEYS}
+    return mean, per_fold
+
+
+def format_results(results: Mapping[str, float]) -> str:
+    """A small aligned table of :func:`evaluate`'s (or a fold mean's) results.
+
+    Rows i2t and t2i with columns R@1, R@5, R@10, medr, meanr, then an rSum line.
+    """
+    if not isinstance(results, Mapping):
+        raise TypeError(f"results must be a mapping, got {type(results).__name__}")
+    missing = [key for key in RESULT_KEYS if key not in results]
+    if missing:
+        raise ValueError(f"results is missing the keys {missing}")
+    header = ["", "R@1", "R@5", "R@10", "medr", "meanr"]
+    rows = [header]
+    for direction in ("i2t", "t2i"):
+        recalls = [f"{results[f'r{k}_{direction}']:.2f}" for k in RECALL_KS]
+        ranks = [f"{results[f'{m}_{direction}']:.1f}" for m in ("medr", "meanr")]
+        rows.append([direction, *recalls, *ranks])
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = [
+        "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+        for row in rows
+    ]
+    lines.append(f"{'rSum'.ljust(widths[0])}  {results['rsum']:.2f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- similarity
+_NUMPY_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def _check_features(name: str, x: object) -> None:
+    if isinstance(x, np.ndarray):
+        if x.dtype not in _NUMPY_FLOATS:
+            raise TypeError(f"{name} must hold float16 / float32 / float64, got {x.dtype}")
+    elif isinstance(x, Tensor):
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if x.ndim != 3 or 0 in x.shape:
+        raise ValueError(
+            f"{name} must be 3-D (N, tokens, D) with no empty dimension, got shape {tuple(x.shape)}"
+        )
+
+
+def _check_lengths(name: str, lengths: object, count: int, padded: int) -> Tensor:
+    """``lengths`` (None, sequence, array or tensor) as a CPU int64 (count,), 1..padded."""
+    if lengths is None:
+        return torch.full((count,), padded, dtype=torch.int64)
+    if isinstance(lengths, Tensor):
+        lengths = lengths.detach().cpu()
+    elif isinstance(lengths, (np.ndarray, Sequence)):
+        lengths = torch.as_tensor(np.asarray(lengths))
+    else:
+        raise TypeError(
+            f"{name} must be a tensor, numpy array, sequence or None, got {type(lengths).__name__}"
+        )
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {lengths.dtype}")
+    if lengths.shape != (count,):
+        raise ValueError(f"{name} must have shape ({count},), got {tuple(lengths.shape)}")
+    bad = ((lengths < 1) | (lengths > padded)).nonzero()
+    if len(bad):
+        k = int(bad[0, 0])
+        raise ValueError(f"{name}[{k}] = {int(lengths[k])}, expected 1 <= length <= {padded}")
+    return lengths.to(torch.int64)
+
+
+def _torch_dtype(x: Tensor | np.ndarray) -> torch.dtype:
+    if isinstance(x, Tensor):
+        return x.dtype
+    return {np.float16: torch.float16, np.float32: torch.float32}.get(x.dtype.type, torch.float64)
+
+
+def _compute_dtype(regions: Tensor | np.ndarray, words: Tensor | np.ndarray, device) -> torch.dtype:
+    """float32, or the shared half dtype on CUDA (whose kernels take it); never float64."""
+    dtype = _torch_dtype(regions)
+    if (
+        device.type == "cuda"
+        and dtype == _torch_dtype(words)
+        and dtype
+        in (
+            torch.float16,
+            torch.bfloat16,
+        )
+    ):
+        return dtype
+    return torch.float32
+
+
+def _needs_copy(x: Tensor | np.ndarray, dtype: torch.dtype, device: torch.device) -> bool:
+    """False only for a contiguous tensor already in ``dtype`` on ``device`` (sliced in place)."""
+    if not isinstance(x, Tensor):
+        return True
+    return x.dtype != dtype or x.device != device or not x.is_contiguous()
+
+
+def _load_block(
+    x: Tensor | np.ndarray, start: int, stop: int, tokens: int, dtype: torch.dtype, device
+) -> Tensor:
+    """Items [start, stop) of ``x`` as a ``dtype`` tensor on ``device``.
+
+    A tensor already in that dtype and place is sliced without a copy; anything else is
+    cropped to ``tokens`` (the block's longest item) and converted directly to ``dtype``.
+    """
+    if not _needs_copy(x, dtype, device):
+        return x[start:stop]
+    if isinstance(x, np.ndarray):
+        numpy_dtype = np.float16 if dtype == torch.float16 else np.float32
+        block = torch.from_numpy(np.array(x[start:stop, :tokens], dtype=numpy_dtype))
+        return block.to(device=device, dtype=dtype)
+    return x[start:stop, :tokens].to(device=device, dtype=dtype).contiguous()
+
+
+def _plan_blocks(
+    n_images: int,
+    n_captions: int,
+    block_images: int | None,
+    block_captions: int | None,
+    image_bytes: int,
+    caption_bytes: int,
+    pair_bytes: int,
+    budget: int,
+) -> tuple[int, int]:
+    """Block sizes that keep converted inputs + the output block within ``budget`` bytes.
+
+    ``image_bytes`` / ``caption_bytes``: memory of one converted item (0 when the input is
+    used in place); ``pair_bytes``: memory of one score of the block output.
+    """
+    if block_images is None and block_captions is None:
+        if n_images * image_bytes <= budget // 2:
+            block_images = n_images
+        else:
+            block_images = max(1, budget // 2 // image_bytes)
+    if block_captions is None:
+        remaining = budget - block_images * image_bytes
+        block_captions = max(1, remaining // (caption_bytes + block_images * pair_bytes))
+    elif block_images is None:
+        remaining = budget - block_captions * caption_bytes
+        block_images = max(1, remaining // (image_bytes + block_captions * pair_bytes))
+    return min(block_images, n_images), min(block_captions, n_captions)
+
+
+class _StderrProgress:
+    """A one-line progress display on stderr, for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.done, self.desc = total, 0, desc
+        self._show()
+
+    def _show(self) -> None:
+        sys.stderr.write(f"\r{self.desc}: {self.done}/{self.total} blocks")
+        sys.stderr.flush()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._show()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _progress_bar(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _StderrProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit="block")
+
+
+@torch.no_grad()
+def similarity_matrix(
+    region_embs: Tensor | np.ndarray,
+    region_lengths: Tensor | np.ndarray | Sequence[int] | None,
+    word_embs: Tensor | np.ndarray,
+    word_lengths: Tensor | np.ndarray | Sequence[int] | None,
+    *,
+    block_images: int | None = None,
+    block_captions: int | None = None,
+    memory_budget_mb: float = 256,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    **similarity_options,
+) -> Tensor:
+    """The (n_images, n_captions) region-word score matrix, streamed in blocks.
+
+    Calls :func:`fastalign.region_word_similarity` on blocks of images x captions and
+    writes each block into the result; the fused operator never forms the 4-D tensor, so
+    blocks only bound the converted input pieces and the block output.
+
+    Args:
+        region_embs: (n_images, R, D) region embeddings: a tensor or numpy array (memmaps
+            included) of float16 / float32 (float64 is accepted and down-cast block by
+            block). Never up-cast: blocks are computed in float32 (or, on CUDA, in the
+            inputs' shared float16 / bfloat16).
+        region_lengths: (n_images,) valid regions per image, 1..R; None = all valid.
+        word_embs: (n_captions, L, D) word embeddings, like ``region_embs``.
+        word_lengths: (n_captions,) valid words per caption, 1..L; None = all valid.
+        block_images: images per block; None = chosen from the memory budget.
+        block_captions: captions per block; None = chosen from the memory budget.
+        memory_budget_mb: bound, in MiB, on what the blocks allocate beyond the result and
+            the fused operator's fixed tile workspace: converted (cropped to the block's
+            longest item) input blocks and one block of scores. Tensors already in the
+            compute dtype and device are sliced in place and cost nothing.
+        device: where to compute (and return the result); None = the device of
+            ``region_embs`` if it is a tensor, else CPU.
+        progress: show a progress bar (tqdm if installed, else a line on stderr).
+        **similarity_options: passed to :func:`fastalign.region_word_similarity`
+            (direction, align, aggregate, align_tau, aggregate_tau, score_activation,
+            backend).
+
+    Returns:
+        (n_images, n_captions) float32 scores on ``device``. The result does not depend on
+        the block sizes beyond the BLAS's last-bit rounding (the blocks' matrix products can
+        take differently shaped BLAS paths).
+    """
+    _check_features("region_embs", region_embs)
+    _check_features("word_embs", word_embs)
+    if region_embs.shape[2] != word_embs.shape[2]:
+        raise ValueError(
+            f"region_embs and word_embs must share the feature size D, got "
+            f"{region_embs.shape[2]} and {word_embs.shape[2]}"
+        )
+    n_images, n_regions, dim = region_embs.shape
+    n_captions, n_words, _ = word_embs.shape
+    region_lengths = _check_lengths("region_lengths", region_lengths, n_images, n_regions)
+    word_lengths = _check_lengths("word_lengths", word_lengths, n_captions, n_words)
+    if block_images is not None:
+        block_images = _check_positive_int("block_images", block_images)
+    if block_captions is not None:
+        block_captions = _check_positive_int("block_captions", block_captions)
+    if not isinstance(memory_budget_mb, (int, float)) or isinstance(memory_budget_mb, bool):
+        raise TypeError(f"memory_budget_mb must be a number, got {type(memory_budget_mb).__name__}")
+    if not (0 < memory_budget_mb < math.inf):
+        raise ValueError(f"memory_budget_mb must be positive and finite, got {memory_budget_mb}")
+    for name in ("regions", "words", "region_lengths", "word_lengths"):
+        if name in similarity_options:
+            raise TypeError(f"similarity_options must not contain {name!r}: it is set per block")
+    if device is None:
+        device = region_embs.device if isinstance(region_embs, Tensor) else torch.device("cpu")
+    device = torch.device(device)
+
+    dtype = _compute_dtype(region_embs, word_embs, device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_images, block_captions = _plan_blocks(
+        n_images,
+        n_captions,
+        block_images,
+        block_captions,
+        image_bytes=n_regions * dim * itemsize * _needs_copy(region_embs, dtype, device),
+        caption_bytes=n_words * dim * itemsize * _needs_copy(word_embs, dtype, device),
+        pair_bytes=itemsize,
+        budget=int(memory_budget_mb * 2**20),
+    )
+    n_blocks = math.ceil(n_images / block_images) * math.ceil(n_captions / block_captions)
+    # A single block's output is the result itself, not copied into a second matrix.
+    scores = None
+    if n_blocks > 1:
+        scores = torch.empty(n_images, n_captions, dtype=torch.float32, device=device)
+    bar = _progress_bar(n_blocks, "similarity_matrix") if progress else None
+    try:
+        for i0 in range(0, n_images, block_images):
+            i1 = min(i0 + block_images, n_images)
+            r_len = region_lengths[i0:i1]
+            regions = _load_block(region_embs, i0, i1, int(r_len.max()), dtype, device)
+            r_len = r_len.to(device)
+            for t0 in range(0, n_captions, block_captions):
+                t1 = min(t0 + block_captions, n_captions)
+                w_len = word_lengths[t0:t1]
+                words = _load_block(word_embs, t0, t1, int(w_len.max()), dtype, device)
+                block = region_word_similarity(
+                    regions, words, r_len, w_len.to(device), **similarity_options
+                )
+                if scores is None:
+                    scores = block.to(torch.float32)
+                else:
+                    scores[i0:i1, t0:t1] = block
+                del words, block  # freed before the next block is loaded
+                if bar is not None:
+                    bar.update(1)
+            del regions
+    finally:
+        if bar is not None:
+            bar.close()
+    return scores

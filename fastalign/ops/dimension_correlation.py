@@ -1,0 +1,262 @@
+"""Dimension-correlation regularizer (SPEC 1.2, DIAS L_dim): reference, checks, dispatch, autograd.
+
+Each column ("dimension vector") of the paired (N, D) features a and b is standardised over the
+N rows, and C = A^T B / N is the cross-modal dimension-correlation matrix. The barlow loss pulls
+C towards the identity, the softmax loss asks every diagonal entry to dominate its row and its
+column. The fast backends compute the loss and its gradients in one call (the gradient is saved
+and only scaled by the upstream gradient in the backward) and, in barlow mode with N well below
+D, use the two N x N Gram matrices instead of C: ||C||_F^2 = <A A^T, B B^T>_F / N^2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastalign._backends import resolve_backend
+
+MODES = ("barlow", "softmax")
+# Barlow Twins' lambda (Zbontar et al., 2021): the off-diagonal sum has D (D - 1) terms against
+# D on the diagonal, so a small weight keeps the two parts in balance for D in the hundreds
+# to thousands.
+DEFAULT_OFF_DIAGONAL_WEIGHT = 0.005
+# The op's `path` argument: how the fast backends reach the loss.
+PATH_AUTO, PATH_CORRELATION, PATH_GRAM = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- reference
+def _standardize(x: Tensor, eps: float) -> Tensor:
+    """Every column to mean 0 and (biased variance + eps) 1 over the rows."""
+    centered = x - x.mean(dim=0)
+    return centered * torch.rsqrt(centered.pow(2).mean(dim=0) + eps)
+
+
+def dimension_correlation_reference(a: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
+    """C = A^T B / N of the column-standardised a and b: (D, D), plain PyTorch."""
+    return _standardize(a, eps).T @ _standardize(b, eps) / a.shape[0]
+
+
+def dimension_correlation_loss_reference(
+    a: Tensor,
+    b: Tensor,
+    mode: str = "barlow",
+    off_diagonal_weight: float = DEFAULT_OFF_DIAGONAL_WEIGHT,
+    tau: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Plain-PyTorch specification of :func:`dimension_correlation_loss` (forms C)."""
+    c = dimension_correlation_reference(a, b, eps)
+    if mode == "barlow":
+        identity = torch.eye(c.shape[0], dtype=torch.bool, device=c.device)
+        on_diagonal = (1 - c.diagonal()).pow(2).sum()
+        return on_diagonal + off_diagonal_weight * c.pow(2).masked_fill(identity, 0).sum()
+    rows = torch.log_softmax(c / tau, dim=1).diagonal()
+    cols = torch.log_softmax(c / tau, dim=0).diagonal()
+    return -0.5 * (rows + cols).mean()
+
+
+# --------------------------------------------------------------------------- checks
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_number(name: str, value: float, low: float, low_ok: bool) -> None:
+    """A finite real number above ``low`` (or equal to it when ``low_ok``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and (value > low or (low_ok and value == low))):
+        expected = f">= {low}" if low_ok else f"> {low}"
+        raise ValueError(f"{name} must be a finite number {expected}, got {value}")
+
+
+def _check_inputs(a, b, backend: str) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have one shape (N, D) (row n of each from one matched pair), got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.shape[0] < 2:
+        raise ValueError(
+            f"a and b need N >= 2 rows to standardise their columns, got N = {a.shape[0]}"
+        )
+    if a.shape[1] < 1:
+        raise ValueError(f"a and b need D >= 1 columns, got shape {tuple(a.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
+    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
+    if allowed and a.dtype not in allowed:
+        raise TypeError(
+            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {a.dtype}"
+        )
+
+
+def _check_finite(a: Tensor, b: Tensor) -> None:
+    """The reference's check; the fast backends find non-finite columns in their own pass."""
+    if torch.compiler.is_compiling():
+        return  # data-dependent: the fast backends still raise from inside their op
+    for name, x in (("a", a), ("b", b)):
+        bad = (~torch.isfinite(x)).any(dim=0).nonzero()
+        if len(bad):
+            raise ValueError(
+                f"{name}[:, {int(bad[0, 0])}] holds a NaN or an infinity: "
+                "dimension_correlation_loss needs finite inputs"
+            )
+
+
+# --------------------------------------------------------------------------- custom ops
+def _forward_fake(a, b, mode, off_diagonal_weight, tau, eps, need_grad, path):
+    grad_shape = a.shape if need_grad else (0,)
+    return a.new_empty(()), a.new_empty(grad_shape), b.new_empty(grad_shape)
+
+
+@torch.library.custom_op("fastalign::dimension_correlation_loss_forward_triton", mutates_args=())
+def _forward_triton(
+    a: Tensor,
+    b: Tensor,
+    mode: int,
+    off_diagonal_weight: float,
+    tau: float,
+    eps: float,
+    need_grad: bool,
+    path: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from fastalign.kernels.triton.dimension_correlation import dimension_correlation_loss_forward
+
+    return dimension_correlation_loss_forward(
+        a, b, mode, off_diagonal_weight, tau, eps, need_grad, path
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_a, grad_b = output
+    ctx.mark_non_differentiable(grad_a, grad_b)
+    ctx.save_for_backward(grad_a, grad_b)
+
+
+def _backward(ctx, grad_loss, _grad_grad_a, _grad_grad_b):
+    """The gradients were computed in the forward for an upstream gradient of 1.
+
+    Always scaled, unlike Liger's skip when grad_loss is exactly 1: reading grad_loss is
+    data-dependent (no tracing, a device sync on CUDA), and the scaling is one pass over N x D.
+    """
+    grad_a, grad_b = ctx.saved_tensors
+    if grad_a.numel() == 0:
+        raise RuntimeError("dimension_correlation_loss_forward ran without need_grad")
+    return grad_loss * grad_a, grad_loss * grad_b, *([None] * 6)
+
+
+_FORWARD_OPS: dict[str, object] = {
+    "triton": torch.ops.fastalign.dimension_correlation_loss_forward_triton
+}
+torch.library.register_fake("fastalign::dimension_correlation_loss_forward_triton")(_forward_fake)
+torch.library.register_autograd(
+    "fastalign::dimension_correlation_loss_forward_triton",
+    _backward,
+    setup_context=_setup_context,
+)
+if hasattr(torch.ops.fastalign, "dimension_correlation_loss_forward"):  # the extension is loaded
+    _FORWARD_OPS["cpu"] = torch.ops.fastalign.dimension_correlation_loss_forward
+    torch.library.register_fake("fastalign::dimension_correlation_loss_forward")(_forward_fake)
+    torch.library.register_autograd(
+        "fastalign::dimension_correlation_loss_forward",
+        _backward,
+        setup_context=_setup_context,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def dimension_correlation(a: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
+    """The cross-modal dimension-correlation matrix C = A^T B / N.
+
+    Args:
+        a: (N, D) features of one modality, N >= 2; row n pairs with row n of ``b``.
+        b: (N, D) features of the other modality, same dtype and device.
+        eps: added to every column's biased variance before standardising (a constant
+            column standardises to zeros instead of NaN).
+
+    Returns:
+        (D, D) C[k, l] = correlation of column k of a with column l of b over the N rows, in
+        the inputs' dtype; differentiable (plain PyTorch: the loss below is the fused path).
+    """
+    _check_number("eps", eps, 0.0, low_ok=False)
+    _check_inputs(a, b, "reference")
+    _check_finite(a, b)
+    return dimension_correlation_reference(a, b, eps)
+
+
+def dimension_correlation_loss(
+    a: Tensor,
+    b: Tensor,
+    mode: str = "barlow",
+    off_diagonal_weight: float = DEFAULT_OFF_DIAGONAL_WEIGHT,
+    tau: float = 0.1,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> Tensor:
+    """Dimension-correlation regularizer on paired features (DIAS L_dim).
+
+    Columns of ``a`` and ``b`` are standardised over the N rows (mean 0, biased variance +
+    ``eps``), and C = A^T B / N (see :func:`dimension_correlation`).
+
+    Args:
+        a: (N, D) features of one modality, N >= 2; row n pairs with row n of ``b``.
+        b: (N, D) features of the other modality, same shape, dtype and device.
+        mode: ``"barlow"``: sum_k (1 - C_kk)^2 + off_diagonal_weight * sum_{k != l} C_kl^2
+            (each dimension aligned with its counterpart, the rest decorrelated);
+            ``"softmax"``: -1/2 mean_k [log softmax_l(C_k. / tau)_k + log softmax_l(C_.k /
+            tau)_k] (diagonal dominance along rows and columns, bounded for any C).
+        off_diagonal_weight: lambda of the barlow mode (>= 0); the default 0.005 is Barlow
+            Twins'.
+        tau: temperature of the softmax mode (> 0).
+        eps: added to every column's biased variance (> 0): a constant column gives zeros,
+            never NaN.
+        backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
+            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        A scalar in the inputs' dtype. The fast backends compute the gradients w.r.t. ``a``
+        and ``b`` in the same call when either needs one, and the backward only scales them
+        (no double backward).
+
+    Raises:
+        ValueError: when ``a`` or ``b`` holds a NaN or an infinity, on every backend (the
+            fast ones find it in their standardisation pass; under ``torch.compile`` the
+            reference skips this data-dependent check and propagates NaN).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_number("off_diagonal_weight", off_diagonal_weight, 0.0, low_ok=True)
+    _check_number("tau", tau, 0.0, low_ok=False)
+    _check_number("eps", eps, 0.0, low_ok=False)
+    if not isinstance(a, Tensor):
+        raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
+    backend = resolve_backend(backend, a.device, "dimension_correlation_loss")
+    _check_inputs(a, b, backend)
+    if backend == "reference":
+        _check_finite(a, b)
+        return dimension_correlation_loss_reference(a, b, mode, off_diagonal_weight, tau, eps)
+    if backend not in _FORWARD_OPS:
+        raise RuntimeError(f"dimension_correlation_loss: backend {backend!r} has no kernel yet")
+    need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    loss, _, _ = _FORWARD_OPS[backend](
+        a.contiguous(),
+        b.contiguous(),
+        MODES.index(mode),
+        float(off_diagonal_weight),
+        float(tau),
+        float(eps),
+        need_grad,
+        PATH_AUTO,
+    )
+    return loss

@@ -1,0 +1,123 @@
+"""Training loop, checkpoints, resume, configuration and the command line, on a tiny
+synthetic dataset."""
+
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from fastalign.cli import main
+from fastalign.config import TrainConfig, load_config
+from fastalign.data import generate_synthetic
+from fastalign.training import Trainer, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "synthetic"
+    generate_synthetic(
+        root,
+        seed=3,
+        n_train=64,
+        n_val=12,
+        n_test=12,
+        n_regions=12,
+        word_dim=16,
+    )
+    return root
+
+
+def tiny_config(root, out, **changes) -> TrainConfig:
+    config = load_config(
+        None,
+        [
+            f"data_root={root}",
+            f"word_vectors={root / 'glove_synthetic.txt'}",
+            f"output_dir={out}",
+            "epochs=2",
+            "batch_size=16",
+            "lr=0.002",
+            "lr_decay_epochs=[1]",
+            "margin=0.1",
+            "model.word_dim=16",
+            "model.embed_dim=32",
+            "model.aggregate=lse",
+            "model.score_scale=10.0",
+        ],
+    )
+    return dataclasses.replace(config, **changes)
+
+
+def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=3), progress=False)
+    best = trainer.fit()
+    chance = fastalign_chance(12)  # 12 validation images: R@10 alone is ~80% by chance
+    assert best["rsum"] > chance["rsum"] + 40, (best, chance)
+    assert best["r1_i2t"] + best["r1_t2i"] > 2 * (chance["r1_i2t"] + chance["r1_t2i"])
+    for name in ("best.pt", "last.pt", "log.csv"):
+        assert (tmp_path / "run" / name).is_file()
+    losses = [row["loss"] for row in trainer.history if "val_rsum" not in row]
+    assert losses[-1] < losses[0]
+
+
+def fastalign_chance(n_images):
+    from fastalign import evaluate
+
+    sims = torch.rand(n_images, n_images * 5, generator=torch.Generator().manual_seed(0))
+    return evaluate(sims)
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    straight = Trainer(tiny_config(tiny_data, tmp_path / "a", epochs=2), progress=False)
+    straight.fit()
+    Trainer(tiny_config(tiny_data, tmp_path / "b", epochs=1), progress=False).fit()
+    resumed = Trainer(tiny_config(tiny_data, tmp_path / "b", epochs=2), resume=True, progress=False)
+    resumed.fit()
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_corrupt_and_incompatible_checkpoints(tiny_data, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        Trainer(tiny_config(tiny_data, tmp_path / "bad"), resume=True, progress=False)
+    torch.save({"format": "something else"}, tmp_path / "bad" / "last.pt")
+    with pytest.raises(ValueError, match="not a fastalign-checkpoint"):
+        load_checkpoint(tmp_path / "bad" / "last.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    Trainer(tiny_config(tiny_data, tmp_path / "ok", epochs=1), progress=False).fit()
+    other = tiny_config(tiny_data, tmp_path / "ok", epochs=2)
+    other = dataclasses.replace(other, model=dataclasses.replace(other.model, direction="both"))
+    with pytest.raises(ValueError, match="model configuration differs"):
+        Trainer(other, resume=True, progress=False)
+
+
+def test_config_files_and_overrides(tmp_path):
+    config = load_config("configs/chan_f30k.yaml", ["model.embed_dim=256", "epochs=3"])
+    assert config.model.embed_dim == 256 and config.epochs == 3
+    assert config.model.aggregate == "lse" and config.margin == 0.05
+    with pytest.raises(ValueError, match="unknown configuration keys: epoch, model.dim"):
+        load_config(None, ["epoch=3", "model.dim=4"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Trainer(load_config(None, ["optimizer=sgd", "data_root=/nonexistent"]), progress=False)
+
+
+def test_command_line_train_and_eval(tiny_data, tmp_path, capsys):
+    config = tiny_config(tiny_data, tmp_path / "cli", epochs=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    main(["train", "--no-progress", "--config", str(path), "batch_size=32"])
+    main(["eval", str(tmp_path / "cli" / "best.pt"), "--split", "test"])
+    out = capsys.readouterr().out
+    assert "rSum" in out and "t2i" in out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "fastalign demo" in capsys.readouterr().out
