@@ -103,12 +103,9 @@ def warmup_key(key: str) -> str:
     return f"64:96:{rest}"
 
 
-def path_of(n: int, d: int, mode: str, loss: str) -> str:
-    """Which route the CPU kernel takes (the rule in csrc/cpu/dimension_correlation.cpp)."""
-    if loss != "barlow":
-        return "C"
-    cheaper = 4 * n < 3 * d if mode == "forward+backward" else 2 * n < d
-    return "Gram" if cheaper else "C"
+def path_of(n: int, d: int, loss: str) -> str:
+    """The fast backends' route: the Gram matrices for barlow with N < D, else through C."""
+    return "Gram" if loss == "barlow" and n < d else "C"
 
 
 def main() -> None:
@@ -137,7 +134,7 @@ def main() -> None:
                     memory = peak_memory_mib(
                         key, build_case(key) if device.type == "cuda" else None, device
                     )
-                    path = path_of(n, d, mode, args.loss) if impl == "fastalign" else ""
+                    path = path_of(n, d, args.loss) if impl == "fastalign" else ""
                     row = _row(n, d, impl, mode, path, ms, memory, plain)
                     rows.append(row)
                     plain = plain or (ms, memory)

@@ -134,15 +134,21 @@ class MatchingModel(nn.Module):
         return scores * self.config.score_scale
 
     def forward(
-        self, regions: Tensor, region_lengths: Tensor, captions: Tensor, caption_lengths: Tensor
-    ) -> Tensor:
-        """A batch of pairs -> the (B, B) image x caption score matrix."""
-        return self.similarity(
-            self.encode_images(regions, region_lengths),
-            region_lengths,
-            self.encode_captions(captions, caption_lengths),
-            caption_lengths,
-        )
+        self,
+        regions: Tensor,
+        region_lengths: Tensor,
+        captions: Tensor,
+        caption_lengths: Tensor,
+        embeddings_only: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """A batch of pairs -> the (B, B) image x caption score matrix, or with
+        ``embeddings_only`` the (B, R, D) region and (B, L, D) word embeddings (what a
+        distributed loss gathers before scoring)."""
+        region_embs = self.encode_images(regions, region_lengths)
+        word_embs = self.encode_captions(captions, caption_lengths)
+        if embeddings_only:
+            return region_embs, word_embs
+        return self.similarity(region_embs, region_lengths, word_embs, caption_lengths)
 
     def describe(self) -> dict:
         return {"vocab_size": self.vocab_size, **asdict(self.config)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastalign import distributed
 from fastalign.config import TrainConfig
 from fastalign.data import (
     PrecompDataset,
@@ -150,10 +151,19 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.progress = progress
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            self.device = torch.device(config.device)
+        # Under torchrun every process trains on its share of each global batch.
+        self.device = distributed.setup_from_env()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size = {config.batch_size} must be a multiple of the "
+                f"world size {self.world_size}"
+            )
+        if self.world_size == 1:
+            if config.device == "auto":
+                self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            else:
+                self.device = torch.device(config.device)
         _seed_everything(config.seed)
         root, vectors = self._data_root()
         self.train_set_text = read_captions(root, config.train_split)
@@ -177,6 +187,10 @@ class Trainer:
             max_images=config.max_val_images,
         )
         self.model = MatchingModel(len(self.vocab), config.model, word_vectors).to(self.device)
+        self.ddp = None
+        if self.world_size > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         self.optimizer = optimizers[config.optimizer](
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -187,6 +201,9 @@ class Trainer:
         self.history: list[dict] = []
         if checkpoint is not None:
             self._restore(checkpoint)
+        self.tensorboard = (
+            _tensorboard_writer(self.output_dir / "tensorboard") if self.rank == 0 else None
+        )
 
     def _data_root(self) -> tuple[Path, str | None]:
         if self.config.data_root == "synthetic":
@@ -223,55 +240,90 @@ class Trainer:
             "rng": _rng_state(),
         }
 
-    def _loss(self, batch, epoch: int) -> torch.Tensor:
+    def _similarity(self, regions, words, region_lengths, word_lengths):
+        """The order fastalign.distributed expects: (regions, words, lengths, lengths)."""
+        return self.model.similarity(regions, region_lengths, words, word_lengths)
+
+    def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, float]:
+        """(the loss to differentiate, its value on the global batch)."""
         c = self.config
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if c.amp and self.device.type == "cuda"
             else nullcontext()
         )
-        to = self.device
+        if self.ddp is not None:  # this rank's slice of the global batch
+            share = len(batch.regions) // self.world_size
+            batch = type(batch)(*(x[self.rank * share : (self.rank + 1) * share] for x in batch))
+        batch = batch.to(self.device)
+        max_violation = epoch >= c.warmup_epochs
         with autocast:
+            if self.ddp is not None:
+                region_embs, word_embs = self.ddp(
+                    batch.regions,
+                    batch.region_lengths,
+                    batch.captions,
+                    batch.caption_lengths,
+                    embeddings_only=True,
+                )
+                loss = distributed.global_batch_loss(
+                    region_embs.float(),
+                    batch.region_lengths,
+                    word_embs.float(),
+                    batch.caption_lengths,
+                    batch.image_index,
+                    self._similarity,
+                    loss=c.loss,
+                    margin=c.margin,
+                    max_violation=max_violation,
+                    temperature=c.temperature,
+                )
+                value = loss.detach().clone()
+                torch.distributed.all_reduce(value)
+                return loss, value.item() / self.world_size
             scores = self.model(
-                batch.regions.to(to),
-                batch.region_lengths.to(to),
-                batch.captions.to(to),
-                batch.caption_lengths.to(to),
+                batch.regions, batch.region_lengths, batch.captions, batch.caption_lengths
             )
         scores = scores.float()
-        positives = positives_from_image_index(batch.image_index.to(to))
+        positives = positives_from_image_index(batch.image_index)
         if c.loss == "infonce":
-            return info_nce_loss(scores, c.temperature, positives)
-        return hinge_triplet_loss(scores, c.margin, epoch >= c.warmup_epochs, positives)
+            loss = info_nce_loss(scores, c.temperature, positives)
+        else:
+            loss = hinge_triplet_loss(scores, c.margin, max_violation, positives)
+        return loss, loss.item()
 
     def train_epoch(self) -> float:
         """One pass over the training set; returns the mean loss."""
         c = self.config
-        loader = make_loader(self.train_set, c.batch_size, shuffle=True, seed=c.seed)
+        loader = make_loader(
+            self.train_set, c.batch_size, shuffle=True, seed=c.seed, drop_last=self.world_size > 1
+        )
         loader.sampler.set_epoch(self.epoch)  # the order depends on (seed, epoch) only
         self.model.train()
         bar = _progress(loader, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         total, start = 0.0, time.perf_counter()
         for k, batch in enumerate(bar):
-            loss = self._loss(batch, self.epoch)
+            loss, value = self._loss(batch, self.epoch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if c.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.optimizer.step()
             self.step += 1
-            total += loss.item()
+            total += value
             pairs_per_s = (k + 1) * c.batch_size / (time.perf_counter() - start)
             self.history.append(
                 {
                     "epoch": self.epoch + 1,
                     "step": self.step,
-                    "loss": loss.item(),
+                    "loss": value,
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
             )
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar("train/loss", value, self.step)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss.item():.4f}", pairs_per_s=f"{pairs_per_s:.0f}")
+                bar.set_postfix(loss=f"{value:.4f}", pairs_per_s=f"{pairs_per_s:.0f}")
         self.scheduler.step()
         return total / max(len(loader), 1)
 
@@ -295,12 +347,23 @@ class Trainer:
                     f"epoch {self.epoch}: loss {mean_loss:.4f}  val rSum {results['rsum']:.1f}",
                     file=sys.stderr,
                 )
+                if self.tensorboard is not None:
+                    for key, value in results.items():
+                        self.tensorboard.add_scalar(f"val/{key}", value, self.step)
                 if results["rsum"] > self.best_rsum:
                     self.best_rsum, best = results["rsum"], results
-                    save_atomic(self._checkpoint(), self.output_dir / "best.pt")
-            save_atomic(self._checkpoint(), self.output_dir / "last.pt")
-            self._write_log()
+                    self._save("best.pt")
+            self._save("last.pt")
+            if self.rank == 0:
+                self._write_log()
         return best
+
+    def _save(self, name: str) -> None:
+        """Rank 0 writes (every rank holds the same weights); the others wait for it."""
+        if self.rank == 0:
+            save_atomic(self._checkpoint(), self.output_dir / name)
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def _write_log(self) -> None:
         columns = list(dict.fromkeys(k for row in self.history for k in row))
@@ -311,6 +374,15 @@ class Trainer:
             writer.writeheader()
             writer.writerows(self.history)
         os.replace(partial, path)
+
+
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when tensorboard is installed, else None (CSV only)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _progress(iterable, description: str, enabled: bool):

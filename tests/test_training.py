@@ -121,3 +121,52 @@ def test_command_line_train_and_eval(tiny_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "fastalign demo" in capsys.readouterr().out
+
+
+def test_tensorboard_logging_when_installed(tiny_data, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard")
+    Trainer(tiny_config(tiny_data, tmp_path / "tb", epochs=1), progress=False).fit()
+    assert any((tmp_path / "tb" / "tensorboard").iterdir())
+
+
+def _distributed_worker(rank, port, config, out):
+    import os
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    if rank == 0:
+        torch.save([row["loss"] for row in trainer.history if "val_rsum" not in row], out)
+    torch.distributed.destroy_process_group()
+
+
+def test_torchrun_training_matches_one_process(tiny_data, tmp_path):
+    """2 gloo processes, each with half of every batch, follow the one-process loss curve."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tiny_config(tiny_data, tmp_path / "ddp", epochs=2, batch_size=16)
+    mp.spawn(_distributed_worker, args=(port, config, tmp_path / "losses.pt"), nprocs=2)
+    single = Trainer(
+        tiny_config(tiny_data, tmp_path / "one", epochs=2, batch_size=16), progress=False
+    )
+    single.fit()
+    # drop_last under DDP: compare the steps both runs took
+    want = [row["loss"] for row in single.history if "val_rsum" not in row]
+    got = torch.load(tmp_path / "losses.pt")
+    steps = min(len(got), len(want))
+    assert steps >= 6
+    torch.testing.assert_close(
+        torch.tensor(got[:steps]), torch.tensor(want[:steps]), rtol=1e-4, atol=1e-4
+    )

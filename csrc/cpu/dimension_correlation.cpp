@@ -4,7 +4,7 @@
 // of standardised rows that are rebuilt when needed and never stored whole: C = A^T B, then
 // dL/dC in C's place, then dL/dA_hat = B_hat G^T and dL/dB_hat = A_hat G straight into the
 // gradients' buffers, whose column sums for the standardisation's backward are taken while
-// each block is hot. For barlow with N well below D, the two N x N Gram matrices replace C:
+// each block is hot. For barlow with N < D, the two N x N Gram matrices replace C:
 // ||C||_F^2 = <A A^T, B B^T>_F / N^2, and the gradients follow without forming C.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,17 +21,17 @@ namespace {
 enum Mode : int64_t { kBarlow = 0, kSoftmax = 1 };
 enum Path : int64_t { kAuto = 0, kCorrelation = 1, kGram = 2 };
 
-// The column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows,
-// one partial per chunk, added in a fixed order: the result does not depend on the threads.
+// Column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows, one
+// partial per chunk, added in a fixed order: the result does not depend on the thread count.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kMinChunkRows = 64;
 // Rows per block of the blocked products: enough for the BLAS to run at full speed while C,
 // updated once per block, costs little memory traffic.
 constexpr int64_t kProductRows = 512;
+// Rows per block of the symmetric Gram products.
+constexpr int64_t kGramRows = 64;
 // Rows summed in the inputs' precision before the sums go into double.
 constexpr int64_t kSubRows = 16;
-// Columns per thread-owned range when a block's column sums are split among threads.
-constexpr int64_t kColumnBlock = 64;
 // Rows of C per block of the softmax passes, which bounds ATen's temporaries to kRows x D.
 constexpr int64_t kRows = 64;
 
@@ -42,18 +42,28 @@ struct Options {
   double off_diagonal_weight, tau, eps;
 };
 
-// n_sums column sums over the rows: accumulate(r0, r1, partial) adds rows [r0, r1) into its
-// chunk's partial (n_sums x cols, zeroed); the chunks run in parallel.
-template <typename F>
-std::vector<double> column_sums(int64_t rows, int64_t cols, int64_t n_sums, const F& accumulate) {
+// n_sums column sums over the rows [0, rows): accumulate_row(r, local) adds row r into local
+// (n_sums x cols, in scalar_t: full SIMD width), which goes into double every kSubRows rows.
+// The chunks of rows run in parallel.
+template <typename scalar_t, typename F>
+std::vector<double> column_sums(int64_t rows, int64_t cols, int64_t n_sums,
+                                const F& accumulate_row) {
   const int64_t n_chunks = std::min(kMaxChunks, ceil_div(rows, kMinChunkRows));
   const int64_t chunk_rows = ceil_div(rows, n_chunks);
   const int64_t width = n_sums * cols;
   std::vector<double> partial(n_chunks * width, 0.0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t chunk = begin; chunk < end; ++chunk)
-      accumulate(chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows),
-                 partial.data() + chunk * width);
+    std::vector<scalar_t> local(width);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      double* p = partial.data() + chunk * width;
+      const int64_t r1 = std::min(rows, (chunk + 1) * chunk_rows);
+      for (int64_t q0 = chunk * chunk_rows; q0 < r1; q0 += kSubRows) {
+        std::fill(local.begin(), local.end(), scalar_t(0));
+        for (int64_t r = q0; r < std::min(r1, q0 + kSubRows); ++r) accumulate_row(r, local.data());
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) p[i] += local[i];
+      }
+    }
   });
   std::vector<double> total(partial.begin(), partial.begin() + width);
   for (int64_t chunk = 1; chunk < n_chunks; ++chunk) {
@@ -72,8 +82,7 @@ struct Stats {
 };
 
 // One pass over the rows of a and b (rows, cols), shifted by the first row so that a large
-// mean costs no precision; kSubRows rows at a time in the inputs' precision (full SIMD width),
-// then added into double. Raises ValueError on a NaN or an infinity.
+// mean costs no precision. Raises ValueError on a NaN or an infinity.
 template <typename scalar_t>
 Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows, int64_t cols,
                              double eps) {
@@ -81,35 +90,26 @@ Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows,
   const scalar_t* sa = shift_a.data();
   const scalar_t* sb = shift_b.data();
   enum { kSumA, kSquaresA, kSumB, kSquaresB, kCross, kCheckA, kCheckB, kSums };
-  const std::vector<double> sums = column_sums(rows, cols, kSums, [&](int64_t r0, int64_t r1,
-                                                                      double* partial) {
-    std::vector<scalar_t> local(kSums * cols);
-    scalar_t* sum_a = local.data() + kSumA * cols;
-    scalar_t* squares_a = local.data() + kSquaresA * cols;
-    scalar_t* sum_b = local.data() + kSumB * cols;
-    scalar_t* squares_b = local.data() + kSquaresB * cols;
-    scalar_t* cross = local.data() + kCross * cols;
-    scalar_t* check_a = local.data() + kCheckA * cols;
-    scalar_t* check_b = local.data() + kCheckB * cols;
-    for (int64_t q0 = r0; q0 < r1; q0 += kSubRows) {
-      std::fill(local.begin(), local.end(), scalar_t(0));
-      for (int64_t r = q0; r < std::min(r1, q0 + kSubRows); ++r) {
-        const scalar_t* ar = a + r * cols;
-        const scalar_t* br = b + r * cols;
+  const auto sums = column_sums<scalar_t>(rows, cols, kSums, [&](int64_t r, scalar_t* local) {
+    const scalar_t* ar = a + r * cols;
+    const scalar_t* br = b + r * cols;
+    scalar_t* sum_a = local + kSumA * cols;
+    scalar_t* squares_a = local + kSquaresA * cols;
+    scalar_t* sum_b = local + kSumB * cols;
+    scalar_t* squares_b = local + kSquaresB * cols;
+    scalar_t* cross = local + kCross * cols;
+    scalar_t* check_a = local + kCheckA * cols;
+    scalar_t* check_b = local + kCheckB * cols;
 #pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) {
-          const scalar_t x = ar[c] - sa[c], y = br[c] - sb[c];
-          sum_a[c] += x;
-          squares_a[c] += x * x;
-          sum_b[c] += y;
-          squares_b[c] += y * y;
-          cross[c] += x * y;
-          check_a[c] += ar[c] - ar[c];  // NaN from a NaN or an infinity on
-          check_b[c] += br[c] - br[c];
-        }
-      }
-#pragma omp simd
-      for (int64_t i = 0; i < kSums * cols; ++i) partial[i] += local[i];
+    for (int64_t c = 0; c < cols; ++c) {
+      const scalar_t x = ar[c] - sa[c], y = br[c] - sb[c];
+      sum_a[c] += x;
+      squares_a[c] += x * x;
+      sum_b[c] += y;
+      squares_b[c] += y * y;
+      cross[c] += x * y;
+      check_a[c] += ar[c] - ar[c];  // NaN from a NaN or an infinity on
+      check_b[c] += br[c] - br[c];
     }
   });
   for (const auto& [name, check] : {std::pair{"a", kCheckA}, std::pair{"b", kCheckB}}) {
@@ -196,26 +196,22 @@ at::Tensor correlation_by_row_blocks(RowBlocks<scalar_t>& blocks) {
 }
 
 // sums[c] += sum_r g[r, c], sums[cols + c] += sum_r g[r, c] * x_hat[r, c] over the rows of one
-// block (g and x_hat (rows, cols), contiguous); threads split the columns.
+// block (g and x_hat (rows, cols), contiguous).
 template <typename scalar_t>
 void add_gradient_sums(const at::Tensor& g, const at::Tensor& x_hat, std::vector<double>& sums) {
   const int64_t rows = g.size(0), cols = g.size(1);
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const scalar_t* xp = x_hat.data_ptr<scalar_t>();
-  at::parallel_for(0, ceil_div(cols, kColumnBlock), 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = begin * kColumnBlock, c1 = std::min(cols, end * kColumnBlock);
-    double* sum_g = sums.data();
-    double* sum_gx = sums.data() + cols;
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* gr = gp + r * cols;
-      const scalar_t* xr = xp + r * cols;
+  const auto block = column_sums<scalar_t>(rows, cols, 2, [&](int64_t r, scalar_t* local) {
+    const scalar_t* gr = gp + r * cols;
+    const scalar_t* xr = xp + r * cols;
 #pragma omp simd
-      for (int64_t c = c0; c < c1; ++c) {
-        sum_g[c] += gr[c];
-        sum_gx[c] += static_cast<double>(gr[c] * xr[c]);
-      }
+    for (int64_t c = 0; c < cols; ++c) {
+      local[c] += gr[c];
+      local[cols + c] += gr[c] * xr[c];
     }
   });
+  for (int64_t i = 0; i < 2 * cols; ++i) sums[i] += block[i];
 }
 
 // The gradient through the standardisation: out = rstd * (g - mean(g) - x_hat * mean(g *
@@ -258,18 +254,13 @@ std::vector<double> gradient_sums(const scalar_t* x, const std::vector<scalar_t>
   const int64_t cols = static_cast<int64_t>(mean.size());
   const scalar_t* m = mean.data();
   const scalar_t* s = rstd.data();
-  return column_sums(rows, cols, 2, [&](int64_t r0, int64_t r1, double* partial) {
-    double* sum_g = partial;
-    double* sum_gx = partial + cols;
-    for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = x + r * cols;
-      const scalar_t* gr = g + r * cols;
+  return column_sums<scalar_t>(rows, cols, 2, [&](int64_t r, scalar_t* local) {
+    const scalar_t* xr = x + r * cols;
+    const scalar_t* gr = g + r * cols;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const scalar_t x_hat = (xr[c] - m[c]) * s[c];
-        sum_g[c] += gr[c];
-        sum_gx[c] += static_cast<double>(gr[c] * x_hat);
-      }
+    for (int64_t c = 0; c < cols; ++c) {
+      local[c] += gr[c];
+      local[cols + c] += gr[c] * ((xr[c] - m[c]) * s[c]);
     }
   });
 }
@@ -358,8 +349,25 @@ double softmax_from_c(at::Tensor& c, int64_t n, double tau, bool write_g) {
   return -total / (2.0 * static_cast<double>(d));
 }
 
+// x x^T (rows x rows) from the kGramRows-row blocks on and above the diagonal, the others
+// mirrored: about half the multiply-adds of one GEMM once the rows span a few blocks.
+at::Tensor symmetric_gram(const at::Tensor& x) {
+  const int64_t n = x.size(0);
+  at::Tensor gram = at::empty({n, n}, x.options());
+  for (int64_t i0 = 0; i0 < n; i0 += kGramRows) {
+    const int64_t ni = std::min(kGramRows, n - i0);
+    for (int64_t j0 = i0; j0 < n; j0 += kGramRows) {
+      const int64_t nj = std::min(kGramRows, n - j0);
+      at::Tensor block = gram.narrow(0, i0, ni).narrow(1, j0, nj);
+      at::mm_out(block, x.narrow(0, i0, ni), x.narrow(0, j0, nj).t());
+      if (j0 > i0) gram.narrow(0, j0, nj).narrow(1, i0, ni).copy_(block.t());
+    }
+  }
+  return gram;
+}
+
 // Barlow through the Gram matrices Ga = A_hat A_hat^T, Gb = B_hat B_hat^T (cheaper when N is
-// well below D). With grad_b defined, also the gradients: grad_b = A_hat diag(g) + k Ga B_hat
+// below D). With grad_b defined, also the gradients: grad_b = A_hat diag(g) + k Ga B_hat
 // and b_hat becomes A's: B_hat diag(g) + k Gb A_hat, where g_k = dL/dC_kk / N (the diagonal
 // part of dL/dC; the off-diagonal part is 2 lambda C) and k = 2 lambda / N^2.
 template <typename scalar_t>
@@ -367,7 +375,7 @@ double barlow_gram(const at::Tensor& a_hat, at::Tensor& b_hat, const std::vector
                    double lambda, at::Tensor* grad_b) {
   const int64_t n = a_hat.size(0), d = a_hat.size(1);
   const double inv_n = 1.0 / static_cast<double>(n);
-  const at::Tensor gram_a = at::mm(a_hat, a_hat.t()), gram_b = at::mm(b_hat, b_hat.t());
+  const at::Tensor gram_a = symmetric_gram(a_hat), gram_b = symmetric_gram(b_hat);
   const scalar_t* ga = gram_a.data_ptr<scalar_t>();
   const scalar_t* gb = gram_b.data_ptr<scalar_t>();
   std::vector<double> inner(n);  // <Ga, Gb>_F row by row
@@ -453,10 +461,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss_forwar
               "path must be 0 (auto), 1 (through C) or 2 (Gram, barlow only), got ", path);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t n = a.size(0), d = a.size(1);
-  // Multiply-adds: through C N D^2 (+ 2 N D^2 for the gradients); through the Gram matrices
-  // 2 N^2 D (+ 2 N^2 D).
-  const bool cheaper = need_grad ? 4 * n < 3 * d : 2 * n < d;
-  const bool gram = mode == kBarlow && (path == kGram || (path == kAuto && cheaper));
+  // Multiply-adds: through C N D^2 (+ 2 N D^2 for the gradients); through the two symmetric
+  // Gram matrices about N^2 D (+ 2 N^2 D): the Gram path wins when N < D.
+  const bool gram = mode == kBarlow && (path == kGram || (path == kAuto && n < d));
   at::Tensor grad_a = need_grad ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor grad_b = need_grad ? at::empty_like(b) : at::empty({0}, b.options());
   const Options o{mode, off_diagonal_weight, tau, eps};

@@ -4,7 +4,7 @@ Each column ("dimension vector") of the paired (N, D) features a and b is standa
 N rows, and C = A^T B / N is the cross-modal dimension-correlation matrix. The barlow loss pulls
 C towards the identity, the softmax loss asks every diagonal entry to dominate its row and its
 column. The fast backends compute the loss and its gradients in one call (the gradient is saved
-and only scaled by the upstream gradient in the backward) and, in barlow mode with N well below
+and only scaled by the upstream gradient in the backward) and, in barlow mode with N below
 D, use the two N x N Gram matrices instead of C: ||C||_F^2 = <A A^T, B B^T>_F / N^2.
 """
 

@@ -2,10 +2,10 @@
 
 A column pass gives each column's mean, 1/std and C's diagonal; the matrix kernels load raw
 tiles, standardise them on the fly and tl.dot them: C = A^T B / N in (D x D) tiles reducing
-over N, or for barlow with N well below D the Gram matrices A A^T, B B^T in (N x N) tiles
-reducing over D. The gradient kernels rebuild dL/dC tile by tile from C (or use the Gram
-matrices), and a last column pass applies the standardisation's backward. Partial losses are
-stored per program and summed afterwards: no atomics, deterministic.
+over N, or for barlow with N < D the symmetric Gram matrices A A^T, B B^T in (N x N) tiles on
+and above the diagonal, reducing over D. The gradient kernels rebuild dL/dC tile by tile from
+C (or use the Gram matrices), and a last column pass applies the standardisation's backward.
+Partial losses are stored per program and summed afterwards: no atomics, deterministic.
 """
 
 from __future__ import annotations
@@ -271,54 +271,60 @@ def _gram_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M x BLOCK_M) tile of Ga = A_hat A_hat^T and Gb = B_hat B_hat^T; stores
-    them when STORE, and always the tile's part of <Ga, Gb>_F."""
+    """One (BLOCK_M x BLOCK_M) tile (r, s), r <= s, of the symmetric Ga = A_hat A_hat^T and
+    Gb = B_hat B_hat^T: stores it and its mirror when STORE, and always the tile's part of
+    <Ga, Gb>_F (twice off the diagonal). Programs below the diagonal do nothing."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rs = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
-    ss = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rs < N
-    s_ok = ss < N
-    rs64 = rs.to(tl.int64)
-    ss64 = ss.to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc_a = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        d_ok = cols < D
-        mean_a = tl.load(mean_a_ptr + cols, mask=d_ok, other=0.0)
-        rstd_a = tl.load(rstd_a_ptr + cols, mask=d_ok, other=0.0)
-        mean_b = tl.load(mean_b_ptr + cols, mask=d_ok, other=0.0)
-        rstd_b = tl.load(rstd_b_ptr + cols, mask=d_ok, other=0.0)
-        mask_r = r_ok[:, None] & d_ok[None, :]
-        mask_s = d_ok[:, None] & s_ok[None, :]
-        x = tl.load(a_ptr + rs64[:, None] * stride_a + cols[None, :], mask=mask_r, other=0.0)
-        x = tl.where(mask_r, (x.to(tl.float32) - mean_a[None, :]) * rstd_a[None, :], 0.0)
-        x_t = tl.load(a_ptr + ss64[None, :] * stride_a + cols[:, None], mask=mask_s, other=0.0)
-        x_t = tl.where(mask_s, (x_t.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None], 0.0)
-        acc_a = tl.dot(
-            x.to(a_ptr.dtype.element_ty),
-            x_t.to(a_ptr.dtype.element_ty),
-            acc_a,
-            input_precision=PRECISION,
-        )
-        y = tl.load(b_ptr + rs64[:, None] * stride_b + cols[None, :], mask=mask_r, other=0.0)
-        y = tl.where(mask_r, (y.to(tl.float32) - mean_b[None, :]) * rstd_b[None, :], 0.0)
-        y_t = tl.load(b_ptr + ss64[None, :] * stride_b + cols[:, None], mask=mask_s, other=0.0)
-        y_t = tl.where(mask_s, (y_t.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None], 0.0)
-        acc_b = tl.dot(
-            y.to(b_ptr.dtype.element_ty),
-            y_t.to(b_ptr.dtype.element_ty),
-            acc_b,
-            input_precision=PRECISION,
-        )
-    partial = tl.sum(tl.sum(acc_a * acc_b, axis=1), axis=0)  # padding rows are zero in both
-    tl.store(loss_ptr + pid_r * tl.num_programs(1) + pid_s, partial)
-    if STORE:
-        ok = r_ok[:, None] & s_ok[None, :]
-        tl.store(gram_a_ptr + rs64[:, None] * N + ss[None, :], acc_a, mask=ok)
-        tl.store(gram_b_ptr + rs64[:, None] * N + ss[None, :], acc_b, mask=ok)
+    if pid_s >= pid_r:
+        rs = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+        ss = pid_s * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = rs < N
+        s_ok = ss < N
+        rs64 = rs.to(tl.int64)
+        ss64 = ss.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        acc_a = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            d_ok = cols < D
+            mean_a = tl.load(mean_a_ptr + cols, mask=d_ok, other=0.0)
+            rstd_a = tl.load(rstd_a_ptr + cols, mask=d_ok, other=0.0)
+            mean_b = tl.load(mean_b_ptr + cols, mask=d_ok, other=0.0)
+            rstd_b = tl.load(rstd_b_ptr + cols, mask=d_ok, other=0.0)
+            mask_r = r_ok[:, None] & d_ok[None, :]
+            mask_s = d_ok[:, None] & s_ok[None, :]
+            x = tl.load(a_ptr + rs64[:, None] * stride_a + cols[None, :], mask=mask_r, other=0.0)
+            x = tl.where(mask_r, (x.to(tl.float32) - mean_a[None, :]) * rstd_a[None, :], 0.0)
+            x_t = tl.load(a_ptr + ss64[None, :] * stride_a + cols[:, None], mask=mask_s, other=0.0)
+            x_t = tl.where(mask_s, (x_t.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None], 0.0)
+            acc_a = tl.dot(
+                x.to(a_ptr.dtype.element_ty),
+                x_t.to(a_ptr.dtype.element_ty),
+                acc_a,
+                input_precision=PRECISION,
+            )
+            y = tl.load(b_ptr + rs64[:, None] * stride_b + cols[None, :], mask=mask_r, other=0.0)
+            y = tl.where(mask_r, (y.to(tl.float32) - mean_b[None, :]) * rstd_b[None, :], 0.0)
+            y_t = tl.load(b_ptr + ss64[None, :] * stride_b + cols[:, None], mask=mask_s, other=0.0)
+            y_t = tl.where(mask_s, (y_t.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None], 0.0)
+            acc_b = tl.dot(
+                y.to(b_ptr.dtype.element_ty),
+                y_t.to(b_ptr.dtype.element_ty),
+                acc_b,
+                input_precision=PRECISION,
+            )
+        partial = tl.sum(tl.sum(acc_a * acc_b, axis=1), axis=0)  # padding rows are 0 in both
+        partial = tl.where(pid_s == pid_r, partial, 2.0 * partial)
+        tl.store(loss_ptr + pid_r * tl.num_programs(1) + pid_s, partial)
+        if STORE:
+            ok = r_ok[:, None] & s_ok[None, :]
+            tl.store(gram_a_ptr + rs64[:, None] * N + ss[None, :], acc_a, mask=ok)
+            tl.store(gram_b_ptr + rs64[:, None] * N + ss[None, :], acc_b, mask=ok)
+            if pid_s > pid_r:
+                tl.store(gram_a_ptr + ss64[None, :] * N + rs[:, None], acc_a, mask=ok)
+                tl.store(gram_b_ptr + ss64[None, :] * N + rs[:, None], acc_b, mask=ok)
 
 
 @triton.jit
@@ -443,16 +449,17 @@ def _reduction_block(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 32
 
 
-def _use_gram(n: int, d: int, mode: int, need_grad: bool, path: int, dtype) -> bool:
-    """The Gram path costs 2 N^2 D (+ 2 N^2 D for the gradients) multiply-adds against
-    N D^2 (+ 2 N D^2) through C."""
+def _use_gram(n: int, d: int, mode: int, path: int, dtype) -> bool:
+    """Through C: N D^2 multiply-adds (+ 2 N D^2 for the gradients); through the symmetric
+    Gram matrices (tiles on and above the diagonal): about N^2 D (+ 2 N^2 D). Gram when N < D.
+    """
     if mode != _MODE_BARLOW or path == _PATH_CORRELATION:
         return False
     if path == _PATH_GRAM:
         return True
     if dtype == torch.float16 and d > _GRAM_MAX_D_FLOAT16:
         return False
-    return 4 * n < 3 * d if need_grad else 2 * n < d
+    return n < d
 
 
 def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: float) -> Tensor:
@@ -548,7 +555,7 @@ def _launch_gram(a, b, stats, store: bool):
     shape = (n, n) if store else (0,)
     gram_a = torch.empty(shape, dtype=torch.float32, device=a.device)
     gram_b = torch.empty(shape, dtype=torch.float32, device=a.device)
-    partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
+    partials = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _gram_kernel[grid](
         a,
         b,
@@ -705,7 +712,7 @@ def dimension_correlation_loss_forward(
             grad_b_hat = _launch_correlation_grad(
                 a, mean_a, rstd_a, c, diag, lse_rows, lse_cols, False, o, scale
             )
-    elif _use_gram(n, d, mode, need_grad, path, a.dtype):
+    elif _use_gram(n, d, mode, path, a.dtype):
         partials, gram_a, gram_b = _launch_gram(a, b, stats, need_grad)
         diag64 = diag.double()
         frobenius = partials.double().sum() / n**2
