@@ -19,7 +19,9 @@ Two cases, each for both implementations:
   parameters, their gradients and Adam's moments exist before the call and are not counted
   (the rise is what the step itself needs); the call returns only the loss.
 
-Before timing, both models' scores on the batch are checked to agree within 1e-5.
+Before timing, both models' scores on the batch are checked to agree within 1e-5. Times
+are medians of ``--repeat`` calls after a warm-up, the two implementations' calls
+alternating so that a change in a shared machine's load affects both alike.
 
     python benchmarks/bench_train_step.py [--device cpu|cuda] [--repeat N]
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from _runner import (  # noqa: E402
     peak_memory_mib,
     report,
     serve_memory_request,
+    synchronize,
     time_ms,
 )
 from bench_region_word import caption_lengths  # noqa: E402
@@ -175,6 +179,22 @@ def check_agreement(device) -> float:
     return gap
 
 
+def interleaved_times_ms(part: str, device, repeat: int) -> dict[str, float]:
+    """Median wall time of each implementation, their calls alternating (plain, fastalign,
+    plain, ...) after one warm-up call each, so that a change in the machine's load (it
+    is shared) affects both alike."""
+    device = torch.device(device)
+    cases = {impl: build_case(f"{part}:{impl}:{device}") for impl in IMPLS}
+    samples = {impl: [] for impl in IMPLS}
+    for case in cases.values():
+        case()
+        synchronize(device)
+    for _ in range(repeat):
+        for impl, case in cases.items():
+            samples[impl].append(time_ms(case, device, repeat=1, warmup=False))
+    return {impl: statistics.median(ms) for impl, ms in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,15 +213,15 @@ def main() -> None:
 
     rows = []
     for part in PARTS:
+        times = interleaved_times_ms(part, device, args.repeat)
         plain = None
         for impl in IMPLS:
             key = f"{part}:{impl}:{device}"
-            ms = time_ms(build_case(key), device, args.repeat)
             case = build_case(key) if device.type == "cuda" else None
             memory = peak_memory_mib(key, case, device)
             del case
-            plain = plain or (ms, memory)
-            rows.append(_row(part, impl, ms, memory, plain))
+            plain = plain or (times[impl], memory)
+            rows.append(_row(part, impl, times[impl], memory, plain))
     if device.type == "cpu":
         print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     title = (

@@ -1,11 +1,13 @@
 // CPU dimension-correlation loss (SPEC 1.2): the loss and its gradients w.r.t. a and b in
 // one call. One pass over the rows of a and b gives every column's statistics (in double)
 // and C's diagonal, and catches NaN and infinity. Every product runs on the BLAS, over blocks
-// of standardised rows that are rebuilt when needed and never stored whole: C = A^T B, then
-// dL/dC in C's place, then dL/dA_hat = B_hat G^T and dL/dB_hat = A_hat G straight into the
-// gradients' buffers, whose column sums for the standardisation's backward are taken while
-// each block is hot. For barlow with N < D, the two N x N Gram matrices replace C:
-// ||C||_F^2 = <A A^T, B B^T>_F / N^2, and the gradients follow without forming C.
+// of at most 2048 standardised rows (rebuilt when needed, so A_hat and B_hat are never stored
+// whole for larger N): C = A^T B, then dL/dC in C's place, then dL/dA_hat = B_hat G^T and
+// dL/dB_hat = A_hat G straight into the gradients' buffers, whose column sums for the
+// standardisation's backward are taken while each block is hot. For barlow with N < D, the
+// two symmetric N x N Gram matrices replace C: ||C||_F^2 = <A A^T, B B^T>_F / N^2, and the
+// gradients follow without forming C. Few, large parallel regions: on a loaded machine each
+// one may wait for a descheduled thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,21 +23,27 @@ namespace {
 enum Mode : int64_t { kBarlow = 0, kSoftmax = 1 };
 enum Path : int64_t { kAuto = 0, kCorrelation = 1, kGram = 2 };
 
-// Column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows, one
-// partial per chunk, added in a fixed order: the result does not depend on the thread count.
+// Column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows (and
+// kGrainElements elements), one partial per chunk, added in a fixed order: the result does not
+// depend on the thread count.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kMinChunkRows = 64;
-// Rows per block of the blocked products: enough for the BLAS to run at full speed while C,
-// updated once per block, costs little memory traffic.
-constexpr int64_t kProductRows = 512;
+// Rows per block of standardised rows: the BLAS runs at full speed and C, updated once per
+// block, costs little memory traffic; beyond it memory stays bounded as N grows.
+constexpr int64_t kProductRows = 2048;
 // Rows per block of the symmetric Gram products.
-constexpr int64_t kGramRows = 64;
+constexpr int64_t kGramRows = 128;
+// Elements a thread gets at least in the elementwise passes: smaller passes run inline. On a
+// loaded machine every parallel region may wait for a descheduled thread.
+constexpr int64_t kGrainElements = 1 << 15;
 // Rows summed in the inputs' precision before the sums go into double.
 constexpr int64_t kSubRows = 16;
 // Rows of C per block of the softmax passes, which bounds ATen's temporaries to kRows x D.
 constexpr int64_t kRows = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / cols); }
 
 struct Options {
   int64_t mode;
@@ -48,7 +56,8 @@ struct Options {
 template <typename scalar_t, typename F>
 std::vector<double> column_sums(int64_t rows, int64_t cols, int64_t n_sums,
                                 const F& accumulate_row) {
-  const int64_t n_chunks = std::min(kMaxChunks, ceil_div(rows, kMinChunkRows));
+  const int64_t min_rows = std::max(kMinChunkRows, row_grain(cols));
+  const int64_t n_chunks = std::min(kMaxChunks, ceil_div(rows, min_rows));
   const int64_t chunk_rows = ceil_div(rows, n_chunks);
   const int64_t width = n_sums * cols;
   std::vector<double> partial(n_chunks * width, 0.0);
@@ -138,30 +147,39 @@ Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows,
   return s;
 }
 
-// out[r - r0, :] = (x[r, :] - mean) * rstd for the rows [r0, r1) of x (rows, cols).
+// Rows [r0, r1) of a and b (rows, cols), standardised into a_out and b_out (r1 - r0, cols).
 template <typename scalar_t>
-void standardize_rows(const scalar_t* x, const std::vector<scalar_t>& mean,
-                      const std::vector<scalar_t>& rstd, int64_t r0, int64_t r1, scalar_t* out) {
-  const int64_t cols = static_cast<int64_t>(mean.size());
-  const scalar_t* m = mean.data();
-  const scalar_t* s = rstd.data();
-  at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+void standardize_rows(const scalar_t* a, const scalar_t* b, const Stats<scalar_t>& s, int64_t r0,
+                      int64_t r1, scalar_t* a_out, scalar_t* b_out) {
+  const int64_t cols = static_cast<int64_t>(s.mean_a.size());
+  const scalar_t* ma = s.mean_a.data();
+  const scalar_t* ra = s.rstd_a.data();
+  const scalar_t* mb = s.mean_b.data();
+  const scalar_t* rb = s.rstd_b.data();
+  at::parallel_for(r0, r1, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = x + r * cols;
-      scalar_t* dst = out + (r - r0) * cols;
+      const scalar_t* ar = a + r * cols;
+      const scalar_t* br = b + r * cols;
+      scalar_t* a_dst = a_out + (r - r0) * cols;
+      scalar_t* b_dst = b_out + (r - r0) * cols;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) dst[c] = (row[c] - m[c]) * s[c];
+      for (int64_t c = 0; c < cols; ++c) {
+        a_dst[c] = (ar[c] - ma[c]) * ra[c];
+        b_dst[c] = (br[c] - mb[c]) * rb[c];
+      }
     }
   });
 }
 
-// Rows [r0, r1) of a and b, standardised into a_hat and b_hat ((r1 - r0) x D views).
+// Rows [r0, r1) of a and b, standardised into a_hat and b_hat ((r1 - r0) x D views of buffers
+// of at most kProductRows rows); asking again for the block just built costs nothing.
 template <typename scalar_t>
 struct RowBlocks {
   const at::Tensor& a;
   const at::Tensor& b;
   const Stats<scalar_t>& s;
   at::Tensor a_buffer, b_buffer;
+  int64_t built_r0 = -1, built_r1 = -1;
 
   RowBlocks(const at::Tensor& a_, const at::Tensor& b_, const Stats<scalar_t>& s_)
       : a(a_), b(b_), s(s_) {
@@ -171,15 +189,18 @@ struct RowBlocks {
   }
 
   std::pair<at::Tensor, at::Tensor> operator()(int64_t r0, int64_t r1) {
-    standardize_rows(a.data_ptr<scalar_t>(), s.mean_a, s.rstd_a, r0, r1,
-                     a_buffer.data_ptr<scalar_t>());
-    standardize_rows(b.data_ptr<scalar_t>(), s.mean_b, s.rstd_b, r0, r1,
-                     b_buffer.data_ptr<scalar_t>());
+    if (r0 != built_r0 || r1 != built_r1) {
+      standardize_rows(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s, r0, r1,
+                       a_buffer.data_ptr<scalar_t>(), b_buffer.data_ptr<scalar_t>());
+      built_r0 = r0;
+      built_r1 = r1;
+    }
     return {a_buffer.narrow(0, 0, r1 - r0), b_buffer.narrow(0, 0, r1 - r0)};
   }
 };
 
-// N * C = A_hat^T B_hat, kProductRows rows at a time: A_hat and B_hat are never stored whole.
+// N * C = A_hat^T B_hat, kProductRows rows at a time: A_hat and B_hat are never stored whole
+// when N exceeds a block.
 template <typename scalar_t>
 at::Tensor correlation_by_row_blocks(RowBlocks<scalar_t>& blocks) {
   const int64_t n = blocks.a.size(0), d = blocks.a.size(1);
@@ -195,92 +216,92 @@ at::Tensor correlation_by_row_blocks(RowBlocks<scalar_t>& blocks) {
   return c;
 }
 
-// sums[c] += sum_r g[r, c], sums[cols + c] += sum_r g[r, c] * x_hat[r, c] over the rows of one
-// block (g and x_hat (rows, cols), contiguous).
+// The sums the standardisation's backward needs, added into sums (4 x cols): sum_r ga,
+// sum_r ga * a_hat, sum_r gb, sum_r gb * b_hat over `rows` rows (every pointer at the block's
+// first row). A null ga (or gb) skips that pair.
 template <typename scalar_t>
-void add_gradient_sums(const at::Tensor& g, const at::Tensor& x_hat, std::vector<double>& sums) {
-  const int64_t rows = g.size(0), cols = g.size(1);
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  const scalar_t* xp = x_hat.data_ptr<scalar_t>();
-  const auto block = column_sums<scalar_t>(rows, cols, 2, [&](int64_t r, scalar_t* local) {
-    const scalar_t* gr = gp + r * cols;
-    const scalar_t* xr = xp + r * cols;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      local[c] += gr[c];
-      local[cols + c] += gr[c] * xr[c];
-    }
-  });
-  for (int64_t i = 0; i < 2 * cols; ++i) sums[i] += block[i];
-}
-
-// The gradient through the standardisation: out = rstd * (g - mean(g) - x_hat * mean(g *
-// x_hat)) for g (rows, cols) = dL/dx_hat, given sums = (sum_r g, sum_r g * x_hat); x_hat is
-// recomputed from x. out may be g.
-template <typename scalar_t>
-void standardize_backward(const scalar_t* x, const std::vector<scalar_t>& mean,
-                          const std::vector<scalar_t>& rstd, const std::vector<double>& sums,
-                          const scalar_t* g, scalar_t* out, int64_t rows) {
-  const int64_t cols = static_cast<int64_t>(mean.size());
-  std::vector<scalar_t> mean_g(cols), mean_gx(cols);
-  for (int64_t c = 0; c < cols; ++c) {
-    mean_g[c] = static_cast<scalar_t>(sums[c] / static_cast<double>(rows));
-    mean_gx[c] = static_cast<scalar_t>(sums[cols + c] / static_cast<double>(rows));
-  }
-  const scalar_t* m = mean.data();
-  const scalar_t* s = rstd.data();
-  const scalar_t* mg = mean_g.data();
-  const scalar_t* mgx = mean_gx.data();
-  at::parallel_for(0, rows, kMinChunkRows, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * cols;
-      const scalar_t* gr = g + r * cols;
-      scalar_t* dst = out + r * cols;
+void add_gradient_sums(const scalar_t* ga, const scalar_t* a_hat, const scalar_t* gb,
+                       const scalar_t* b_hat, int64_t rows, int64_t cols,
+                       std::vector<double>& sums) {
+  const auto block = column_sums<scalar_t>(rows, cols, 4, [&](int64_t r, scalar_t* local) {
+    if (ga) {
+      const scalar_t* gr = ga + r * cols;
+      const scalar_t* xr = a_hat + r * cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
-        const scalar_t x_hat = (xr[c] - m[c]) * s[c];
-        dst[c] = s[c] * (gr[c] - mg[c] - x_hat * mgx[c]);
+        local[c] += gr[c];
+        local[cols + c] += gr[c] * xr[c];
+      }
+    }
+    if (gb) {
+      const scalar_t* gr = gb + r * cols;
+      const scalar_t* xr = b_hat + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        local[2 * cols + c] += gr[c];
+        local[3 * cols + c] += gr[c] * xr[c];
+      }
+    }
+  });
+  for (int64_t i = 0; i < 4 * cols; ++i) sums[i] += block[i];
+}
+
+// The gradient through the standardisation, for a and b at once: out = rstd * (g - mean(g) -
+// x_hat * mean(g * x_hat)) for g = dL/dx_hat (rows, cols), given the sums of add_gradient_sums;
+// x_hat is recomputed from x. out may be g.
+template <typename scalar_t>
+void standardize_backward(const scalar_t* a, const scalar_t* b, const Stats<scalar_t>& s,
+                          const std::vector<double>& sums, const scalar_t* ga,
+                          const scalar_t* gb, scalar_t* out_a, scalar_t* out_b, int64_t rows) {
+  const int64_t cols = static_cast<int64_t>(s.mean_a.size());
+  std::vector<scalar_t> means(4 * cols);  // mean(ga), mean(ga * a_hat), mean(gb), ...
+  for (int64_t i = 0; i < 4 * cols; ++i)
+    means[i] = static_cast<scalar_t>(sums[i] / static_cast<double>(rows));
+  const scalar_t* ma = s.mean_a.data();
+  const scalar_t* ra = s.rstd_a.data();
+  const scalar_t* mb = s.mean_b.data();
+  const scalar_t* rb = s.rstd_b.data();
+  const scalar_t* mga = means.data();
+  const scalar_t* mgxa = means.data() + cols;
+  const scalar_t* mgb = means.data() + 2 * cols;
+  const scalar_t* mgxb = means.data() + 3 * cols;
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* ar = a + r * cols;
+      const scalar_t* br = b + r * cols;
+      const scalar_t* gar = ga + r * cols;
+      const scalar_t* gbr = gb + r * cols;
+      scalar_t* a_dst = out_a + r * cols;
+      scalar_t* b_dst = out_b + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const scalar_t x = (ar[c] - ma[c]) * ra[c], y = (br[c] - mb[c]) * rb[c];
+        a_dst[c] = ra[c] * (gar[c] - mga[c] - x * mgxa[c]);
+        b_dst[c] = rb[c] * (gbr[c] - mgb[c] - y * mgxb[c]);
       }
     }
   });
 }
 
-// The sums standardize_backward needs, from g and x in one pass (for the Gram path, where
-// x_hat is not at hand block by block).
-template <typename scalar_t>
-std::vector<double> gradient_sums(const scalar_t* x, const std::vector<scalar_t>& mean,
-                                  const std::vector<scalar_t>& rstd, const scalar_t* g,
-                                  int64_t rows) {
-  const int64_t cols = static_cast<int64_t>(mean.size());
-  const scalar_t* m = mean.data();
-  const scalar_t* s = rstd.data();
-  return column_sums<scalar_t>(rows, cols, 2, [&](int64_t r, scalar_t* local) {
-    const scalar_t* xr = x + r * cols;
-    const scalar_t* gr = g + r * cols;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      local[c] += gr[c];
-      local[cols + c] += gr[c] * ((xr[c] - m[c]) * s[c]);
-    }
-  });
-}
-
 // dL/dA_hat = B_hat G^T into grad_a and dL/dB_hat = A_hat G into grad_b (G = dL/dC / N, in
-// g), kProductRows rows at a time, and the column sums that standardize_backward needs.
+// g), kProductRows rows at a time (the last block first: it is still built), and the column
+// sums that standardize_backward needs.
 template <typename scalar_t>
-void gradients_by_row_blocks(RowBlocks<scalar_t>& blocks, const at::Tensor& g,
-                             at::Tensor& grad_a, at::Tensor& grad_b, std::vector<double>& sums_a,
-                             std::vector<double>& sums_b) {
-  const int64_t n = grad_a.size(0);
-  for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
+std::vector<double> gradients_by_row_blocks(RowBlocks<scalar_t>& blocks, const at::Tensor& g,
+                                            at::Tensor& grad_a, at::Tensor& grad_b) {
+  const int64_t n = grad_a.size(0), d = grad_a.size(1);
+  std::vector<double> sums(4 * d, 0.0);
+  for (int64_t r0 = (n - 1) / kProductRows * kProductRows; r0 >= 0; r0 -= kProductRows) {
     const int64_t r1 = std::min(n, r0 + kProductRows);
     const auto [a_hat, b_hat] = blocks(r0, r1);
     at::Tensor rows_a = grad_a.narrow(0, r0, r1 - r0), rows_b = grad_b.narrow(0, r0, r1 - r0);
     at::mm_out(rows_a, b_hat, g.t());
     at::mm_out(rows_b, a_hat, g);
-    add_gradient_sums<scalar_t>(rows_a, a_hat, sums_a);
-    add_gradient_sums<scalar_t>(rows_b, b_hat, sums_b);
+    add_gradient_sums<scalar_t>(rows_a.data_ptr<scalar_t>(), a_hat.data_ptr<scalar_t>(),
+                                rows_b.data_ptr<scalar_t>(), b_hat.data_ptr<scalar_t>(), r1 - r0,
+                                d, sums);
   }
+  return sums;
 }
 
 // The barlow loss from c = N * C; with write_g, c becomes G / N (2 lambda C off the diagonal,
@@ -292,7 +313,7 @@ double barlow_from_c(at::Tensor& c, int64_t n, double lambda, bool write_g) {
   scalar_t* data = c.data_ptr<scalar_t>();
   std::vector<double> off(d), on(d);
   const auto off_scale = static_cast<scalar_t>(2.0 * lambda * inv_n * inv_n);
-  at::parallel_for(0, d, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, d, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       scalar_t* row = data + k * d;
       double squares = 0.0;
@@ -369,17 +390,18 @@ at::Tensor symmetric_gram(const at::Tensor& x) {
 // Barlow through the Gram matrices Ga = A_hat A_hat^T, Gb = B_hat B_hat^T (cheaper when N is
 // below D). With grad_b defined, also the gradients: grad_b = A_hat diag(g) + k Ga B_hat
 // and b_hat becomes A's: B_hat diag(g) + k Gb A_hat, where g_k = dL/dC_kk / N (the diagonal
-// part of dL/dC; the off-diagonal part is 2 lambda C) and k = 2 lambda / N^2.
+// part of dL/dC; the off-diagonal part is 2 lambda C) and k = 2 lambda / N^2; and their sums
+// for standardize_backward.
 template <typename scalar_t>
 double barlow_gram(const at::Tensor& a_hat, at::Tensor& b_hat, const std::vector<double>& diag,
-                   double lambda, at::Tensor* grad_b) {
+                   double lambda, at::Tensor* grad_b, std::vector<double>& sums) {
   const int64_t n = a_hat.size(0), d = a_hat.size(1);
   const double inv_n = 1.0 / static_cast<double>(n);
   const at::Tensor gram_a = symmetric_gram(a_hat), gram_b = symmetric_gram(b_hat);
   const scalar_t* ga = gram_a.data_ptr<scalar_t>();
   const scalar_t* gb = gram_b.data_ptr<scalar_t>();
   std::vector<double> inner(n);  // <Ga, Gb>_F row by row
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       double total = 0.0;
 #pragma omp simd reduction(+ : total)
@@ -400,7 +422,11 @@ double barlow_gram(const at::Tensor& a_hat, at::Tensor& b_hat, const std::vector
       gp[k] = static_cast<scalar_t>((-2.0 * (1.0 - diag[k]) - 2.0 * lambda * diag[k]) * inv_n);
     const double k = 2.0 * lambda * inv_n * inv_n;
     at::mul_out(*grad_b, a_hat, g).addmm_(gram_a, b_hat, 1.0, k);
+    add_gradient_sums<scalar_t>(nullptr, nullptr, grad_b->data_ptr<scalar_t>(),
+                                b_hat.data_ptr<scalar_t>(), n, d, sums);
     b_hat.mul_(g).addmm_(gram_b, a_hat, 1.0, k);
+    add_gradient_sums<scalar_t>(b_hat.data_ptr<scalar_t>(), a_hat.data_ptr<scalar_t>(), nullptr,
+                                nullptr, n, d, sums);
   }
   return on + lambda * (frobenius - on_squares);
 }
@@ -416,17 +442,14 @@ double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Option
   if (gram) {
     at::Tensor a_hat = need_grad ? grad_a : at::empty_like(a);
     at::Tensor b_hat = at::empty_like(b);
-    standardize_rows(ap, s.mean_a, s.rstd_a, 0, n, a_hat.data_ptr<scalar_t>());
-    standardize_rows(bp, s.mean_b, s.rstd_b, 0, n, b_hat.data_ptr<scalar_t>());
+    standardize_rows(ap, bp, s, 0, n, a_hat.data_ptr<scalar_t>(), b_hat.data_ptr<scalar_t>());
+    std::vector<double> sums(4 * d, 0.0);
     const double loss = barlow_gram<scalar_t>(a_hat, b_hat, s.diag, o.off_diagonal_weight,
-                                              need_grad ? &grad_b : nullptr);
-    if (need_grad) {  // b_hat holds dL/dA_hat now
-      const scalar_t* ga = b_hat.data_ptr<scalar_t>();
+                                              need_grad ? &grad_b : nullptr, sums);
+    if (need_grad) {  // b_hat holds dL/dA_hat now, grad_b dL/dB_hat
       scalar_t* gb = grad_b.data_ptr<scalar_t>();
-      standardize_backward(ap, s.mean_a, s.rstd_a, gradient_sums(ap, s.mean_a, s.rstd_a, ga, n),
-                           ga, grad_a.data_ptr<scalar_t>(), n);
-      standardize_backward(bp, s.mean_b, s.rstd_b, gradient_sums(bp, s.mean_b, s.rstd_b, gb, n),
-                           gb, gb, n);
+      standardize_backward(ap, bp, s, sums, b_hat.data_ptr<scalar_t>(), gb,
+                           grad_a.data_ptr<scalar_t>(), gb, n);
     }
     return loss;
   }
@@ -436,12 +459,10 @@ double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Option
                           ? softmax_from_c<scalar_t>(c, n, o.tau, need_grad)
                           : barlow_from_c<scalar_t>(c, n, o.off_diagonal_weight, need_grad);
   if (need_grad) {
-    std::vector<double> sums_a(2 * d, 0.0), sums_b(2 * d, 0.0);
-    gradients_by_row_blocks(blocks, c, grad_a, grad_b, sums_a, sums_b);
+    const std::vector<double> sums = gradients_by_row_blocks(blocks, c, grad_a, grad_b);
     scalar_t* ga = grad_a.data_ptr<scalar_t>();
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
-    standardize_backward(ap, s.mean_a, s.rstd_a, sums_a, ga, ga, n);
-    standardize_backward(bp, s.mean_b, s.rstd_b, sums_b, gb, gb, n);
+    standardize_backward(ap, bp, s, sums, ga, gb, ga, gb, n);
   }
   return loss;
 }
