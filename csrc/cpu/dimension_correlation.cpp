@@ -1,13 +1,13 @@
 // CPU dimension-correlation loss (SPEC 1.2): the loss and its gradients w.r.t. a and b in
 // one call. One pass over the rows of a and b gives every column's statistics (in double)
-// and C's diagonal, and catches NaN and infinity. Every product runs on the BLAS, over blocks
-// of at most 2048 standardised rows (rebuilt when needed, so A_hat and B_hat are never stored
-// whole for larger N): C = A^T B, then dL/dC in C's place, then dL/dA_hat = B_hat G^T and
-// dL/dB_hat = A_hat G straight into the gradients' buffers, whose column sums for the
-// standardisation's backward are taken while each block is hot. For barlow with N < D, the
-// two symmetric N x N Gram matrices replace C: ||C||_F^2 = <A A^T, B B^T>_F / N^2, and the
-// gradients follow without forming C. Few, large parallel regions: on a loaded machine each
-// one may wait for a descheduled thread.
+// and C's diagonal, and catches NaN and infinity. Every product runs on the BLAS. Without a
+// gradient, C = A^T B is accumulated over blocks of 1024 standardised rows. With one, A_hat
+// and B_hat are built in the gradients' buffers, C = A^T B, dL/dC overwrites C (with the column
+// sums that the standardisation's backward needs, which follow from C and dL/dC), and
+// dL/dA_hat = B_hat G^T, dL/dB_hat = A_hat G replace them block by block. For barlow with
+// N < D the two symmetric N x N Gram matrices replace C: ||C||_F^2 = <A A^T, B B^T>_F / N^2,
+// and the gradients follow without forming C. Few, large parallel regions: on a loaded
+// machine each one may wait for a descheduled thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,11 +28,11 @@ enum Path : int64_t { kAuto = 0, kCorrelation = 1, kGram = 2 };
 // depend on the thread count.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kMinChunkRows = 64;
-// Rows per block of standardised rows: the BLAS runs at full speed and C, updated once per
-// block, costs little memory traffic; beyond it memory stays bounded as N grows.
-constexpr int64_t kProductRows = 2048;
+// Rows per block of standardised rows: the BLAS runs at full speed on it and C, updated once
+// per block, costs little memory traffic, while the block's memory stays far below N x D.
+constexpr int64_t kProductRows = 1024;
 // Rows per block of the symmetric Gram products.
-constexpr int64_t kGramRows = 128;
+constexpr int64_t kGramRows = 64;
 // Elements a thread gets at least in the elementwise passes: smaller passes run inline. On a
 // loaded machine every parallel region may wait for a descheduled thread.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -171,15 +171,14 @@ void standardize_rows(const scalar_t* a, const scalar_t* b, const Stats<scalar_t
   });
 }
 
-// Rows [r0, r1) of a and b, standardised into a_hat and b_hat ((r1 - r0) x D views of buffers
-// of at most kProductRows rows); asking again for the block just built costs nothing.
+// Rows [r0, r1) of a and b, standardised into a_hat and b_hat ((r1 - r0) x D views of two
+// buffers of at most kProductRows rows).
 template <typename scalar_t>
 struct RowBlocks {
   const at::Tensor& a;
   const at::Tensor& b;
   const Stats<scalar_t>& s;
   at::Tensor a_buffer, b_buffer;
-  int64_t built_r0 = -1, built_r1 = -1;
 
   RowBlocks(const at::Tensor& a_, const at::Tensor& b_, const Stats<scalar_t>& s_)
       : a(a_), b(b_), s(s_) {
@@ -189,24 +188,24 @@ struct RowBlocks {
   }
 
   std::pair<at::Tensor, at::Tensor> operator()(int64_t r0, int64_t r1) {
-    if (r0 != built_r0 || r1 != built_r1) {
-      standardize_rows(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s, r0, r1,
-                       a_buffer.data_ptr<scalar_t>(), b_buffer.data_ptr<scalar_t>());
-      built_r0 = r0;
-      built_r1 = r1;
-    }
+    standardize_rows(a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), s, r0, r1,
+                     a_buffer.data_ptr<scalar_t>(), b_buffer.data_ptr<scalar_t>());
     return {a_buffer.narrow(0, 0, r1 - r0), b_buffer.narrow(0, 0, r1 - r0)};
   }
 };
 
-// N * C = A_hat^T B_hat, kProductRows rows at a time: A_hat and B_hat are never stored whole
-// when N exceeds a block.
+// N * C = A_hat^T B_hat without a gradient: kProductRows standardised rows at a time, so A_hat
+// and B_hat are never stored whole.
 template <typename scalar_t>
-at::Tensor correlation_by_row_blocks(RowBlocks<scalar_t>& blocks) {
-  const int64_t n = blocks.a.size(0), d = blocks.a.size(1);
-  at::Tensor c = at::empty({d, d}, blocks.a.options());
+at::Tensor correlation_by_row_blocks(const at::Tensor& a, const at::Tensor& b,
+                                     const Stats<scalar_t>& s) {
+  const int64_t n = a.size(0), d = a.size(1);
+  RowBlocks<scalar_t> blocks(a, b, s);
+  at::Tensor c = at::empty({d, d}, a.options());
   for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
-    const auto [a_hat, b_hat] = blocks(r0, std::min(n, r0 + kProductRows));
+    const std::pair<at::Tensor, at::Tensor> block = blocks(r0, std::min(n, r0 + kProductRows));
+    const at::Tensor& a_hat = block.first;
+    const at::Tensor& b_hat = block.second;
     if (r0 == 0) {
       at::mm_out(c, a_hat.t(), b_hat);
     } else {
@@ -283,63 +282,87 @@ void standardize_backward(const scalar_t* a, const scalar_t* b, const Stats<scal
   });
 }
 
-// dL/dA_hat = B_hat G^T into grad_a and dL/dB_hat = A_hat G into grad_b (G = dL/dC / N, in
-// g), kProductRows rows at a time (the last block first: it is still built), and the column
-// sums that standardize_backward needs.
-template <typename scalar_t>
-std::vector<double> gradients_by_row_blocks(RowBlocks<scalar_t>& blocks, const at::Tensor& g,
-                                            at::Tensor& grad_a, at::Tensor& grad_b) {
-  const int64_t n = grad_a.size(0), d = grad_a.size(1);
-  std::vector<double> sums(4 * d, 0.0);
-  for (int64_t r0 = (n - 1) / kProductRows * kProductRows; r0 >= 0; r0 -= kProductRows) {
-    const int64_t r1 = std::min(n, r0 + kProductRows);
-    const auto [a_hat, b_hat] = blocks(r0, r1);
-    at::Tensor rows_a = grad_a.narrow(0, r0, r1 - r0), rows_b = grad_b.narrow(0, r0, r1 - r0);
-    at::mm_out(rows_a, b_hat, g.t());
-    at::mm_out(rows_b, a_hat, g);
-    add_gradient_sums<scalar_t>(rows_a.data_ptr<scalar_t>(), a_hat.data_ptr<scalar_t>(),
-                                rows_b.data_ptr<scalar_t>(), b_hat.data_ptr<scalar_t>(), r1 - r0,
-                                d, sums);
+// With A_hat in grad_a and B_hat in grad_b: dL/dA_hat = B_hat H^T and dL/dB_hat = A_hat H
+// (H = dL/dC / N, in h) in their place, kProductRows rows at a time: a block's rows of both
+// results depend only on the same rows of A_hat and B_hat, so each overwrites rows already
+// consumed, and only one block of rows is extra memory.
+void gradients_by_row_blocks(const at::Tensor& h, at::Tensor& grad_a, at::Tensor& grad_b) {
+  const int64_t n = grad_a.size(0);
+  at::Tensor buffer = at::empty({std::min(n, kProductRows), grad_a.size(1)}, grad_a.options());
+  for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
+    const int64_t rows = std::min(n - r0, kProductRows);
+    at::Tensor a_rows = grad_a.narrow(0, r0, rows), b_rows = grad_b.narrow(0, r0, rows);
+    at::Tensor result_a = buffer.narrow(0, 0, rows);
+    at::mm_out(result_a, b_rows, h.t());
+    at::mm_out(b_rows, a_rows, h);  // B_hat's rows are consumed
+    a_rows.copy_(result_a);         // and now A_hat's
   }
-  return sums;
 }
 
-// The barlow loss from c = N * C; with write_g, c becomes G / N (2 lambda C off the diagonal,
-// -2 (1 - C_kk) on it, divided by N).
+// Through C the sums that standardize_backward needs come from C and H alone (D x D work
+// instead of N x D): sum_n dL/dA_hat[n, k] * A_hat[n, k] = sum_l H_kl (A_hat^T B_hat)_kl =
+// sum_l H_kl c_kl, likewise sum_k H_kl c_kl for B, and sum_n dL/dA_hat[n, k] = sum_l H_kl
+// (1^T B_hat)_l = 0, as every column of B_hat (and A_hat) sums to 0.
+
+// The barlow loss from c = N * C. With sums (4 x D, zeroed), c becomes H = dL/dC / N (2 lambda
+// C off the diagonal, -2 (1 - C_kk) on it, over N) and sums[D + k] = sum_l H_kl c_kl,
+// sums[3 D + l] = sum_k H_kl c_kl (see gradients_by_row_blocks).
 template <typename scalar_t>
-double barlow_from_c(at::Tensor& c, int64_t n, double lambda, bool write_g) {
+double barlow_from_c(at::Tensor& c, int64_t n, double lambda, std::vector<double>* sums) {
   const int64_t d = c.size(0);
   const double inv_n = 1.0 / static_cast<double>(n);
   scalar_t* data = c.data_ptr<scalar_t>();
   std::vector<double> off(d), on(d);
   const auto off_scale = static_cast<scalar_t>(2.0 * lambda * inv_n * inv_n);
-  at::parallel_for(0, d, row_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      scalar_t* row = data + k * d;
-      double squares = 0.0;
+  // rows in at most kMaxChunks fixed chunks, one partial of the column sums each
+  const int64_t n_chunks = std::min(kMaxChunks, ceil_div(d, row_grain(d)));
+  const int64_t chunk_rows = ceil_div(d, n_chunks);
+  std::vector<double> col_partial(sums ? n_chunks * d : 0, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      double* cols = sums ? col_partial.data() + chunk * d : nullptr;
+      for (int64_t k = chunk * chunk_rows; k < std::min(d, (chunk + 1) * chunk_rows); ++k) {
+        scalar_t* row = data + k * d;
+        double squares = 0.0;
 #pragma omp simd reduction(+ : squares)
-      for (int64_t l = 0; l < d; ++l) squares += static_cast<double>(row[l]) * row[l];
-      const double c_kk = row[k] * inv_n;
-      off[k] = squares * inv_n * inv_n - c_kk * c_kk;
-      on[k] = (1.0 - c_kk) * (1.0 - c_kk);
-      if (write_g) {
-#pragma omp simd
-        for (int64_t l = 0; l < d; ++l) row[l] *= off_scale;
-        row[k] = static_cast<scalar_t>(-2.0 * (1.0 - c_kk) * inv_n);
+        for (int64_t l = 0; l < d; ++l) squares += static_cast<double>(row[l]) * row[l];
+        const scalar_t raw_kk = row[k];
+        const double c_kk = raw_kk * inv_n;
+        off[k] = squares * inv_n * inv_n - c_kk * c_kk;
+        on[k] = (1.0 - c_kk) * (1.0 - c_kk);
+        if (!sums) continue;
+        double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t l = 0; l < d; ++l) {
+          const scalar_t h = row[l] * off_scale;
+          const double hc = static_cast<double>(h) * row[l];
+          dot += hc;
+          cols[l] += hc;
+          row[l] = h;
+        }
+        const auto h_kk = static_cast<scalar_t>(-2.0 * (1.0 - c_kk) * inv_n);
+        const double fix = (static_cast<double>(h_kk) - static_cast<double>(row[k])) * raw_kk;
+        row[k] = h_kk;
+        (*sums)[d + k] = dot + fix;
+        cols[k] += fix;
       }
     }
   });
+  for (int64_t chunk = 0; sums && chunk < n_chunks; ++chunk)
+    for (int64_t l = 0; l < d; ++l) (*sums)[3 * d + l] += col_partial[chunk * d + l];
   return std::accumulate(on.begin(), on.end(), 0.0) +
          lambda * std::accumulate(off.begin(), off.end(), 0.0);
 }
 
-// The softmax loss from c = N * C; with write_g, c becomes G / N = (P_rows + P_cols - 2 I) /
-// (2 D tau N). The exponentials run through ATen's vectorised kernels, kRows rows (or
+// The softmax loss from c = N * C. With sums (4 x D, zeroed), c becomes H = dL/dC / N =
+// (P_rows + P_cols - 2 I) / (2 D tau N), and sums gets sum_l H_kl c_kl and sum_k H_kl c_kl as
+// in barlow_from_c. The exponentials run through ATen's vectorised kernels, kRows rows (or
 // columns) of C at a time.
 template <typename scalar_t>
-double softmax_from_c(at::Tensor& c, int64_t n, double tau, bool write_g) {
+double softmax_from_c(at::Tensor& c, int64_t n, double tau, std::vector<double>* sums) {
   const int64_t d = c.size(0);
-  at::Tensor& s = c.mul_(1.0 / (static_cast<double>(n) * tau));  // C / tau
+  const double c_per_s = static_cast<double>(n) * tau;
+  at::Tensor& s = c.mul_(1.0 / c_per_s);  // C / tau
   at::Tensor lse_rows = at::empty({d}, s.options()), lse_cols = at::empty({d}, s.options());
   const int64_t n_blocks = ceil_div(d, kRows);
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -355,17 +378,29 @@ double softmax_from_c(at::Tensor& c, int64_t n, double tau, bool write_g) {
   const scalar_t* lc = lse_cols.data_ptr<scalar_t>();
   double total = 0.0;  // both log-softmax values at the diagonal, summed over k
   for (int64_t k = 0; k < d; ++k) total += 2.0 * sp[k * d + k] - lr[k] - lc[k];
-  if (write_g) {
+  if (sums) {
     const double scale = 1.0 / (2.0 * static_cast<double>(d) * tau * static_cast<double>(n));
+    at::Tensor row_dots = at::empty({d}, s.options());
+    at::Tensor col_partial = at::empty({n_blocks, d}, s.options());
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t block = begin; block < end; ++block) {
         const int64_t r0 = block * kRows, nr = std::min(kRows, d - r0);
         at::Tensor rows = s.narrow(0, r0, nr);
-        const at::Tensor p_rows = at::exp(rows - lse_rows.narrow(0, r0, nr).unsqueeze(1));
-        rows.sub_(lse_cols.unsqueeze(0)).exp_().add_(p_rows).mul_(scale);
-        rows.diagonal(r0).sub_(2.0 * scale);
+        at::Tensor h = at::exp(rows - lse_rows.narrow(0, r0, nr).unsqueeze(1));
+        h.add_(at::exp(rows - lse_cols.unsqueeze(0))).mul_(scale);
+        h.diagonal(r0).sub_(2.0 * scale);
+        const at::Tensor hs = h * rows;
+        at::Tensor dots = row_dots.narrow(0, r0, nr), cols = col_partial[block];
+        at::sum_out(dots, hs, {1});
+        at::sum_out(cols, hs, {0});
+        rows.copy_(h);
       }
     });
+    const scalar_t* rd = row_dots.data_ptr<scalar_t>();
+    const scalar_t* cp = col_partial.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < d; ++k) (*sums)[d + k] = rd[k] * c_per_s;
+    for (int64_t block = 0; block < n_blocks; ++block)
+      for (int64_t l = 0; l < d; ++l) (*sums)[3 * d + l] += cp[block * d + l] * c_per_s;
   }
   return -total / (2.0 * static_cast<double>(d));
 }
@@ -453,13 +488,20 @@ double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Option
     }
     return loss;
   }
-  RowBlocks<scalar_t> blocks(a, b, s);
-  at::Tensor c = correlation_by_row_blocks(blocks);
+  at::Tensor c;
+  if (need_grad) {  // A_hat and B_hat in the gradients' buffers, consumed by the products
+    standardize_rows(ap, bp, s, 0, n, grad_a.data_ptr<scalar_t>(), grad_b.data_ptr<scalar_t>());
+    c = at::mm(grad_a.t(), grad_b);
+  } else {
+    c = correlation_by_row_blocks(a, b, s);
+  }
+  std::vector<double> sums(need_grad ? 4 * d : 0, 0.0);
+  std::vector<double>* want = need_grad ? &sums : nullptr;
   const double loss = o.mode == kSoftmax
-                          ? softmax_from_c<scalar_t>(c, n, o.tau, need_grad)
-                          : barlow_from_c<scalar_t>(c, n, o.off_diagonal_weight, need_grad);
+                          ? softmax_from_c<scalar_t>(c, n, o.tau, want)
+                          : barlow_from_c<scalar_t>(c, n, o.off_diagonal_weight, want);
   if (need_grad) {
-    const std::vector<double> sums = gradients_by_row_blocks(blocks, c, grad_a, grad_b);
+    gradients_by_row_blocks(c, grad_a, grad_b);
     scalar_t* ga = grad_a.data_ptr<scalar_t>();
     scalar_t* gb = grad_b.data_ptr<scalar_t>();
     standardize_backward(ap, bp, s, sums, ga, gb, ga, gb, n);

@@ -142,17 +142,27 @@ def _setup_context(ctx, inputs, output):
     _, grad_a, grad_b = output
     ctx.mark_non_differentiable(grad_a, grad_b)
     ctx.save_for_backward(grad_a, grad_b)
+    # Unused outputs get None, not zeros: the gradient outputs would cost two N x D zero fills.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_grad_a, _grad_grad_b):
-    """The gradients were computed in the forward for an upstream gradient of 1.
-
-    Always scaled, unlike Liger's skip when grad_loss is exactly 1: reading grad_loss is
-    data-dependent (no tracing, a device sync on CUDA), and the scaling is one pass over N x D.
-    """
+    """The gradients were computed in the forward for an upstream gradient of 1: they are
+    returned as they are when grad_loss is exactly 1 (no second N x D pair in memory), else
+    scaled. The check reads grad_loss, so it runs only eagerly on a CPU tensor (exact type: not
+    under tracing, where tensors are fake or functional subclasses; no device sync)."""
     grad_a, grad_b = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, *([None] * 6)
     if grad_a.numel() == 0:
         raise RuntimeError("dimension_correlation_loss_forward ran without need_grad")
+    if (
+        type(grad_loss) is Tensor
+        and grad_loss.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and grad_loss.item() == 1.0
+    ):
+        return grad_a, grad_b, *([None] * 6)  # autograd copies them if the graph keeps them
     return grad_loss * grad_a, grad_loss * grad_b, *([None] * 6)
 
 
