@@ -69,6 +69,7 @@ def _demo(args) -> None:
     import torch
 
     from fastalign.config import load_config
+    from fastalign.data import PrecompDataset
     from fastalign.evaluation import evaluate, format_results
     from fastalign.training import Trainer, evaluate_model
 
@@ -76,8 +77,8 @@ def _demo(args) -> None:
     start = time.perf_counter()
     trainer = Trainer(config, resume=False, progress=not args.no_progress)
     trainer.fit()
-    test_set = type(trainer.val_set)(
-        trainer._data_root()[0], config.test_split, trainer.vocab, config.captions_per_image
+    test_set = PrecompDataset(
+        trainer.data_root, config.test_split, trainer.vocab, config.captions_per_image
     )
     results = evaluate_model(trainer.model, test_set)
     n_images = test_set.images.shape[0]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastalign.ops.region_word import region_word_similarity
+from fastalign.ops.region_word import check_lengths, region_word_similarity
 
 RECALL_KS = (1, 5, 10)
 RESULT_KEYS = (
@@ -277,27 +277,8 @@ def _check_features(name: str, x: object) -> None:
         )
 
 
-def _check_lengths(name: str, lengths: object, count: int, padded: int) -> Tensor:
-    """``lengths`` (None, sequence, array or tensor) as a CPU int64 (count,), 1..padded."""
-    if lengths is None:
-        return torch.full((count,), padded, dtype=torch.int64)
-    if isinstance(lengths, Tensor):
-        lengths = lengths.detach().cpu()
-    elif isinstance(lengths, (np.ndarray, Sequence)):
-        lengths = torch.as_tensor(np.asarray(lengths))
-    else:
-        raise TypeError(
-            f"{name} must be a tensor, numpy array, sequence or None, got {type(lengths).__name__}"
-        )
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers, got dtype {lengths.dtype}")
-    if lengths.shape != (count,):
-        raise ValueError(f"{name} must have shape ({count},), got {tuple(lengths.shape)}")
-    bad = ((lengths < 1) | (lengths > padded)).nonzero()
-    if len(bad):
-        k = int(bad[0, 0])
-        raise ValueError(f"{name}[{k}] = {int(lengths[k])}, expected 1 <= length <= {padded}")
-    return lengths.to(torch.int64)
+def _on_cpu(lengths: object) -> object:
+    return lengths.detach().cpu() if isinstance(lengths, Tensor) else lengths
 
 
 def _torch_dtype(x: Tensor | np.ndarray) -> torch.dtype:
@@ -458,8 +439,12 @@ def similarity_matrix(
         )
     n_images, n_regions, dim = region_embs.shape
     n_captions, n_words, _ = word_embs.shape
-    region_lengths = _check_lengths("region_lengths", region_lengths, n_images, n_regions)
-    word_lengths = _check_lengths("word_lengths", word_lengths, n_captions, n_words)
+    # Lengths are kept on the CPU: blocks are cut from them before reaching the device.
+    cpu = torch.device("cpu")
+    region_lengths = check_lengths(
+        "region_lengths", _on_cpu(region_lengths), n_images, n_regions, cpu
+    )
+    word_lengths = check_lengths("word_lengths", _on_cpu(word_lengths), n_captions, n_words, cpu)
     if block_images is not None:
         block_images = _check_positive_int("block_images", block_images)
     if block_captions is not None:

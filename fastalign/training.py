@@ -165,13 +165,13 @@ class Trainer:
             else:
                 self.device = torch.device(config.device)
         _seed_everything(config.seed)
-        root, vectors = self._data_root()
-        self.train_set_text = read_captions(root, config.train_split)
+        self.data_root, vectors = self._data_root()
+        root = self.data_root
         checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
         self.vocab = (
             Vocabulary.from_dict(checkpoint["vocab"])
             if checkpoint
-            else Vocabulary.build(self.train_set_text)
+            else Vocabulary.build(read_captions(root, config.train_split))
         )
         word_vectors = None
         if vectors is not None and checkpoint is None:

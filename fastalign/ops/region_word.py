@@ -107,12 +107,19 @@ def _check_tau(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a positive finite number, got {value}")
 
 
-def _check_lengths(name: str, lengths, count: int, padded: int, device) -> Tensor:
-    """Checks ``lengths`` (None, a sequence or an integer tensor): shape (count,), 1..padded."""
+def check_lengths(name: str, lengths, count: int, padded: int, device) -> Tensor:
+    """``lengths`` (None, a sequence, a numpy array or an integer tensor on ``device``) as an
+    int64 (count,) tensor with every value in 1..padded; clear errors otherwise."""
     if lengths is None:
         return torch.full((count,), padded, dtype=torch.int64, device=device)
     if not isinstance(lengths, Tensor):
-        lengths = torch.as_tensor(lengths, device=device)
+        try:
+            lengths = torch.as_tensor(lengths, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"{name} must be a tensor, numpy array, sequence or None, got "
+                f"{type(lengths).__name__}"
+            ) from exc
     if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {lengths.dtype}")
     if lengths.shape != (count,):
@@ -414,10 +421,10 @@ def region_word_similarity(
         raise TypeError(f"regions must be a torch.Tensor, got {type(regions).__name__}")
     backend = resolve_backend(backend, regions.device, "region_word_similarity")
     _check_inputs(regions, words, backend)
-    region_lengths = _check_lengths(
+    region_lengths = check_lengths(
         "region_lengths", region_lengths, regions.shape[0], regions.shape[1], regions.device
     )
-    word_lengths = _check_lengths(
+    word_lengths = check_lengths(
         "word_lengths", word_lengths, words.shape[0], words.shape[1], words.device
     )
     if backend == "reference":
