@@ -11,11 +11,35 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastalign.ops.region_word import region_word_similarity
+from fastalign.recurrent import bidirectional_gru_mean
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``F.normalize(x, dim=-1)`` that keeps only its output and the norms for the backward
+    (autograd's version keeps the input too: one more embedding-sized tensor per encoder)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        raw_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        clamped = raw_norm < eps  # there the divisor is the constant eps: no radial part
+        norm = raw_norm.clamp_min_(eps)
+        y = x / norm
+        ctx.save_for_backward(y, norm, clamped)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        y, norm, clamped = ctx.saved_tensors
+        radial = (grad_y * y).sum(-1, keepdim=True).masked_fill_(clamped, 0)
+        return (grad_y - y * radial) / norm, None
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows of x (..., D) to unit L2 norm, as ``F.normalize(x, dim=-1, eps=eps)``."""
+    return _L2Normalize.apply(x, eps)
 
 
 @dataclass
@@ -27,6 +51,8 @@ class ModelConfig:
     feature_dim: int = 2048
     embed_dim: int = 1024
     word_dim: int = 300
+    text_encoder: str = "bigru"  # "bigru", or "bert" (needs transformers and bert_path)
+    bert_path: str | None = None  # a local save_pretrained folder; never downloaded
     self_attention: bool = False
     direction: str = "t2i"
     align: str = "max"
@@ -64,7 +90,7 @@ class RegionEncoder(nn.Module):
         if self.attention is not None:
             padding = torch.arange(x.shape[1], device=x.device) >= region_lengths[:, None]
             x = self.attention(x, src_key_padding_mask=padding)
-        return F.normalize(x, dim=-1)
+        return l2_normalize(x)
 
 
 class TextEncoder(nn.Module):
@@ -86,16 +112,9 @@ class TextEncoder(nn.Module):
         self.embed_dim = embed_dim
 
     def forward(self, captions: Tensor, caption_lengths: Tensor) -> Tensor:
-        packed = pack_padded_sequence(
-            self.embedding(captions),
-            caption_lengths.cpu(),
-            batch_first=True,
-            enforce_sorted=False,
-        )
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=captions.shape[1])
-        out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
-        return F.normalize(out, dim=-1)
+        # The GRU's parameters, run by the memory-lean implementation (same function).
+        out = bidirectional_gru_mean(self.embedding(captions), caption_lengths, self.gru)
+        return l2_normalize(out)
 
 
 class MatchingModel(nn.Module):
@@ -110,7 +129,20 @@ class MatchingModel(nn.Module):
         self.image_encoder = RegionEncoder(
             config.feature_dim, config.embed_dim, config.self_attention
         )
-        self.text_encoder = TextEncoder(vocab_size, config.word_dim, config.embed_dim, word_vectors)
+        if config.text_encoder == "bigru":
+            self.text_encoder = TextEncoder(
+                vocab_size, config.word_dim, config.embed_dim, word_vectors
+            )
+        elif config.text_encoder == "bert":
+            if word_vectors is not None:
+                raise ValueError("word_vectors initialise the BiGRU's embedding, not BERT's")
+            from fastalign.bert import BertTextEncoder  # transformers is optional
+
+            self.text_encoder = BertTextEncoder(config.bert_path, config.embed_dim)
+        else:
+            raise ValueError(
+                f"model.text_encoder must be 'bigru' or 'bert', got {config.text_encoder!r}"
+            )
 
     def encode_images(self, regions: Tensor, region_lengths: Tensor) -> Tensor:
         """(B, R, F) -> (B, R, D)."""

@@ -55,10 +55,21 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
+def caption_tokenizer(model_config: ModelConfig, state: dict | None = None):
+    """The captions' tokenizer: BERT's own for the BERT encoder, else the vocabulary saved in
+    ``state`` (a checkpoint's) or, without one, None (the trainer builds it)."""
+    if model_config.text_encoder == "bert":
+        from fastalign.bert import BertCaptionTokenizer  # transformers is optional
+
+        return BertCaptionTokenizer(model_config.bert_path)
+    return None if state is None else Vocabulary.from_dict(state)
+
+
 def build_model(checkpoint: dict) -> tuple[MatchingModel, Vocabulary]:
-    """The model and vocabulary stored in a checkpoint."""
-    vocab = Vocabulary.from_dict(checkpoint["vocab"])
-    model = MatchingModel(len(vocab), ModelConfig(**checkpoint["config"]["model"]))
+    """The model and caption tokenizer (vocabulary) stored in a checkpoint."""
+    config = ModelConfig(**checkpoint["config"]["model"])
+    vocab = caption_tokenizer(config, checkpoint["vocab"])
+    model = MatchingModel(len(vocab), config)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -168,13 +179,11 @@ class Trainer:
         self.data_root, vectors = self._data_root()
         root = self.data_root
         checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
-        self.vocab = (
-            Vocabulary.from_dict(checkpoint["vocab"])
-            if checkpoint
-            else Vocabulary.build(read_captions(root, config.train_split))
-        )
+        self.vocab = caption_tokenizer(config.model, checkpoint["vocab"] if checkpoint else None)
+        if self.vocab is None:
+            self.vocab = Vocabulary.build(read_captions(root, config.train_split))
         word_vectors = None
-        if vectors is not None and checkpoint is None:
+        if vectors is not None and checkpoint is None and config.model.text_encoder == "bigru":
             word_vectors, _ = load_word_vectors(vectors, self.vocab, dim=config.model.word_dim)
         self.train_set = PrecompDataset(
             root, config.train_split, self.vocab, config.captions_per_image

@@ -284,8 +284,11 @@ class PrecompDataset(Dataset):
         captions_per_image: int = 5,
         max_images: int | None = None,
     ) -> None:
-        if not isinstance(vocab, Vocabulary):
-            raise TypeError(f"vocab must be a fastalign Vocabulary, got {type(vocab).__name__}")
+        if not callable(getattr(vocab, "encode", None)):
+            raise TypeError(
+                "vocab must be a fastalign Vocabulary or a tokenizer with encode(text) -> ids, "
+                f"got {type(vocab).__name__}"
+            )
         if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int):
             raise TypeError(f"captions_per_image must be an int, got {captions_per_image!r}")
         if captions_per_image < 1:
