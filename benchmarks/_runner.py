@@ -45,6 +45,22 @@ def time_ms(
     return statistics.median(samples)
 
 
+def interleaved_times_ms(
+    cases: dict[str, Callable[[], object]], device: torch.device, repeat: int = 5
+) -> dict[str, float]:
+    """Median wall time of each case in milliseconds, their calls alternating (a, b, a, b,
+    ...) after one warm-up call each, so that a change in a shared machine's load affects
+    every case alike."""
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+        synchronize(device)
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            samples[name].append(time_ms(fn, device, repeat=1, warmup=False))
+    return {name: statistics.median(ms) for name, ms in samples.items()}
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

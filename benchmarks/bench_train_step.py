@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,12 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
+    interleaved_times_ms,
     machine_description,
     peak_memory_mib,
     report,
     serve_memory_request,
-    synchronize,
-    time_ms,
 )
 from bench_region_word import caption_lengths  # noqa: E402
 
@@ -179,22 +177,6 @@ def check_agreement(device) -> float:
     return gap
 
 
-def interleaved_times_ms(part: str, device, repeat: int) -> dict[str, float]:
-    """Median wall time of each implementation, their calls alternating (plain, fastalign,
-    plain, ...) after one warm-up call each, so that a change in the machine's load (it
-    is shared) affects both alike."""
-    device = torch.device(device)
-    cases = {impl: build_case(f"{part}:{impl}:{device}") for impl in IMPLS}
-    samples = {impl: [] for impl in IMPLS}
-    for case in cases.values():
-        case()
-        synchronize(device)
-    for _ in range(repeat):
-        for impl, case in cases.items():
-            samples[impl].append(time_ms(case, device, repeat=1, warmup=False))
-    return {impl: statistics.median(ms) for impl, ms in samples.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -213,7 +195,9 @@ def main() -> None:
 
     rows = []
     for part in PARTS:
-        times = interleaved_times_ms(part, device, args.repeat)
+        cases = {impl: build_case(f"{part}:{impl}:{device}") for impl in IMPLS}
+        times = interleaved_times_ms(cases, device, args.repeat)
+        del cases
         plain = None
         for impl in IMPLS:
             key = f"{part}:{impl}:{device}"

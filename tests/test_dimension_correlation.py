@@ -183,11 +183,29 @@ def test_cpu_both_barlow_paths(shape, path, need_grad):
 @needs_cpu_kernel
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_several_row_blocks(mode):
-    """N beyond the C++ kernel's 1024-row blocks (three blocks, the last one partial)."""
-    a, b = make_inputs(2500, 23, seed=seed_of("blocks", mode), dtype=torch.float32)
+    """N beyond the C++ kernel's 4096-row blocks (three blocks, the last one partial); without
+    a gradient also D beyond its 256-column panels of b (the last one partial)."""
+    a, b = make_inputs(9000, 23, seed=seed_of("blocks", mode), dtype=torch.float32)
     got = loss_and_grads(fastalign.dimension_correlation_loss, a, b, 0.5, mode=mode, **OPTIONS)
     want = reference_loss_and_grads(a, b, 0.5, mode=mode, **OPTIONS)
     assert_matches(got, want, 2e-4)
+    a, b = make_inputs(9000, 300, seed=seed_of("panels", mode), dtype=torch.float32)
+    got = fastalign.dimension_correlation_loss(a, b, mode=mode, **OPTIONS)
+    want = dimension_correlation_loss_reference(a.double(), b.double(), mode=mode, **OPTIONS)
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4 * want.abs().item())
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("mode", MODES)
+def test_cpu_large_mean_without_gradient(mode):
+    """The forward without a gradient multiplies the raw a (mean 100, std 1) with the
+    standardised b and corrects by a rank-one term: no precision lost to the mean."""
+    g = torch.Generator().manual_seed(seed_of("mean", mode))
+    a = torch.randn(4100, 70, generator=g) + 100
+    b = (a - 100) * 0.5 + torch.randn(4100, 70, generator=g) * 0.5 - 100
+    got = fastalign.dimension_correlation_loss(a, b, mode=mode, **OPTIONS)
+    want = dimension_correlation_loss_reference(a.double(), b.double(), mode=mode, **OPTIONS)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
 
 
 @needs_cpu_kernel
