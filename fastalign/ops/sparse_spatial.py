@@ -176,7 +176,12 @@ def _check_alpha_device(alpha, device: torch.device) -> None:
 def _forward_fake(img, txt, alpha, kind, select, k, temperature, largest, need_grad):
     shape = img.shape if need_grad else (0,)
     alpha_shape = alpha.shape if need_grad else (0,)
-    return img.new_empty(()), img.new_empty(shape), txt.new_empty(shape), alpha.new_empty(alpha_shape)
+    return (
+        img.new_empty(()),
+        img.new_empty(shape),
+        txt.new_empty(shape),
+        alpha.new_empty(alpha_shape),
+    )
 
 
 @torch.library.custom_op("fastalign::sparse_spatial_loss_forward_triton", mutates_args=())
