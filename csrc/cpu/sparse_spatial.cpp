@@ -29,7 +29,7 @@ enum Select : int64_t { kThreshold = 0, kSoft = 1, kTopk = 2 };
 constexpr double kNormEps = 1e-12;
 // Rows per strip of the discrepancy products: large enough that the BLAS runs at full speed.
 constexpr int64_t kStripRows = 256;
-// Side of the square tiles of the in-place Omega pass: a tile and its mirror stay in L1.
+// Side of the square tiles of the mirrored passes: a tile and its mirror stay in L1.
 constexpr int64_t kTile = 64;
 // Elements a thread gets at least in the row passes: smaller passes run inline.
 constexpr int64_t kGrainElements = 1 << 15;
@@ -79,11 +79,32 @@ void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
                     "] holds a NaN or an infinity: sparse_spatial_loss needs finite inputs");
 }
 
-// D = A B^T - C F^T (n x n), A..F row blocks of U or V: strips of rows [i0, i0 + kStripRows)
-// against the columns from i0 on by the BLAS, the rest mirrored with mirror_sign (D_ji =
-// mirror_sign * D_ij).
+// f(a, b) for every pair a < b of [0, n), by pairs of kTile x kTile tiles (I, J >= I) in
+// parallel: the entries (a, b) and (b, a) of a square matrix are touched by one thread, and a
+// tile and its mirror stay in L1.
+template <typename F>
+void for_mirrored_pairs(int64_t n, const F& f) {
+  const int64_t tiles = ceil_div(n, kTile), pairs = tiles * (tiles + 1) / 2;
+  at::parallel_for(0, pairs, std::max<int64_t>(1, kGrainElements / (kTile * kTile)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t pair = begin; pair < end; ++pair) {
+                       int64_t ti = 0, rest = pair;  // the pair-th (I, J >= I), row-major
+                       while (rest >= tiles - ti) rest -= tiles - ti++;
+                       const int64_t tj = ti + rest;
+                       const int64_t a1 = std::min(n, (ti + 1) * kTile);
+                       const int64_t b1 = std::min(n, (tj + 1) * kTile);
+                       for (int64_t a = ti * kTile; a < a1; ++a)
+                         for (int64_t b = ti == tj ? a + 1 : tj * kTile; b < b1; ++b) f(a, b);
+                     }
+                   });
+}
+
+// D = A B^T - C F^T (n x n), A..F the normalised U or V: strips of rows [i0, i0 + kStripRows)
+// against the columns from i0 on by the BLAS, then the lower triangle mirrored in one pass
+// (D_ba = mirror_sign * D_ab).
+template <typename scalar_t>
 at::Tensor discrepancy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                       const at::Tensor& f, double mirror_sign) {
+                       const at::Tensor& f, scalar_t mirror_sign) {
   const int64_t n = a.size(0);
   at::Tensor d = at::empty({n, n}, a.options());
   for (int64_t i0 = 0; i0 < n; i0 += kStripRows) {
@@ -91,16 +112,13 @@ at::Tensor discrepancy(const at::Tensor& a, const at::Tensor& b, const at::Tenso
     at::Tensor strip = d.narrow(0, i0, rows).narrow(1, i0, n - i0);
     at::mm_out(strip, a.narrow(0, i0, rows), b.narrow(0, i0, n - i0).t());
     strip.addmm_(c.narrow(0, i0, rows), f.narrow(0, i0, n - i0).t(), 1.0, -1.0);
-    if (i0 + rows < n) {
-      at::Tensor below = d.narrow(0, i0 + rows, n - i0 - rows).narrow(1, i0, rows);
-      below.copy_(strip.narrow(1, rows, n - i0 - rows).t());
-      if (mirror_sign < 0) below.neg_();
-    }
   }
+  scalar_t* dp = d.data_ptr<scalar_t>();
+  for_mirrored_pairs(n, [&](int64_t i, int64_t j) { dp[j * n + i] = mirror_sign * dp[i * n + j]; });
   return d;
 }
 
-// f(b, e = |D_ab|, D_ab) for every column b != a of row a.
+// f(b, D_ab) for every column b != a of row a.
 template <typename scalar_t, typename F>
 inline void for_off_diagonal(scalar_t* row, int64_t a, int64_t n, const F& f) {
   for (int64_t b = 0; b < a; ++b) f(b, row[b]);
@@ -154,7 +172,8 @@ struct RowPass {
     KthEntry<scalar_t> kth{0, 0};
     if (o.select == kTopk) {
       order.clear();
-      for_off_diagonal(row, a, n, [&](int64_t b, scalar_t dv) { order.emplace_back(std::abs(dv), b); });
+      for_off_diagonal(row, a, n,
+                       [&](int64_t b, scalar_t dv) { order.emplace_back(std::abs(dv), b); });
       const bool largest = o.largest;
       auto first = [largest](const auto& p, const auto& q) {
         if (p.first != q.first) return largest ? p.first > q.first : p.first < q.first;
@@ -184,10 +203,12 @@ struct RowPass {
     });
     const double inv_n = 1.0 / static_cast<double>(n);
     c /= o.temperature;
-    if (grad_alpha) grad_alpha[a] = static_cast<scalar_t>(o.select == kSoft ? -c * sigma * inv_n : 0.0);
+    if (grad_alpha)  // dL/dalpha = dL/dthreshold * sign * sigma
+      grad_alpha[a] = static_cast<scalar_t>(o.select == kSoft ? -c * sigma * inv_n : 0.0);
     if (!gamma) return loss;
     if (o.select != kSoft) {  // G = 2 w E / N and sign(D) E = D
-      for (int64_t b = 0; b < n; ++b) row[b] = static_cast<scalar_t>(2.0 * inv_n * weights[b] * row[b]);
+      const auto scale = static_cast<scalar_t>(2.0 * inv_n);
+      for (int64_t b = 0; b < n; ++b) row[b] = scale * weights[b] * row[b];
       return loss;
     }
     // Soft: G_ab = (2 w E + sign E^2 w (1 - w) / T) / N + r (1/M + sign alpha (E - mu) / (M
@@ -206,28 +227,15 @@ struct RowPass {
   }
 };
 
-// Omega = Gamma + sign * Gamma^T in place, by pairs of kTile x kTile tiles (I, J >= I).
+// Omega = Gamma + sign * Gamma^T in place (the diagonal of Gamma is 0).
 template <typename scalar_t>
-void add_transpose_in_place(at::Tensor& gamma, double sign) {
-  const int64_t n = gamma.size(0), tiles = ceil_div(n, kTile);
+void add_transpose_in_place(at::Tensor& gamma, scalar_t sign) {
+  const int64_t n = gamma.size(0);
   scalar_t* g = gamma.data_ptr<scalar_t>();
-  const auto s = static_cast<scalar_t>(sign);
-  const int64_t pairs = tiles * (tiles + 1) / 2;
-  at::parallel_for(0, pairs, std::max<int64_t>(1, kGrainElements / (kTile * kTile)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      int64_t ti = 0, rest = pair;  // the pair-th (I, J >= I) in row-major order
-      while (rest >= tiles - ti) rest -= tiles - ti++;
-      const int64_t tj = ti + rest;
-      const int64_t a1 = std::min(n, (ti + 1) * kTile), b1 = std::min(n, (tj + 1) * kTile);
-      for (int64_t a = ti * kTile; a < a1; ++a) {
-        for (int64_t b = ti == tj ? a + 1 : tj * kTile; b < b1; ++b) {
-          const scalar_t x = g[a * n + b] + s * g[b * n + a];
-          g[a * n + b] = x;
-          g[b * n + a] = s * x;
-        }
-      }
-    }
+  for_mirrored_pairs(n, [&](int64_t a, int64_t b) {
+    const scalar_t x = g[a * n + b] + sign * g[b * n + a];
+    g[a * n + b] = x;
+    g[b * n + a] = sign * x;
   });
 }
 
@@ -267,8 +275,9 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
   std::vector<char> clamped_u(n), clamped_v(n);
   normalize_rows<scalar_t>(img, "img", u, rnorm_u, clamped_u);
   normalize_rows<scalar_t>(txt, "txt", v, rnorm_v, clamped_v);
-  const double mirror = o.kind == kInter ? -1.0 : 1.0;
-  at::Tensor d = o.kind == kInter ? discrepancy(v, u, u, v, mirror) : discrepancy(v, v, u, u, mirror);
+  const auto mirror = static_cast<scalar_t>(o.kind == kInter ? -1 : 1);
+  at::Tensor d = o.kind == kInter ? discrepancy<scalar_t>(v, u, u, v, mirror)
+                                  : discrepancy<scalar_t>(v, v, u, u, mirror);
 
   const RowPass<scalar_t> row_pass{o, n, alpha.data_ptr<scalar_t>()};
   scalar_t* dp = d.data_ptr<scalar_t>();

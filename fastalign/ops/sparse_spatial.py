@@ -52,11 +52,12 @@ def _select_weights(
     largest: bool,
     exclude_diagonal: bool,
 ) -> Tensor:
+    """The weights of :func:`sparse_select` (N, M), without its argument checks."""
     n, m = e.shape
     keep = ~torch.eye(n, m, dtype=torch.bool, device=e.device) if exclude_diagonal else None
     sign = 1.0 if largest else -1.0
     if select == "topk":
-        # stable sort: ties go to the lower column index
+        # stable sort: ties go to the lower column; the diagonal (-inf) comes last, k <= M - 1
         key = sign * e if keep is None else (sign * e).masked_fill(~keep, -math.inf)
         chosen = key.sort(dim=1, descending=True, stable=True).indices[:, :k]
         return torch.zeros_like(e).scatter_(1, chosen, 1.0)
