@@ -35,4 +35,12 @@ TORCH_LIBRARY(fastalign, m) {
       "dimension_correlation_loss_forward(Tensor a, Tensor b, int mode, "
       "float off_diagonal_weight, float tau, float eps, bool need_grad, int path) "
       "-> (Tensor, Tensor, Tensor)");
+  // Sparse spatial loss of img, txt (N, D) and, when need_grad, its gradients w.r.t. img, txt
+  // and alpha (N,) (for an upstream gradient of 1; empty tensors otherwise). kind: 0 inter,
+  // 1 intra; select: 0 threshold, 1 soft, 2 topk (k used only there). Returns (loss (),
+  // grad_img (N, D), grad_txt (N, D), grad_alpha (N,)).
+  m.def(
+      "sparse_spatial_loss_forward(Tensor img, Tensor txt, Tensor alpha, int kind, int select, "
+      "int k, float temperature, bool largest, bool need_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

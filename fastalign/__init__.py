@@ -8,6 +8,7 @@ from fastalign.ops.dimension_correlation import (
     dimension_correlation_loss,
 )
 from fastalign.ops.region_word import region_word_similarity
+from fastalign.ops.sparse_spatial import sparse_select, sparse_spatial_loss
 
 __version__ = "0.1.0"
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     "region_word_similarity",
     "dimension_correlation",
     "dimension_correlation_loss",
+    "sparse_select",
+    "sparse_spatial_loss",
 ]

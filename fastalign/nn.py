@@ -9,6 +9,7 @@ from fastalign.ops.dimension_correlation import (
     dimension_correlation_loss,
 )
 from fastalign.ops.region_word import region_word_similarity
+from fastalign.ops.sparse_spatial import sparse_spatial_loss
 
 
 class RegionWordSimilarity(nn.Module):
@@ -80,3 +81,40 @@ class DimensionCorrelationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class SparseSpatialLoss(nn.Module):
+    """:func:`fastalign.sparse_spatial_loss` with its options fixed at construction.
+
+    ``forward(img (N, D), txt (N, D))`` returns the scalar loss. ``alpha`` may be an
+    ``nn.Parameter`` (0-d, or (N,) for a fixed batch size): it is registered, so that a soft
+    threshold is learned with the model.
+    """
+
+    def __init__(
+        self,
+        kind: str = "inter",
+        select: str = "threshold",
+        alpha: float | Tensor = 1.0,
+        k: int | None = None,
+        temperature: float = 0.05,
+        largest: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(alpha, nn.Parameter):
+            self.alpha = alpha  # learned with the model
+        elif isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)  # moves with the model
+        else:
+            self.alpha = alpha
+        self.options = dict(
+            kind=kind, select=select, k=k, temperature=temperature, largest=largest, backend=backend
+        )
+
+    def forward(self, img: Tensor, txt: Tensor) -> Tensor:
+        return sparse_spatial_loss(img, txt, alpha=self.alpha, **self.options)
+
+    def extra_repr(self) -> str:
+        alpha = "tensor" if isinstance(self.alpha, Tensor) else repr(self.alpha)
+        return f"alpha={alpha}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -7,6 +7,11 @@ from fastalign.ops.dimension_correlation import (
     dimension_correlation_reference,
 )
 from fastalign.ops.region_word import region_word_similarity, region_word_similarity_reference
+from fastalign.ops.sparse_spatial import (
+    sparse_select,
+    sparse_spatial_loss,
+    sparse_spatial_loss_reference,
+)
 
 __all__ = [
     "region_word_similarity",
@@ -15,4 +20,7 @@ __all__ = [
     "dimension_correlation_loss",
     "dimension_correlation_reference",
     "dimension_correlation_loss_reference",
+    "sparse_select",
+    "sparse_spatial_loss",
+    "sparse_spatial_loss_reference",
 ]

@@ -1,0 +1,177 @@
+"""sparse_spatial_loss: plain PyTorch versus fastalign.
+
+Plain: the obvious composition (F.normalize, X = 1 - cos, E = |X - X^T| or |Y - Z|, the
+off-diagonal entries, their row mean and biased std, the selection, (1/N) sum w E^2, autograd);
+fastalign: one fused call, the gradients computed in the forward. Forward, and forward +
+backward (gradients w.r.t. img and txt), for N in {128, 256, 1024, 4096}, D = 1024, float32,
+kinds inter and intra, the threshold rule (DIAS's) with alpha = 1 by default (``--select soft``
+or ``--select topk`` for the others). Time is the median of a few calls; memory is the peak rise
+during one call (see benchmarks/_runner.py).
+
+    python benchmarks/bench_sparse_spatial.py [--quick] [--device cpu|cuda] [--select ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runner import (  # noqa: E402
+    machine_description,
+    peak_memory_mib,
+    report,
+    serve_memory_request,
+    time_ms,
+)
+
+import fastalign  # noqa: E402
+
+ROWS = (128, 256, 1024, 4096)
+QUICK_ROWS = (128, 256)
+DIM = 1024
+ALPHA = 1.0
+TEMPERATURE = 0.05
+TOPK = 10
+
+
+def plain_loss(img, txt, kind, select):
+    """The obvious PyTorch composition of SPEC 1.3."""
+    n = img.shape[0]
+    u = F.normalize(img, dim=1)
+    v = F.normalize(txt, dim=1)
+    if kind == "inter":
+        x = 1 - u @ v.T
+        e = (x - x.T).abs()
+    else:
+        e = ((1 - u @ u.T) - (1 - v @ v.T)).abs()
+    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
+    e = e[off].view(n, n - 1)
+    if select == "topk":
+        w = torch.zeros_like(e).scatter_(1, e.topk(TOPK, dim=1).indices, 1.0)
+    else:
+        sigma, mu = torch.std_mean(e, dim=1, correction=0, keepdim=True)
+        margin = e - (mu + ALPHA * sigma)
+        w = (
+            (margin > 0).to(e.dtype)
+            if select == "threshold"
+            else torch.sigmoid(margin / TEMPERATURE)
+        )
+    return (w * e.square()).sum() / n
+
+
+def fastalign_loss(img, txt, kind, select):
+    return fastalign.sparse_spatial_loss(
+        img,
+        txt,
+        kind=kind,
+        select=select,
+        alpha=ALPHA,
+        k=TOPK if select == "topk" else None,
+        temperature=TEMPERATURE,
+    )
+
+
+def make_inputs(n, d, device, seed=0):
+    """Paired embeddings with a shared component, as two encoders of one pair would give."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(n, d, generator=g)
+    img = shared + 0.7 * torch.randn(n, d, generator=g)
+    txt = shared + 0.7 * torch.randn(n, d, generator=g)
+    return img.to(device), txt.to(device)
+
+
+def build_case(key: str):
+    """``key`` = n:d:impl:mode:kind:select:device; returns a zero-argument callable."""
+    n, d, impl, mode, kind, select, device = key.split(":")
+    img, txt = make_inputs(int(n), int(d), device)
+    fn = plain_loss if impl == "plain" else fastalign_loss
+    if mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                return fn(img, txt, kind, select)
+
+        return forward
+    img.requires_grad_()
+    txt.requires_grad_()
+
+    def forward_backward():
+        return torch.autograd.grad(fn(img, txt, kind, select), (img, txt))
+
+    return forward_backward
+
+
+def warmup_key(key: str) -> str:
+    """A small case of the same kind, so one-time allocations are not counted."""
+    _, _, rest = key.split(":", 2)
+    return f"64:96:{rest}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N in {128, 256}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--select", default="threshold", choices=("threshold", "soft", "topk"))
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    gaps = []
+    for n in QUICK_ROWS if args.quick else ROWS:
+        for kind in ("inter", "intra"):
+            img, txt = make_inputs(n, DIM, device)
+            with torch.no_grad():
+                want = plain_loss(img, txt, kind, args.select)
+                gap = (fastalign_loss(img, txt, kind, args.select) - want).abs()
+                gaps.append(float(gap / want.abs()))
+            repeat = args.repeat if n < 4096 else 3  # about a second a call at N = 4096
+            for mode in ("forward", "forward+backward"):
+                plain = None
+                for impl in ("plain", "fastalign"):
+                    key = f"{n}:{DIM}:{impl}:{mode}:{kind}:{args.select}:{device.type}"
+                    ms = time_ms(build_case(key), device, repeat)
+                    memory = peak_memory_mib(
+                        key, build_case(key) if device.type == "cuda" else None, device
+                    )
+                    row = _row(n, kind, impl, mode, ms, memory, plain)
+                    rows.append(row)
+                    plain = plain or (ms, memory)
+                    print(
+                        f"N={n} {kind} {impl} {mode}: {ms:.2f} ms, {memory[0]:.1f} MiB",
+                        flush=True,
+                    )
+    print(f"largest relative loss gap fastalign vs plain: {max(gaps):.1e}")
+    report(
+        rows,
+        f"sparse_spatial_{args.select}",
+        f"sparse_spatial_loss ({args.select}, D = {DIM}, float32) on {machine_description(device)}",
+    )
+
+
+def _row(n, kind, impl, mode, ms, memory, plain):
+    """One table row; working memory = peak rise minus the returned tensors."""
+    plain_ms, plain_memory = plain or (ms, memory)
+    working = max(memory[0] - memory[1], 0.0)
+    plain_working = max(plain_memory[0] - plain_memory[1], 1e-9)
+    return {
+        "N": n,
+        "kind": kind,
+        "impl": impl,
+        "mode": mode,
+        "time_ms": ms,
+        "speedup": plain_ms / ms,
+        "peak_MiB": memory[0],
+        "outputs_MiB": memory[1],
+        "working_MiB": working,
+        "working_vs_plain": f"{100 * working / plain_working:.1f}%",
+    }
+
+
+if __name__ == "__main__":
+    if not serve_memory_request(build_case, warmup_key):
+        main()

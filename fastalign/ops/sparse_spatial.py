@@ -1,0 +1,378 @@
+"""Sparse spatial loss (SPEC 1.3, DIAS L_inter / L_intra): reference, checks, dispatch, autograd.
+
+For paired global embeddings img, txt (N, D), with cosine distances X_ij = 1 - cos(img_i, txt_j),
+Y_ij = 1 - cos(img_i, img_j), Z_ij = 1 - cos(txt_i, txt_j), the discrepancy is E = |X - X^T|
+(inter: d(v_i, t_j) should equal d(v_j, t_i)) or E = |Y - Z| (intra: image-image and text-text
+structure should agree). Each row selects some of its off-diagonal entries (above mean + alpha *
+std, softly so, or its k largest) and the loss is (1/N) sum_ij w_ij E_ij^2.
+
+Both kinds are one signed matrix D with E = |D|: inter D = V U^T - U V^T, intra D = V V^T - U U^T
+for the row-normalised U, V, so dL/dD = sign(D) * dL/dE and the gradients of U and V are two
+GEMMs of an N x N coefficient matrix with V and U. The fast backends compute the loss and all
+gradients in one call; the backward only scales them by the upstream gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastalign._backends import resolve_backend
+from fastalign.ops.dimension_correlation import _check_number
+
+KINDS = ("inter", "intra")
+SELECTS = ("threshold", "soft", "topk")
+# F.normalize's default: a row of norm below it is divided by it instead (zeros stay zeros).
+NORM_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- reference
+def _row_statistics(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased std of every row of ``values`` (N, M).
+
+    A row of equal values gets exactly that value and std 0: in floating point the mean of
+    equal numbers can round away from them, and then a strict threshold would select some of
+    them on one backend and none on another. The std's gradient is 0 there (torch.std's).
+    """
+    sigma, mu = torch.std_mean(values, dim=1, correction=0)
+    low, high = values.amin(dim=1), values.amax(dim=1)
+    constant = low == high
+    return torch.where(constant, low, mu), sigma.masked_fill(constant, 0.0)
+
+
+def _select_weights(
+    e: Tensor,
+    select: str,
+    alpha: float | Tensor,
+    k: int | None,
+    temperature: float,
+    largest: bool,
+    exclude_diagonal: bool,
+) -> Tensor:
+    """The weights of :func:`sparse_select` (N, M), without its argument checks."""
+    n, m = e.shape
+    keep = ~torch.eye(n, m, dtype=torch.bool, device=e.device) if exclude_diagonal else None
+    sign = 1.0 if largest else -1.0
+    if select == "topk":
+        # stable sort: ties go to the lower column; the diagonal (-inf) comes last, k <= M - 1
+        key = sign * e if keep is None else (sign * e).masked_fill(~keep, -math.inf)
+        chosen = key.sort(dim=1, descending=True, stable=True).indices[:, :k]
+        return torch.zeros_like(e).scatter_(1, chosen, 1.0)
+    values = e if keep is None else e.masked_select(keep).view(n, m - 1)
+    mu, sigma = _row_statistics(values)
+    margin = sign * (e - (mu + sign * alpha * sigma)[:, None])
+    if select == "threshold":
+        weights = (margin > 0).to(e.dtype)
+    else:
+        weights = torch.sigmoid(margin / temperature)
+    return weights if keep is None else weights.masked_fill(~keep, 0.0)
+
+
+def sparse_spatial_loss_reference(
+    img: Tensor,
+    txt: Tensor,
+    kind: str = "inter",
+    select: str = "threshold",
+    alpha: float | Tensor = 1.0,
+    k: int | None = None,
+    temperature: float = 0.05,
+    largest: bool = True,
+) -> Tensor:
+    """Plain-PyTorch specification of :func:`sparse_spatial_loss` (forms every N x N matrix)."""
+    u = F.normalize(img, dim=1, eps=NORM_EPS)
+    v = F.normalize(txt, dim=1, eps=NORM_EPS)
+    if kind == "inter":
+        x = 1 - u @ v.T
+        e = (x - x.T).abs()
+    else:
+        e = ((1 - u @ u.T) - (1 - v @ v.T)).abs()
+    w = _select_weights(e, select, alpha, k, temperature, largest, exclude_diagonal=True)
+    return (w * e.square()).sum() / img.shape[0]
+
+
+# --------------------------------------------------------------------------- checks
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_selection(
+    select: str, alpha, k, temperature: float, largest: bool, entries: int, rows: int
+) -> None:
+    """``entries``: candidates per row (M, or M - 1 without the diagonal)."""
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}")
+    _check_number("temperature", temperature, 0.0, low_ok=False)
+    if select == "topk":
+        if k is None:
+            raise ValueError("select='topk' needs k (the number of entries kept per row)")
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise TypeError(f"k must be an int, got {type(k).__name__}")
+        if not 1 <= k <= entries:
+            raise ValueError(f"k must be in [1, {entries}] (the candidates per row), got {k}")
+    elif k is not None:
+        raise ValueError(f"k is used only with select='topk', got k={k} with select={select!r}")
+    if isinstance(alpha, Tensor):
+        if not alpha.dtype.is_floating_point:
+            raise TypeError(f"alpha must be a floating-point tensor, got {alpha.dtype}")
+        if alpha.shape not in ((), (rows,)):
+            raise ValueError(
+                f"alpha must be a float, a 0-d tensor or a ({rows},) tensor (one per row), "
+                f"got shape {tuple(alpha.shape)}"
+            )
+    else:
+        _check_number("alpha", alpha, -math.inf, low_ok=False)
+
+
+def _check_finite(name: str, x: Tensor) -> None:
+    """The reference's check; the fast backends find non-finite rows in their own pass."""
+    if torch.compiler.is_compiling():
+        return  # data-dependent: the fast backends still raise from inside their op
+    bad = (~torch.isfinite(x)).any(dim=1).nonzero()
+    if len(bad):
+        raise ValueError(
+            f"{name}[{int(bad[0, 0])}] holds a NaN or an infinity: sparse_spatial_loss needs "
+            "finite inputs"
+        )
+
+
+def _check_inputs(img, txt, backend: str) -> None:
+    for name, x in (("img", img), ("txt", txt)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if img.shape != txt.shape:
+        raise ValueError(
+            f"img and txt must have one shape (N, D) (row n of each from one matched pair), got "
+            f"{tuple(img.shape)} and {tuple(txt.shape)}"
+        )
+    if img.shape[0] < 2:
+        raise ValueError(f"img and txt need N >= 2 rows (pairs), got N = {img.shape[0]}")
+    if img.shape[1] < 1:
+        raise ValueError(f"img and txt need D >= 1 columns, got shape {tuple(img.shape)}")
+    if img.dtype != txt.dtype:
+        raise TypeError(f"img and txt must share a dtype, got {img.dtype} and {txt.dtype}")
+    if img.device != txt.device:
+        raise ValueError(f"img and txt must be on one device, got {img.device} and {txt.device}")
+    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
+    if allowed and img.dtype not in allowed:
+        raise TypeError(
+            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {img.dtype}"
+        )
+
+
+def _check_alpha_device(alpha, device: torch.device) -> None:
+    if isinstance(alpha, Tensor) and alpha.device != device:
+        raise ValueError(f"alpha must be on the inputs' device {device}, got {alpha.device}")
+
+
+# --------------------------------------------------------------------------- custom ops
+def _forward_fake(img, txt, alpha, kind, select, k, temperature, largest, need_grad):
+    shape = img.shape if need_grad else (0,)
+    alpha_shape = alpha.shape if need_grad else (0,)
+    return (
+        img.new_empty(()),
+        img.new_empty(shape),
+        txt.new_empty(shape),
+        alpha.new_empty(alpha_shape),
+    )
+
+
+@torch.library.custom_op("fastalign::sparse_spatial_loss_forward_triton", mutates_args=())
+def _forward_triton(
+    img: Tensor,
+    txt: Tensor,
+    alpha: Tensor,
+    kind: int,
+    select: int,
+    k: int,
+    temperature: float,
+    largest: bool,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastalign.kernels.triton.sparse_spatial import sparse_spatial_loss_forward
+
+    return sparse_spatial_loss_forward(
+        img, txt, alpha, kind, select, k, temperature, largest, need_grad
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad_img, grad_txt, grad_alpha = output
+    ctx.mark_non_differentiable(grad_img, grad_txt, grad_alpha)
+    ctx.save_for_backward(grad_img, grad_txt, grad_alpha)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, _grad_grad_img, _grad_grad_txt, _grad_grad_alpha):
+    """The gradients were computed in the forward for an upstream gradient of 1: returned as
+    they are when grad_loss is exactly 1 (read only eagerly on a CPU tensor, as in
+    dimension_correlation_loss), else scaled."""
+    grad_img, grad_txt, grad_alpha = ctx.saved_tensors
+    no_grad = [None] * 6
+    if grad_loss is None:
+        return None, None, None, *no_grad
+    if grad_img.numel() == 0:
+        raise RuntimeError("sparse_spatial_loss_forward ran without need_grad")
+    if (
+        type(grad_loss) is Tensor
+        and grad_loss.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and grad_loss.item() == 1.0
+    ):
+        return grad_img, grad_txt, grad_alpha, *no_grad
+    return grad_loss * grad_img, grad_loss * grad_txt, grad_loss * grad_alpha, *no_grad
+
+
+_FORWARD_OPS: dict[str, object] = {"triton": torch.ops.fastalign.sparse_spatial_loss_forward_triton}
+torch.library.register_fake("fastalign::sparse_spatial_loss_forward_triton")(_forward_fake)
+torch.library.register_autograd(
+    "fastalign::sparse_spatial_loss_forward_triton", _backward, setup_context=_setup_context
+)
+if hasattr(torch.ops.fastalign, "sparse_spatial_loss_forward"):  # the extension is loaded
+    _FORWARD_OPS["cpu"] = torch.ops.fastalign.sparse_spatial_loss_forward
+    torch.library.register_fake("fastalign::sparse_spatial_loss_forward")(_forward_fake)
+    torch.library.register_autograd(
+        "fastalign::sparse_spatial_loss_forward", _backward, setup_context=_setup_context
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def sparse_select(
+    E: Tensor,
+    select: str = "threshold",
+    alpha: float | Tensor = 1.0,
+    k: int | None = None,
+    temperature: float = 0.05,
+    largest: bool = True,
+    exclude_diagonal: bool = True,
+) -> Tensor:
+    """Per-row sparse selection weights of a score matrix (plain PyTorch).
+
+    Each row i is judged against the mean mu_i and the biased (population) std sigma_i of its
+    candidate entries (all M, or the M - 1 off the diagonal with ``exclude_diagonal``).
+
+    Args:
+        E: (N, M) finite floating-point scores; square when ``exclude_diagonal``.
+        select: ``"threshold"``: w = 1 where E_ij > mu_i + alpha_i * sigma_i, else 0;
+            ``"soft"``: w = sigmoid((E_ij - mu_i - alpha_i * sigma_i) / temperature);
+            ``"topk"``: w = 1 on the k largest entries of the row (ties to the lower column).
+        alpha: float, 0-d tensor or (N,) tensor (one per row); in soft mode a tensor that
+            requires grad receives its gradient.
+        k: entries kept per row in topk mode, 1 <= k <= candidates per row; only there.
+        temperature: of the soft mode (> 0).
+        largest: False selects the smallest entries instead: the rules above applied to -E
+            (threshold: E_ij < mu_i - alpha_i * sigma_i).
+        exclude_diagonal: the diagonal is no candidate, takes no part in mu and sigma, and
+            gets weight 0.
+
+    Returns:
+        (N, M) weights in E's dtype. Threshold and topk weights are 0 or 1 and carry no
+        gradient; soft weights are differentiable in E (mu and sigma included) and alpha. A
+        row of equal candidates has sigma = 0 exactly and selects nothing in threshold mode.
+    """
+    if not isinstance(E, Tensor):
+        raise TypeError(f"E must be a torch.Tensor, got {type(E).__name__}")
+    if E.dim() != 2 or not E.dtype.is_floating_point:
+        raise ValueError(f"E must be a 2-D floating-point tensor, got {E.dtype} {tuple(E.shape)}")
+    n, m = E.shape
+    if exclude_diagonal and n != m:
+        raise ValueError(f"exclude_diagonal needs a square E, got shape {tuple(E.shape)}")
+    entries = m - 1 if exclude_diagonal else m
+    if entries < 1:
+        raise ValueError(f"E needs at least one candidate per row, got shape {tuple(E.shape)}")
+    _check_selection(select, alpha, k, temperature, largest, entries, n)
+    _check_alpha_device(alpha, E.device)
+    if not torch.compiler.is_compiling() and not torch.isfinite(E).all():
+        raise ValueError("E holds a NaN or an infinity: sparse_select needs finite scores")
+    return _select_weights(E, select, alpha, k, temperature, largest, exclude_diagonal)
+
+
+def sparse_spatial_loss(
+    img: Tensor,
+    txt: Tensor,
+    kind: str = "inter",
+    select: str = "threshold",
+    alpha: float | Tensor = 1.0,
+    k: int | None = None,
+    temperature: float = 0.05,
+    largest: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """Sparse spatial constraint on paired global embeddings (DIAS L_inter, L_intra).
+
+    With u_i = img_i / max(||img_i||, 1e-12), v_i likewise (F.normalize's eps: a zero row
+    gives cosines 0), X = 1 - U V^T, Y = 1 - U U^T, Z = 1 - V V^T:
+    ``kind="inter"``: E = |X - X^T|; ``kind="intra"``: E = |Y - Z|. Row i selects among its
+    N - 1 off-diagonal entries with weights w_i. as :func:`sparse_select` defines them, and
+    the loss is (1/N) sum_ij w_ij E_ij^2.
+
+    Args:
+        img: (N, D) image embeddings, N >= 2; row n pairs with row n of ``txt``.
+        txt: (N, D) text embeddings, same dtype and device.
+        kind: ``"inter"`` or ``"intra"``.
+        select: ``"threshold"`` (the DIAS rule, E_ij > mu_i + alpha sigma_i), ``"soft"`` or
+            ``"topk"``; mu_i and sigma_i are the mean and biased std of row i's off-diagonal
+            entries (N = 2: one entry, sigma = 0).
+        alpha: float, 0-d tensor or (N,) tensor. In soft mode a tensor that requires grad
+            receives its gradient; in the hard modes the selection carries no gradient.
+        k: entries kept per row with ``select="topk"``, 1 <= k <= N - 1; only there.
+        temperature: of the soft mode (> 0).
+        largest: False selects the smallest discrepancies instead (see :func:`sparse_select`).
+        backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
+            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        A scalar in the inputs' dtype. Gradients flow to img and txt through the selected
+        entries and, in soft mode, also through the weights, mu_i and sigma_i (the exact
+        derivative of the loss as defined; none through sigma_i where it is 0, as torch.std)
+        and to alpha. The fast backends compute every gradient in the forward when one is
+        needed and the backward only scales them (no double backward).
+
+    Raises:
+        ValueError: when img or txt holds a NaN or an infinity, on every backend (under
+            ``torch.compile`` the reference skips this data-dependent check).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(img, Tensor):
+        raise TypeError(f"img must be a torch.Tensor, got {type(img).__name__}")
+    backend = resolve_backend(backend, img.device, "sparse_spatial_loss")
+    _check_inputs(img, txt, backend)
+    n = img.shape[0]
+    _check_selection(select, alpha, k, temperature, largest, n - 1, n)
+    _check_alpha_device(alpha, img.device)
+    if backend == "reference":
+        _check_finite("img", img)
+        _check_finite("txt", txt)
+        return sparse_spatial_loss_reference(img, txt, kind, select, alpha, k, temperature, largest)
+    if backend not in _FORWARD_OPS:
+        raise RuntimeError(f"sparse_spatial_loss: backend {backend!r} has no kernel yet")
+    if isinstance(alpha, Tensor):
+        # Only the soft weights depend smoothly on alpha: elsewhere it takes no gradient.
+        alpha = alpha if select == "soft" else alpha.detach()
+        alpha_rows = alpha.to(img.dtype).expand(n)
+    else:
+        alpha_rows = torch.full((n,), float(alpha), dtype=img.dtype, device=img.device)
+    need_grad = torch.is_grad_enabled() and (
+        img.requires_grad or txt.requires_grad or alpha_rows.requires_grad
+    )
+    loss, _, _, _ = _FORWARD_OPS[backend](
+        img.contiguous(),
+        txt.contiguous(),
+        alpha_rows,
+        KINDS.index(kind),
+        SELECTS.index(select),
+        k or 0,
+        float(temperature),
+        largest,
+        need_grad,
+    )
+    return loss
