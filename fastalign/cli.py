@@ -66,32 +66,20 @@ def _eval(args) -> None:
 
 
 def _demo(args) -> None:
-    import torch
-
     from fastalign.config import load_config
-    from fastalign.data import PrecompDataset
-    from fastalign.evaluation import evaluate, format_results
-    from fastalign.training import Trainer, evaluate_model
+    from fastalign.evaluation import chance_results, format_results
+    from fastalign.training import train_and_test
 
     config = load_config(find_config("demo_synthetic"), args.overrides)
     start = time.perf_counter()
-    trainer = Trainer(config, resume=False, progress=not args.no_progress)
-    trainer.fit()
-    test_set = PrecompDataset(
-        trainer.data_root, config.test_split, trainer.vocab, config.captions_per_image
-    )
-    results = evaluate_model(trainer.model, test_set)
+    results, trainer, test_set = train_and_test(config, progress=not args.no_progress)
     n_images = test_set.images.shape[0]
-    generator = torch.Generator().manual_seed(0)
-    chance = evaluate(
-        torch.rand(n_images, n_images * config.captions_per_image, generator=generator),
-        config.captions_per_image,
-    )
     print(
-        f"\nsynthetic test set ({n_images} images), after {time.perf_counter() - start:.0f} s "
-        f"of training on {trainer.device}:"
+        f"\nsynthetic test set ({n_images} images), after "
+        f"{time.perf_counter() - start:.0f} s of training on {trainer.device}:"
     )
     print(format_results(results))
+    chance = chance_results(n_images, config.captions_per_image)
     print(f"rSum {results['rsum']:.1f} versus {chance['rsum']:.1f} for random scores (chance)")
 
 

@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
+from fastalign.methods.dias import DiasConfig
 from fastalign.models import ModelConfig
+
+METHODS = ("baseline", "dias")
 
 
 @dataclass
@@ -47,7 +50,15 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/run"
     val_every: int = 1
+    # "baseline": the matching loss alone (VSE++, CHAN, LAPS by their model options);
+    # "dias": plus the DIAS regularizers configured in ``dias``.
+    method: str = "baseline"
     model: ModelConfig = field(default_factory=ModelConfig)
+    dias: DiasConfig = field(default_factory=DiasConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -55,13 +66,20 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
-        model = values.pop("model", {}) or {}
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        unknown_model = set(model) - {f.name for f in dataclasses.fields(ModelConfig)}
-        if unknown or unknown_model:
-            names = sorted(unknown) + sorted(f"model.{k}" for k in unknown_model)
+        sections = {name: values.pop(name, {}) or {} for name in _SECTIONS}
+        names = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise ValueError(f"{name} must be a mapping, got {section!r}")
+            known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
+            names += sorted(f"{name}.{key}" for key in set(section) - known)
+        if names:
             raise ValueError(f"unknown configuration keys: {', '.join(names)}")
-        return cls(**values, model=ModelConfig(**model))
+        return cls(**values, **{name: _SECTIONS[name](**s) for name, s in sections.items()})
+
+
+# The nested sections of a TrainConfig: ``model.embed_dim=256``, ``dias.dim_weight=0``.
+_SECTIONS = {"model": ModelConfig, "dias": DiasConfig}
 
 
 def _parse_value(text: str) -> Any:

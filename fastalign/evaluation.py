@@ -233,6 +233,13 @@ def evaluate_folds(
     return mean, per_fold
 
 
+def chance_results(n_images: int, captions_per_image: int = 5, seed: int = 0) -> dict[str, float]:
+    """:func:`evaluate` of uniformly random scores: what a model must beat."""
+    generator = torch.Generator().manual_seed(seed)
+    sims = torch.rand(n_images, n_images * captions_per_image, generator=generator)
+    return evaluate(sims, captions_per_image)
+
+
 def format_results(results: Mapping[str, float]) -> str:
     """A small aligned table of :func:`evaluate`'s (or a fold mean's) results.
 

@@ -27,6 +27,7 @@ from fastalign.data import (
 )
 from fastalign.evaluation import evaluate, similarity_matrix
 from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
+from fastalign.methods.dias import dias_regularizers, pooled_embeddings, weighted_sum
 from fastalign.models import MatchingModel, ModelConfig
 
 CHECKPOINT_FORMAT = "fastalign-checkpoint-1"
@@ -253,8 +254,9 @@ class Trainer:
         """The order fastalign.distributed expects: (regions, words, lengths, lengths)."""
         return self.model.similarity(regions, region_lengths, words, word_lengths)
 
-    def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, float]:
-        """(the loss to differentiate, its value on the global batch)."""
+    def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """(the loss to differentiate, the values on the global batch of the total ``loss``,
+        the matching loss ``loss_match`` and, with DIAS, each unweighted regularizer)."""
         c = self.config
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -267,15 +269,15 @@ class Trainer:
         batch = batch.to(self.device)
         max_violation = epoch >= c.warmup_epochs
         with autocast:
+            region_embs, word_embs = (self.ddp or self.model)(
+                batch.regions,
+                batch.region_lengths,
+                batch.captions,
+                batch.caption_lengths,
+                embeddings_only=True,
+            )
             if self.ddp is not None:
-                region_embs, word_embs = self.ddp(
-                    batch.regions,
-                    batch.region_lengths,
-                    batch.captions,
-                    batch.caption_lengths,
-                    embeddings_only=True,
-                )
-                loss = distributed.global_batch_loss(
+                match = distributed.global_batch_loss(
                     region_embs.float(),
                     batch.region_lengths,
                     word_embs.float(),
@@ -287,19 +289,35 @@ class Trainer:
                     max_violation=max_violation,
                     temperature=c.temperature,
                 )
-                value = loss.detach().clone()
-                torch.distributed.all_reduce(value)
-                return loss, value.item() / self.world_size
-            scores = self.model(
-                batch.regions, batch.region_lengths, batch.captions, batch.caption_lengths
-            )
-        scores = scores.float()
-        positives = positives_from_image_index(batch.image_index)
-        if c.loss == "infonce":
-            loss = info_nce_loss(scores, c.temperature, positives)
+            else:
+                scores = self.model.similarity(
+                    region_embs, batch.region_lengths, word_embs, batch.caption_lengths
+                ).float()
+        if self.ddp is not None:
+            match_value = match.detach().clone()
+            torch.distributed.all_reduce(match_value)
+            match_value = match_value.item() / self.world_size
         else:
-            loss = hinge_triplet_loss(scores, c.margin, max_violation, positives)
-        return loss, loss.item()
+            positives = positives_from_image_index(batch.image_index)
+            if c.loss == "infonce":
+                match = info_nce_loss(scores, c.temperature, positives)
+            else:
+                match = hinge_triplet_loss(scores, c.margin, max_violation, positives)
+            match_value = match.item()
+        values = {"loss": match_value, "loss_match": match_value}
+        if c.method != "dias":
+            return match, values
+        image_global = pooled_embeddings(region_embs.float(), batch.region_lengths)
+        text_global = pooled_embeddings(word_embs.float(), batch.caption_lengths)
+        if self.ddp is not None:  # every rank: the same regularizers of the global batch
+            image_global = distributed.all_gather_with_grad(image_global)
+            text_global = distributed.all_gather_with_grad(text_global)
+        regularizers = dias_regularizers(image_global, text_global, c.dias, c.model.backend)
+        total = match + weighted_sum(regularizers, c.dias)
+        for name, value in regularizers.items():
+            values[f"loss_{name}"] = value.item()
+            values["loss"] += c.dias.weight(name) * values[f"loss_{name}"]
+        return total, values
 
     def train_epoch(self) -> float:
         """One pass over the training set; returns the mean loss."""
@@ -312,7 +330,8 @@ class Trainer:
         bar = _progress(loader, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         total, start = 0.0, time.perf_counter()
         for k, batch in enumerate(bar):
-            loss, value = self._loss(batch, self.epoch)
+            loss, values = self._loss(batch, self.epoch)
+            value = values["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if c.grad_clip > 0:
@@ -325,12 +344,13 @@ class Trainer:
                 {
                     "epoch": self.epoch + 1,
                     "step": self.step,
-                    "loss": value,
+                    **values,
                     "lr": self.optimizer.param_groups[0]["lr"],
                 }
             )
             if self.tensorboard is not None:
-                self.tensorboard.add_scalar("train/loss", value, self.step)
+                for name, term in values.items():
+                    self.tensorboard.add_scalar(f"train/{name}", term, self.step)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{value:.4f}", pairs_per_s=f"{pairs_per_s:.0f}")
         self.scheduler.step()
@@ -402,3 +422,16 @@ def _progress(iterable, description: str, enabled: bool):
     except ImportError:
         return iterable
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+
+
+def train_and_test(
+    config: TrainConfig, progress: bool = True
+) -> tuple[dict, Trainer, PrecompDataset]:
+    """Trains ``config`` from scratch and evaluates the final model on its test split:
+    (the recall table, the trainer, the test set)."""
+    trainer = Trainer(config, resume=False, progress=progress)
+    trainer.fit()
+    test_set = PrecompDataset(
+        trainer.data_root, config.test_split, trainer.vocab, config.captions_per_image
+    )
+    return evaluate_model(trainer.model, test_set), trainer, test_set

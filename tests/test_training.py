@@ -62,10 +62,9 @@ def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
 
 
 def fastalign_chance(n_images):
-    from fastalign import evaluate
+    from fastalign.evaluation import chance_results
 
-    sims = torch.rand(n_images, n_images * 5, generator=torch.Generator().manual_seed(0))
-    return evaluate(sims)
+    return chance_results(n_images)
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):
@@ -147,8 +146,10 @@ def _distributed_worker(rank, port, config, out):
     torch.distributed.destroy_process_group()
 
 
-def test_torchrun_training_matches_one_process(tiny_data, tmp_path):
-    """2 gloo processes, each with half of every batch, follow the one-process loss curve."""
+@pytest.mark.parametrize("method", ["baseline", "dias"])
+def test_torchrun_training_matches_one_process(tiny_data, tmp_path, method):
+    """2 gloo processes, each with half of every batch, follow the one-process loss curve
+    (with DIAS: the regularizers of the gathered global batch on every rank)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -156,10 +157,11 @@ def test_torchrun_training_matches_one_process(tiny_data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = tiny_config(tiny_data, tmp_path / "ddp", epochs=2, batch_size=16)
+    config = tiny_config(tiny_data, tmp_path / "ddp", epochs=2, batch_size=16, method=method)
     mp.spawn(_distributed_worker, args=(port, config, tmp_path / "losses.pt"), nprocs=2)
     single = Trainer(
-        tiny_config(tiny_data, tmp_path / "one", epochs=2, batch_size=16), progress=False
+        tiny_config(tiny_data, tmp_path / "one", epochs=2, batch_size=16, method=method),
+        progress=False,
     )
     single.fit()
     # drop_last under DDP: compare the steps both runs took

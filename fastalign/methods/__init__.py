@@ -1,0 +1,9 @@
+"""Alignment methods built on the fused operators (SPEC section 2).
+
+The baselines (VSE++ hinge, CHAN, LAPS) are configurations of the shared backbone
+(``configs/``); the methods here add their own losses to it.
+"""
+
+from fastalign.methods.dias import DiasConfig, dias_regularizers, pooled_embeddings
+
+__all__ = ["DiasConfig", "dias_regularizers", "pooled_embeddings"]
