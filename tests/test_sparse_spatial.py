@@ -427,6 +427,21 @@ def test_torch_compile_fullgraph(select):
         torch.testing.assert_close(x, y)
 
 
+@needs_cpu_kernel
+def test_torch_compile_fullgraph_learned_alpha():
+    """A learned alpha (module parameter) gets the eager gradient under torch.compile."""
+    img, txt = make_inputs(12, 20, seed=20, dtype=torch.float32)
+    grads = []
+    for compile_it in (False, True):
+        alpha = torch.nn.Parameter(torch.tensor(0.3))
+        module = fastalign.nn.SparseSpatialLoss(select="soft", alpha=alpha, temperature=0.2)
+        fn = torch.compile(module, fullgraph=True, backend="aot_eager") if compile_it else module
+        fn(img, txt).backward()
+        grads.append(alpha.grad)
+    assert grads[0] != 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 # --------------------------------------------------------------------------- edge cases
 def available(backend):
     if fastalign.backends()[backend] != "available":

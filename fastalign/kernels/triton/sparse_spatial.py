@@ -122,6 +122,12 @@ def _discrepancy_kernel(
 
 
 @triton.jit
+def _off_diagonal(rows, row_ok, cols, N):
+    """(rows x cols) mask of the entries inside D and off its diagonal."""
+    return row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+
+
+@triton.jit
 def _selection_key(base, cols, ok, LARGEST: tl.constexpr):
     """int32 keys that order like the selection (larger first when LARGEST); -1 off limits."""
     e = tl.abs(tl.load(base + cols[None, :], mask=ok, other=0.0))
@@ -160,7 +166,7 @@ def _select_kernel(
     high = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + offs_c
-        ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+        ok = _off_diagonal(rows, row_ok, cols, N)
         e = tl.abs(tl.load(base + cols[None, :], mask=ok, other=0.0))
         total += tl.sum(e, axis=1)
         low = tl.minimum(low, tl.min(tl.where(ok, e, float("inf")), axis=1))
@@ -170,7 +176,7 @@ def _select_kernel(
     squares = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + offs_c
-        ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+        ok = _off_diagonal(rows, row_ok, cols, N)
         e = tl.abs(tl.load(base + cols[None, :], mask=ok, other=0.0))
         centered = tl.where(ok, e - mu[:, None], 0.0)
         squares += tl.sum(centered * centered, axis=1)
@@ -186,14 +192,14 @@ def _select_kernel(
             count = tl.zeros([BLOCK_R], dtype=tl.int32)
             for c0 in range(0, N, BLOCK_C):
                 cols = c0 + offs_c
-                ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+                ok = _off_diagonal(rows, row_ok, cols, N)
                 key = _selection_key(base, cols, ok, LARGEST)
                 count += tl.sum((key >= candidate[:, None]).to(tl.int32), axis=1)
             prefix = tl.where(count >= k, candidate, prefix)
         above = tl.zeros([BLOCK_R], dtype=tl.int32)
         for c0 in range(0, N, BLOCK_C):
             cols = c0 + offs_c
-            ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+            ok = _off_diagonal(rows, row_ok, cols, N)
             key = _selection_key(base, cols, ok, LARGEST)
             above += tl.sum((key > prefix[:, None]).to(tl.int32), axis=1)
         ties_wanted = k - above  # entries equal to the k-th taken, lowest columns first
@@ -202,7 +208,7 @@ def _select_kernel(
     curvature = tl.zeros([BLOCK_R], dtype=tl.float32)  # sum_j E^2 w (1 - w) / T
     for c0 in range(0, N, BLOCK_C):
         cols = c0 + offs_c
-        ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+        ok = _off_diagonal(rows, row_ok, cols, N)
         dv = tl.load(base + cols[None, :], mask=ok, other=0.0)
         e = tl.abs(dv)
         if SELECT == 2:
@@ -233,7 +239,7 @@ def _select_kernel(
             )
             for c0 in range(0, N, BLOCK_C):
                 cols = c0 + offs_c
-                ok = row_ok[:, None] & (cols < N)[None, :] & (cols[None, :] != rows[:, None])
+                ok = _off_diagonal(rows, row_ok, cols, N)
                 dv = tl.load(base + cols[None, :], mask=ok, other=0.0)
                 e = tl.abs(dv)
                 w = tl.sigmoid(sign * (e - threshold[:, None]) * inv_tau)
