@@ -7,6 +7,7 @@ from fastalign.ops.dimension_correlation import (
     dimension_correlation,
     dimension_correlation_loss,
 )
+from fastalign.ops.prototypes import prototype_assign, prototype_topk_mix, prototype_update
 from fastalign.ops.region_word import region_word_similarity
 
 __version__ = "0.1.0"
@@ -17,4 +18,7 @@ __all__ = [
     "region_word_similarity",
     "dimension_correlation",
     "dimension_correlation_loss",
+    "prototype_assign",
+    "prototype_update",
+    "prototype_topk_mix",
 ]
