@@ -558,6 +558,19 @@ def test_bad_inputs_raise(backend, op, change, error, message):
         fn(**kwargs)
 
 
+@pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
+def test_large_finite_inputs_are_accepted(backend):
+    """The finite check sums each input first: a sum that overflows must not be taken for an
+    infinity in the input."""
+    available(backend)
+    values = torch.full((4, 3), 3e38)
+    assert torch.isinf(values.sum())
+    out = fastalign.prototype_topk_mix(
+        torch.randn(2, 5), torch.randn(4, 5), values, m=2, backend=backend
+    )
+    assert torch.isfinite(out).all()
+
+
 def test_backend_dtype_is_checked():
     if fastalign.backends()["triton"] != "available":
         pytest.skip("triton not available")
@@ -575,6 +588,44 @@ def test_non_contiguous_inputs():
     want = reference_value_and_grads(prototype_assign_reference, (x, p), 48)
     for a, b in zip(got, want):
         assert_close(a, b, 1e-10)
+
+
+# --------------------------------------------------------------------------- Triton dtypes
+def half_precision_cases(device, dtype):
+    """(name, got, want) for the three operators in ``dtype`` against the float64 reference."""
+    x, p = randn(37, 40, seed=49), randn(70, 40, seed=50)
+    v = randn(70, 24, seed=51)
+    a = torch.softmax(randn(37, 70, seed=52), dim=1)
+    low = [t.to(device=device, dtype=dtype) for t in (x, p, v, a)]
+    got_soft = value_and_grads(fastalign.prototype_assign, low[:2], 53, backend="triton")
+    want_soft = reference_value_and_grads(prototype_assign_reference, (x, p), 53)
+    got_mix = value_and_grads(fastalign.prototype_topk_mix, low[:3], 54, m=4, backend="triton")
+    want_mix = reference_value_and_grads(prototype_topk_mix_reference, (x, p, v), 54, m=4)
+    sink = fastalign.prototype_assign(*low[:2], "sinkhorn", backend="triton")
+    update = fastalign.prototype_update(low[1], low[0], low[3], 0.5, backend="triton")
+    return [
+        *zip(("assign", "grad_x", "grad_p"), got_soft, want_soft),
+        *zip(("mix", "grad_q", "grad_k", "grad_v"), got_mix, want_mix),
+        ("sinkhorn", sink, prototype_assign_reference(x, p, "sinkhorn")),
+        ("update", update, prototype_update_reference(p, x, a, 0.5)),
+    ]
+
+
+def test_triton_float16_smoke():
+    """float16 through the same kernels (bfloat16 tl.dot is broken in the interpreter)."""
+    available("triton")
+    for name, got, want in half_precision_cases("cpu", torch.float16):
+        assert got.dtype == torch.float16, name
+        assert_close(got.float(), want, 2e-2, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_on_gpu_matches_reference(dtype):
+    available("triton")
+    rtol = 2e-3 if dtype == torch.float32 else 3e-2
+    for name, got, want in half_precision_cases("cuda", dtype):
+        assert_close(got.cpu(), want, rtol, name)
 
 
 # --------------------------------------------------------------------------- AOT specs

@@ -70,7 +70,7 @@ void normalize_backward(at::Tensor& g, const at::Tensor& x) {
         dot += static_cast<double>(xr[c]) * gr[c];
       }
       const double norm = std::sqrt(squares);
-      if (norm <= kNormEps) {
+      if (norm < kNormEps) {  // clamped: y = x / eps
         const auto inv = static_cast<scalar_t>(1.0 / kNormEps);
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) gr[c] *= inv;

@@ -552,7 +552,7 @@ def _normalize_backward(grad: Tensor, x: Tensor) -> Tensor:
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     unit = x / norm.clamp_min(_NORM_EPS)
     projected = grad - unit * (grad * unit).sum(dim=1, keepdim=True)
-    return torch.where(norm > _NORM_EPS, projected, grad) / norm.clamp_min(_NORM_EPS)
+    return torch.where(norm >= _NORM_EPS, projected, grad) / norm.clamp_min(_NORM_EPS)
 
 
 def prototype_assign_forward(
@@ -732,7 +732,8 @@ def prototype_update(
 
 
 def _slots(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))  # tl.dot-free, but reductions want >= 16
+    """Width of the (queries, slots) top-m tensors: a power of two >= m."""
+    return triton.next_power_of_2(m)
 
 
 _QUERY_BLOCK = 32  # queries per program of the top-m mixture
