@@ -203,14 +203,15 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
     at::Tensor buffer = at::empty({kAssignRows, k}, x.options());
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kAssignRows, rows = std::min(kAssignRows, n - r0);
-      for (int64_t r = r0; r < r0 + rows; ++r) {
+      at::Tensor tile = buffer.narrow(0, 0, rows);
+      for (int64_t r = r0; r < r0 + rows; ++r) {  // the row's dS right after its <G, P>: in L2
         double dot = 0.0;
 #pragma omp simd reduction(+ : dot)
         for (int64_t c = 0; c < k; ++c) dot += static_cast<double>(gp[r * k + c]) * ap[r * k + c];
         row_dot[r] = dot;
+        scalar_t* tile_row = tile.data_ptr<scalar_t>() + (r - r0) * k;
+        logits_gradient(gp, ap, row_dot, k, r, 1, 0, k, inv_tau, tile_row);
       }
-      at::Tensor tile = buffer.narrow(0, 0, rows);
-      logits_gradient(gp, ap, row_dot, k, r0, rows, 0, k, inv_tau, tile.data_ptr<scalar_t>());
       at::Tensor grad_rows = grad_x.narrow(0, r0, rows);
       at::mm_out(grad_rows, tile, p_unit);
     }

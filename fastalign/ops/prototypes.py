@@ -65,7 +65,11 @@ def prototype_assign_reference(
 
 
 def prototype_update_reference(
-    prototypes: Tensor, x: Tensor, assignments: Tensor, momentum: float = 0.9, normalize=False
+    prototypes: Tensor,
+    x: Tensor,
+    assignments: Tensor,
+    momentum: float = 0.9,
+    normalize: bool = False,
 ) -> Tensor:
     """Plain-PyTorch specification of :func:`prototype_update`: (K, D), no gradient."""
     prototypes, x, assignments = prototypes.detach(), x.detach(), assignments.detach()
