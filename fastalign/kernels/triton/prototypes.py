@@ -616,7 +616,8 @@ def prototype_assign_forward(
                 BLOCK_K=_COL_BLOCK,
                 num_warps=4,
             )
-    out = torch.empty(n, k, dtype=x.dtype, device=device)
+    # float32 results overwrite the logits in place (each element is read, then written)
+    out = logits if x.dtype == torch.float32 else torch.empty(n, k, dtype=x.dtype, device=device)
     _finish_kernel[(triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK))](
         logits,
         shift,
