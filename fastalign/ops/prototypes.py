@@ -24,7 +24,7 @@ from fastalign._backends import resolve_backend
 from fastalign.ops.dimension_correlation import _CPU_DTYPES, _CUDA_DTYPES, _check_number
 
 MODES = ("softmax", "hard", "sinkhorn")
-MODE_SOFTMAX, MODE_HARD, MODE_SINKHORN = range(len(MODES))
+MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
 
 
 # --------------------------------------------------------------------------- reference
