@@ -43,4 +43,31 @@ TORCH_LIBRARY(fastalign, m) {
       "sparse_spatial_loss_forward(Tensor img, Tensor txt, Tensor alpha, int kind, int select, "
       "int k, float temperature, bool largest, bool need_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Prototype assignment of x (N, D) to prototypes (K, D): mode 0 softmax, 1 hard (one-hot
+  // of the first arg-max), 2 Sinkhorn in the log domain (iters iterations); cosine scores when
+  // normalize. Returns the (N, K) assignments.
+  m.def(
+      "prototype_assign_forward(Tensor x, Tensor prototypes, int mode, float tau, int iters, "
+      "bool normalize) -> Tensor");
+  // Gradients of the softmax assignment w.r.t. x and prototypes from dL/dassignments and the
+  // assignments themselves. Returns (grad_x (N, D), grad_prototypes (K, D)).
+  m.def(
+      "prototype_assign_backward(Tensor grad, Tensor assignments, Tensor x, "
+      "Tensor prototypes, float tau, bool normalize) -> (Tensor, Tensor)");
+  // EMA of the assignment-weighted means: (K, D); prototypes without mass keep their value;
+  // rows that moved are L2-normalised when normalize.
+  m.def(
+      "prototype_update(Tensor prototypes, Tensor x, Tensor assignments, float momentum, "
+      "bool normalize) -> Tensor");
+  // MASK's top-m mixture: per query (N, D), the m keys (K, D) of highest cosine similarity,
+  // softmax of their raw dot products / tau, weighted sum of their values (K, Dv). Returns
+  // (out (N, Dv), indices (N, m) int64, weights (N, m)).
+  m.def(
+      "prototype_topk_mix_forward(Tensor queries, Tensor keys, Tensor values, int m, "
+      "float tau) -> (Tensor, Tensor, Tensor)");
+  // Gradients of the top-m mixture through the selected keys. Returns (grad_queries,
+  // grad_keys, grad_values).
+  m.def(
+      "prototype_topk_mix_backward(Tensor grad, Tensor queries, Tensor keys, Tensor values, "
+      "Tensor indices, Tensor weights, float tau) -> (Tensor, Tensor, Tensor)");
 }

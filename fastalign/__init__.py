@@ -7,6 +7,7 @@ from fastalign.ops.dimension_correlation import (
     dimension_correlation,
     dimension_correlation_loss,
 )
+from fastalign.ops.prototypes import prototype_assign, prototype_topk_mix, prototype_update
 from fastalign.ops.region_word import region_word_similarity
 from fastalign.ops.sparse_spatial import sparse_select, sparse_spatial_loss
 
@@ -20,4 +21,7 @@ __all__ = [
     "dimension_correlation_loss",
     "sparse_select",
     "sparse_spatial_loss",
+    "prototype_assign",
+    "prototype_update",
+    "prototype_topk_mix",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign.ops.dimension_correlation import (
     DEFAULT_OFF_DIAGONAL_WEIGHT,
     dimension_correlation_loss,
 )
+from fastalign.ops.prototypes import prototype_assign, prototype_update
 from fastalign.ops.region_word import region_word_similarity
 from fastalign.ops.sparse_spatial import sparse_spatial_loss
 
@@ -118,3 +121,68 @@ class SparseSpatialLoss(nn.Module):
     def extra_repr(self) -> str:
         alpha = "tensor" if isinstance(self.alpha, Tensor) else repr(self.alpha)
         return f"alpha={alpha}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class PrototypeBank(nn.Module):
+    """K prototypes of dimension D with :func:`fastalign.prototype_assign` and
+    :func:`fastalign.prototype_update` (PICO prototypes, SwAV-style codes).
+
+    The prototypes start as random unit rows (from ``generator`` when given). They are a
+    buffer updated by :meth:`update` (EMA), or an ``nn.Parameter`` trained by the optimiser
+    when ``learnable``; either way they live in ``state_dict`` under ``"prototypes"``.
+
+    ``assign(x (N, D))`` / ``forward`` returns the (N, K) assignments; ``update(x (N, D),
+    assignments (N, K))`` moves the prototypes in place and returns them.
+    """
+
+    prototypes: Tensor
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        dim: int,
+        mode: str = "softmax",
+        tau: float = 0.1,
+        iters: int = 3,
+        normalize: bool = True,
+        momentum: float = 0.9,
+        learnable: bool = False,
+        backend: str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        initial = F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
+        if learnable:
+            self.prototypes = nn.Parameter(initial)
+        else:
+            self.register_buffer("prototypes", initial)
+        self.options = dict(mode=mode, tau=tau, iters=iters, normalize=normalize, backend=backend)
+        self.momentum = momentum
+
+    def assign(self, x: Tensor, mode: str | None = None) -> Tensor:
+        """(N, K) assignments of x (N, D); ``mode`` overrides the bank's for this call."""
+        options = self.options if mode is None else {**self.options, "mode": mode}
+        return prototype_assign(x, self.prototypes, **options)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.assign(x)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, assignments: Tensor) -> Tensor:
+        """EMA step towards the assignment-weighted means of x, in place (re-normalised rows
+        when the bank assigns by cosine); returns the prototypes."""
+        moved = prototype_update(
+            self.prototypes,
+            x,
+            assignments,
+            self.momentum,
+            normalize=self.options["normalize"],
+            backend=self.options["backend"],
+        )
+        self.prototypes.copy_(moved)
+        return self.prototypes
+
+    def extra_repr(self) -> str:
+        count, dim = self.prototypes.shape
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"{count}, {dim}, {options}, momentum={self.momentum}"
