@@ -5,10 +5,9 @@ autograd; N = 4096, K in {256, 4096, 12385}, D in {300, 1024}; forward, and forw
 (gradients w.r.t. x and the prototypes). prototype_topk_mix (MASK's out-of-vocabulary mixture,
 m = 10, tau 1): plain = normalised matmul (N x K), torch.topk, gather, softmax, weighted sum;
 N in {2000, 20000}, K = 12385 (the MASK vocabulary), D = Dv = 300; forward, and forward +
-backward (w.r.t. queries, keys and values). float32. Time: plain and fastalign calls
-alternate, and each reports its fastest call (on a machine shared with other jobs the load
-changes within seconds: alternating exposes both to it alike, and the minimum is the least
-disturbed call); memory is the peak rise during one call (see benchmarks/_runner.py).
+backward (w.r.t. queries, keys and values). float32. Time: the median of plain and
+fastalign calls that alternate (a change in a shared machine's load affects both alike);
+memory is the peak rise during one call (see benchmarks/_runner.py).
 
     python benchmarks/bench_prototypes.py [--quick] [--device cpu|cuda]
 """
@@ -24,11 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
+    interleaved_times_ms,
     machine_description,
     peak_memory_mib,
     report,
     serve_memory_request,
-    time_ms,
 )
 
 import fastalign  # noqa: E402
@@ -106,18 +105,6 @@ def build_case(key: str):
 IMPLS = ("plain", "fastalign")
 
 
-def alternating_times_ms(cases: dict, rounds: int, device: torch.device) -> list[float]:
-    """Fastest call of each case in ms, the cases called in turn ``rounds`` times (after one
-    warm-up call each)."""
-    samples = {impl: [] for impl in cases}
-    for fn in cases.values():
-        time_ms(fn, device, repeat=1)
-    for _ in range(rounds):
-        for impl, fn in cases.items():
-            samples[impl].append(time_ms(fn, device, repeat=1, warmup=False))
-    return [min(samples[impl]) for impl in cases]
-
-
 def warmup_key(key: str) -> str:
     """A small case of the same kind, so one-time allocations are not counted."""
     op, _, _, _, rest = key.split(":", 4)
@@ -176,9 +163,10 @@ def main() -> None:
         for mode in ("forward", "forward+backward"):
             keys = {impl: f"{op}:{n}:{k}:{d}:{impl}:{mode}:{device.type}" for impl in IMPLS}
             cases = {impl: build_case(key) for impl, key in keys.items()}
-            times = alternating_times_ms(cases, args.repeat, device)
+            times = interleaved_times_ms(cases, device, args.repeat)
+            del cases
             plain = None
-            for impl, ms in zip(IMPLS, times, strict=True):
+            for impl, ms in times.items():
                 key = keys[impl]
                 memory = peak_memory_mib(
                     key, build_case(key) if device.type == "cuda" else None, device

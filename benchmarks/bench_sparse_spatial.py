@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
+    interleaved_times_ms,
     machine_description,
     peak_memory_mib,
     report,
     serve_memory_request,
-    time_ms,
 )
 
 import fastalign  # noqa: E402
@@ -132,9 +132,15 @@ def main() -> None:
             repeat = args.repeat if n < 4096 else 3  # about a second a call at N = 4096
             for mode in ("forward", "forward+backward"):
                 plain = None
-                for impl in ("plain", "fastalign"):
-                    key = f"{n}:{DIM}:{impl}:{mode}:{kind}:{args.select}:{device.type}"
-                    ms = time_ms(build_case(key), device, repeat)
+                keys = {
+                    impl: f"{n}:{DIM}:{impl}:{mode}:{kind}:{args.select}:{device.type}"
+                    for impl in ("plain", "fastalign")
+                }
+                cases = {impl: build_case(key) for impl, key in keys.items()}
+                times = interleaved_times_ms(cases, device, repeat)
+                del cases
+                for impl, key in keys.items():
+                    ms = times[impl]
                     memory = peak_memory_mib(
                         key, build_case(key) if device.type == "cuda" else None, device
                     )
