@@ -183,29 +183,40 @@ at::Tensor correlation_from_raw_a(const at::Tensor& a, const at::Tensor& b,
   const int64_t n = a.size(0), d = a.size(1);
   at::Tensor b_hat = at::empty({std::min(n, kProductRows), d}, b.options());
   at::Tensor c = at::empty({d, d}, a.options());
-  at::Tensor column_sums_b = at::zeros({d}, b.options());
+  std::vector<scalar_t> column_sums_b(d, scalar_t(0));
+  const scalar_t* bp = b.data_ptr<scalar_t>();
+  const scalar_t* mean_b = s.mean_b.data();
+  const scalar_t* rstd_b = s.rstd_b.data();
   for (int64_t r0 = 0; r0 < n; r0 += kProductRows) {
     const int64_t r1 = std::min(n, r0 + kProductRows);
-    standardize_block(b.data_ptr<scalar_t>(), s.mean_b.data(), s.rstd_b.data(), d, r0, r1, 0, d,
-                      b_hat.data_ptr<scalar_t>());
+    scalar_t* out = b_hat.data_ptr<scalar_t>() - r0 * d;
+    // Standardise the block and sum its columns as stored, in one pass.
+    const std::vector<double> sums =
+        column_sums<scalar_t>(r1 - r0, d, 1, [&](int64_t r, scalar_t* local) {
+          const scalar_t* src = bp + (r0 + r) * d;
+          scalar_t* dst = out + (r0 + r) * d;
+#pragma omp simd
+          for (int64_t col = 0; col < d; ++col) {
+            dst[col] = (src[col] - mean_b[col]) * rstd_b[col];
+            local[col] += dst[col];
+          }
+        });
+    for (int64_t col = 0; col < d; ++col) column_sums_b[col] += static_cast<scalar_t>(sums[col]);
     const at::Tensor b_rows = b_hat.narrow(0, 0, r1 - r0);
     const at::Tensor a_rows = a.narrow(0, r0, r1 - r0);
-    column_sums_b += b_rows.sum(0);  // in the inputs' dtype: asking for double copies the block
     if (r0 == 0) {
       at::mm_out(c, a_rows.t(), b_rows);
     } else {
       c.addmm_(a_rows.t(), b_rows);
     }
   }
-  const scalar_t* sums = column_sums_b.data_ptr<scalar_t>();
+  const scalar_t* sums = column_sums_b.data();
   at::parallel_for(0, d, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       scalar_t* row = c.data_ptr<scalar_t>() + k * d;
-      const double mean = static_cast<double>(s.mean_a[k]);
-      const double rstd = static_cast<double>(s.rstd_a[k]);
-      for (int64_t l = 0; l < d; ++l)
-        row[l] = static_cast<scalar_t>(
-            (static_cast<double>(row[l]) - mean * static_cast<double>(sums[l])) * rstd);
+      const scalar_t mean = s.mean_a[k], rstd = s.rstd_a[k];
+#pragma omp simd
+      for (int64_t l = 0; l < d; ++l) row[l] = (row[l] - mean * sums[l]) * rstd;
     }
   });
   return c;
