@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "triton>=3.2" numpy pyyaml tqdm pytest ruff ninja setuptools wheel transformers
+	$(PY) -m pip install -q "$(TORCH)" "triton>=3.2" numpy pyyaml tqdm pytest ruff ninja setuptools wheel transformers tensorboard
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
