@@ -61,6 +61,46 @@ def interleaved_times_ms(
     return {name: statistics.median(ms) for name, ms in samples.items()}
 
 
+def compare_cases(
+    labels: dict[str, object],
+    keys: dict[str, str],
+    build_case: Callable[[str], Callable[[], object]],
+    device: torch.device,
+    repeat: int,
+) -> list[dict]:
+    """Table rows comparing implementations of one case, the first one the baseline.
+
+    ``keys`` maps each implementation to its case key; every row holds ``labels``, the
+    implementation, its median time (calls interleaved), speedup over the first, peak
+    memory rise, returned tensors' size, working memory (peak - outputs) and that as a
+    share of the first's. Progress goes to stdout.
+    """
+    cases = {impl: build_case(key) for impl, key in keys.items()}
+    times = interleaved_times_ms(cases, device, repeat)
+    del cases
+    rows, first = [], None
+    for impl, key in keys.items():
+        case = build_case(key) if device.type == "cuda" else None
+        peak, outputs = peak_memory_mib(key, case, device)
+        working = max(peak - outputs, 0.0)
+        first = first or (times[impl], working)
+        rows.append(
+            {
+                **labels,
+                "impl": impl,
+                "time_ms": times[impl],
+                "speedup": first[0] / times[impl],
+                "peak_MiB": peak,
+                "outputs_MiB": outputs,
+                "working_MiB": working,
+                "working_vs_first": f"{100 * working / max(first[1], 1e-9):.1f}%",
+            }
+        )
+        label = " ".join(f"{k}={v}" for k, v in labels.items())
+        print(f"{label} {impl}: {times[impl]:.2f} ms, {peak:.1f} MiB", flush=True)
+    return rows
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

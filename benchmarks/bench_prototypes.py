@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
-    interleaved_times_ms,
+    compare_cases,
     machine_description,
-    peak_memory_mib,
     report,
     serve_memory_request,
 )
@@ -111,27 +110,6 @@ def warmup_key(key: str) -> str:
     return f"{op}:64:96:32:{rest}"
 
 
-def _row(op, n, k, d, impl, mode, ms, memory, plain):
-    """One table row; working memory = peak rise minus the returned tensors."""
-    plain_ms, plain_memory = plain or (ms, memory)
-    working = max(memory[0] - memory[1], 0.0)
-    plain_working = max(plain_memory[0] - plain_memory[1], 1e-9)
-    return {
-        "op": op,
-        "N": n,
-        "K": k,
-        "D": d,
-        "impl": impl,
-        "mode": mode,
-        "time_ms": ms,
-        "speedup": plain_ms / ms,
-        "peak_MiB": memory[0],
-        "outputs_MiB": memory[1],
-        "working_MiB": working,
-        "working_vs_plain": f"{100 * working / plain_working:.1f}%",
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the smaller shapes only")
@@ -162,18 +140,8 @@ def main() -> None:
         del inputs, want
         for mode in ("forward", "forward+backward"):
             keys = {impl: f"{op}:{n}:{k}:{d}:{impl}:{mode}:{device.type}" for impl in IMPLS}
-            cases = {impl: build_case(key) for impl, key in keys.items()}
-            times = interleaved_times_ms(cases, device, args.repeat)
-            del cases
-            plain = None
-            for impl, ms in times.items():
-                key = keys[impl]
-                memory = peak_memory_mib(
-                    key, build_case(key) if device.type == "cuda" else None, device
-                )
-                rows.append(_row(op, n, k, d, impl, mode, ms, memory, plain))
-                plain = plain or (ms, memory)
-                print(f"{op} N={n} K={k} D={d} {impl} {mode}: {ms:.1f} ms, {memory[0]:.1f} MiB")
+            labels = {"op": op, "N": n, "K": k, "D": d, "mode": mode}
+            rows += compare_cases(labels, keys, build_case, device, args.repeat)
     print(f"largest relative gap fastalign vs plain (forward): {max(gaps):.1e}")
     report(
         rows,

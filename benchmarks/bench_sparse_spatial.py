@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
-    interleaved_times_ms,
+    compare_cases,
     machine_description,
-    peak_memory_mib,
     report,
     serve_memory_request,
 )
@@ -131,51 +130,18 @@ def main() -> None:
                 gaps.append(float(gap / want.abs()))
             repeat = args.repeat if n < 4096 else 3  # about a second a call at N = 4096
             for mode in ("forward", "forward+backward"):
-                plain = None
                 keys = {
                     impl: f"{n}:{DIM}:{impl}:{mode}:{kind}:{args.select}:{device.type}"
                     for impl in ("plain", "fastalign")
                 }
-                cases = {impl: build_case(key) for impl, key in keys.items()}
-                times = interleaved_times_ms(cases, device, repeat)
-                del cases
-                for impl, key in keys.items():
-                    ms = times[impl]
-                    memory = peak_memory_mib(
-                        key, build_case(key) if device.type == "cuda" else None, device
-                    )
-                    row = _row(n, kind, impl, mode, ms, memory, plain)
-                    rows.append(row)
-                    plain = plain or (ms, memory)
-                    print(
-                        f"N={n} {kind} {impl} {mode}: {ms:.2f} ms, {memory[0]:.1f} MiB",
-                        flush=True,
-                    )
+                labels = {"N": n, "kind": kind, "mode": mode}
+                rows += compare_cases(labels, keys, build_case, device, repeat)
     print(f"largest relative loss gap fastalign vs plain: {max(gaps):.1e}")
     report(
         rows,
         f"sparse_spatial_{args.select}",
         f"sparse_spatial_loss ({args.select}, D = {DIM}, float32) on {machine_description(device)}",
     )
-
-
-def _row(n, kind, impl, mode, ms, memory, plain):
-    """One table row; working memory = peak rise minus the returned tensors."""
-    plain_ms, plain_memory = plain or (ms, memory)
-    working = max(memory[0] - memory[1], 0.0)
-    plain_working = max(plain_memory[0] - plain_memory[1], 1e-9)
-    return {
-        "N": n,
-        "kind": kind,
-        "impl": impl,
-        "mode": mode,
-        "time_ms": ms,
-        "speedup": plain_ms / ms,
-        "peak_MiB": memory[0],
-        "outputs_MiB": memory[1],
-        "working_MiB": working,
-        "working_vs_plain": f"{100 * working / plain_working:.1f}%",
-    }
 
 
 if __name__ == "__main__":
