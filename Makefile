@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench install
+.PHONY: demo test bench install cuda-compile-check cuda-link-check
 
 install: $(VENV)/.installed
 
@@ -29,4 +29,25 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m fastalign.kernels.triton.compile_check
+	$(MAKE) cuda-compile-check
 	$(PY) -m pytest -q
+
+# nvcc (CUDA_HOME) on every CUDA kernel for sm_80 and sm_90: registers, smem, spills, mma.
+CUDA_HOME ?= /usr/local/cuda-13.0
+cuda-compile-check: install
+	CUDA_HOME=$(CUDA_HOME) $(PY) -m fastalign.kernels.cuda_compile_check
+
+# The whole extension built with its CUDA kernels against a CUDA 13 torch (no GPU needed),
+# imported, and the CUDA implementations found under the CUDA dispatch key.
+CUDA_VENV ?= .venv-cuda
+CUDA_VENV_ABS = $(abspath $(CUDA_VENV))
+CUDA_TORCH ?= torch==2.14.1
+cuda-link-check:
+	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel ninja
+	CUDA_HOME=$(CUDA_HOME) FASTALIGN_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+		$(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation -e .
+	cd /tmp && $(CUDA_VENV_ABS)/bin/python -c "import torch, fastalign; \
+		op = 'fastalign::dimension_correlation_loss_forward'; \
+		ok = torch._C._dispatch_has_kernel_for_dispatch_key(op, 'CUDA'); \
+		print('CUDA kernel of', op, 'registered:', ok); raise SystemExit(0 if ok else 1)"

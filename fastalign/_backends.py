@@ -25,9 +25,24 @@ def extension_loaded() -> bool:
     return _EXTENSION_ERROR is None
 
 
-def extension_has_cuda() -> bool:
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastalign::region_word_forward", "CUDA"
+# The compiled op behind each public operator's CUDA backend (see csrc/cuda/*.cu).
+CUDA_KERNEL_OPS = {
+    "region_word_similarity": "fastalign::region_word_forward",
+    "dimension_correlation_loss": "fastalign::dimension_correlation_loss_forward",
+    "sparse_spatial_loss": "fastalign::sparse_spatial_loss_forward",
+    "prototype_assign": "fastalign::prototype_assign_forward",
+    "prototype_topk_mix": "fastalign::prototype_topk_mix_forward",
+}
+
+
+def extension_has_cuda(op: str | None = None) -> bool:
+    """True when fastalign._C holds a CUDA kernel for ``op`` (a public operator name), or for
+    any operator when ``op`` is None."""
+    if not extension_loaded():
+        return False
+    names = CUDA_KERNEL_OPS.values() if op is None else [CUDA_KERNEL_OPS.get(op, "")]
+    return any(
+        name and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in names
     )
 
 
@@ -40,8 +55,9 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def backends() -> dict[str, str]:
-    """Availability of each backend on this machine.
+def backends(op: str | None = None) -> dict[str, str]:
+    """Availability of each backend on this machine (for the public operator ``op``, or for
+    any operator when None: the CUDA kernels do not yet cover every operator).
 
     Returns a dict mapping backend name to ``"available"`` or the reason it is not.
     """
@@ -56,9 +72,9 @@ def backends() -> dict[str, str]:
         report["triton"] = "available"
     else:
         report["triton"] = "unavailable: no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
-    if extension_has_cuda() and torch.cuda.is_available():
+    if extension_has_cuda(op) and torch.cuda.is_available():
         report["cuda"] = "available"
-    elif not extension_has_cuda():
+    elif not extension_has_cuda(op):
         report["cuda"] = "unavailable: fastalign._C was built without CUDA kernels for this op"
     else:
         report["cuda"] = "unavailable: no CUDA device"
@@ -81,7 +97,7 @@ def resolve_backend(backend: str, device: torch.device, op: str) -> str:
         return "reference"
     if backend == "reference":
         return backend
-    status = backends()[backend]
+    status = backends(op)[backend]
     if status != "available":
         raise RuntimeError(f"{op}: backend {backend!r} is {status}")
     expected = {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda", "cpu")}[backend]

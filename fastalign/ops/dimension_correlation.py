@@ -183,6 +183,8 @@ if hasattr(torch.ops.fastalign, "dimension_correlation_loss_forward"):  # the ex
         _backward,
         setup_context=_setup_context,
     )
+    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
+    _FORWARD_OPS["cuda"] = torch.ops.fastalign.dimension_correlation_loss_forward
 
 
 # --------------------------------------------------------------------------- public API
@@ -232,7 +234,8 @@ def dimension_correlation_loss(
         eps: added to every column's biased variance (> 0): a constant column gives zeros,
             never NaN.
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
-            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+            ``"cpu"``, ``"triton"`` or ``"cuda"`` (the hand-written CUDA kernels of
+            csrc/cuda, when fastalign._C was built with them; they always form C).
 
     Returns:
         A scalar in the inputs' dtype. The fast backends compute the gradients w.r.t. ``a``

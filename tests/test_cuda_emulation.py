@@ -1,0 +1,90 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU through the host emulation (blocks one after
+another, the threads of a block as host threads; see csrc/cuda/host_emulation.h), against the
+plain-PyTorch reference: forward and gradients on fresh random inputs of awkward shapes."""
+
+import shutil
+
+import cuda_emulation  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+import pytest
+import torch
+
+from fastalign.ops.dimension_correlation import dimension_correlation_loss_reference
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+MODES = ("barlow", "softmax")
+# (N, D): one row tile and several, D below, at and past the 32-column blocks and 64-wide tiles.
+SHAPES = [(3, 1), (4, 5), (17, 33), (70, 65), (129, 31), (40, 130)]
+
+
+def emulated_loss(a, b, mode, weight, tau, eps, need_grad=True, path=0):
+    return cuda_emulation.ops().dimension_correlation_loss_forward(
+        a, b, MODES.index(mode), weight, tau, eps, need_grad, path
+    )
+
+
+def reference_loss_and_grads(a, b, mode, weight, tau, eps):
+    a64 = a.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    loss = dimension_correlation_loss_reference(a64, b64, mode, weight, tau, eps)
+    grad_a, grad_b = torch.autograd.grad(loss, (a64, b64))
+    return loss.detach(), grad_a, grad_b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_dimension_correlation_matches_reference(shape, mode):
+    gen = torch.Generator().manual_seed(hash((shape, mode)) % 2**31)
+    n, d = shape
+    shared = torch.randn(n, d, generator=gen)  # correlated pairs: C far from 0 and from I
+    a = shared + 0.7 * torch.randn(n, d, generator=gen) + 3.0 * torch.rand(d, generator=gen)
+    b = shared * torch.rand(d, generator=gen) + torch.randn(n, d, generator=gen)
+    weight, tau, eps = 0.37, 0.3, 1e-5
+    loss, grad_a, grad_b = emulated_loss(a, b, mode, weight, tau, eps)
+    want_loss, want_a, want_b = reference_loss_and_grads(a, b, mode, weight, tau, eps)
+    assert loss.dtype == torch.float32 and grad_a.shape == a.shape and grad_b.shape == b.shape
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
+    scale = max(want_a.abs().max().item(), want_b.abs().max().item(), 1e-6)
+    torch.testing.assert_close(grad_a.double() / scale, want_a / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(grad_b.double() / scale, want_b / scale, rtol=0, atol=2e-5)
+    # Without a gradient: the same loss, empty gradient outputs.
+    loss_only, empty_a, empty_b = emulated_loss(a, b, mode, weight, tau, eps, need_grad=False)
+    assert empty_a.numel() == 0 and empty_b.numel() == 0
+    torch.testing.assert_close(loss_only, loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dimension_correlation_half_inputs(dtype):
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(23, 37, generator=gen).to(dtype)
+    b = (a.float() + torch.randn(23, 37, generator=gen)).to(dtype)
+    loss, grad_a, grad_b = emulated_loss(a, b, "barlow", 0.05, 0.1, 1e-5)
+    want_loss, want_a, want_b = reference_loss_and_grads(a, b, "barlow", 0.05, 0.1, 1e-5)
+    assert loss.dtype == dtype and grad_a.dtype == dtype
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_a.double(), want_a, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grad_b.double(), want_b, rtol=2e-2, atol=2e-3)
+
+
+def test_dimension_correlation_constant_column_gives_zeros_not_nan():
+    a = torch.randn(9, 4)
+    b = torch.randn(9, 4)
+    a[:, 2] = 5.0
+    loss, grad_a, grad_b = emulated_loss(a, b, "softmax", 0.1, 0.2, 1e-5)
+    want_loss, want_a, want_b = reference_loss_and_grads(a, b, "softmax", 0.1, 0.2, 1e-5)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad_a.double(), want_a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_dimension_correlation_names_the_non_finite_column(which):
+    a, b = torch.randn(6, 40), torch.randn(6, 40)
+    (a if which == "a" else b)[3, 35] = float("nan")
+    with pytest.raises(ValueError, match=rf"{which}\[:, 35\] holds a NaN or an infinity"):
+        emulated_loss(a, b, "barlow", 0.1, 0.1, 1e-5)
+
+
+def test_dimension_correlation_rejects_the_gram_path():
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="path must be 0 .auto. or 1, got 2"):
+        emulated_loss(a, b, "barlow", 0.1, 0.1, 1e-5, path=2)
