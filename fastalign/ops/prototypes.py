@@ -418,7 +418,10 @@ def prototype_topk_mix(
 
     For every query: the m keys of highest cosine similarity (the lowest index first among
     equal similarities), a softmax over the raw dot products query . key of those m divided by
-    tau, and the weighted sum of their values.
+    tau, and the weighted sum of their values. Equal means equal as computed: the reference
+    normalises, then multiplies; the fast backends multiply, then scale by the inverse norms.
+    Keys that tie exactly in one (every key when D = 1, where all cosines are +-1) may differ
+    by a rounding step in the other, so such ties can go to different keys across backends.
 
     Args:
         queries: (N, D), e.g. the word vectors of out-of-vocabulary words.
