@@ -10,12 +10,11 @@ D, use the two N x N Gram matrices instead of C: ||C||_F^2 = <A A^T, B B^T>_F / 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
+from fastalign.ops._checks import check_number, check_paired_rows
 
 MODES = ("barlow", "softmax")
 # Barlow Twins' lambda (Zbontar et al., 2021): the off-diagonal sum has D (D - 1) terms against
@@ -58,47 +57,8 @@ def dimension_correlation_loss_reference(
 
 
 # --------------------------------------------------------------------------- checks
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_number(name: str, value: float, low: float, low_ok: bool) -> None:
-    """A finite real number above ``low`` (or equal to it when ``low_ok``)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not (math.isfinite(value) and (value > low or (low_ok and value == low))):
-        expected = f">= {low}" if low_ok else f"> {low}"
-        raise ValueError(f"{name} must be a finite number {expected}, got {value}")
-
-
 def _check_inputs(a, b, backend: str) -> None:
-    for name, x in (("a", a), ("b", b)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"a and b must have one shape (N, D) (row n of each from one matched pair), got "
-            f"{tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if a.shape[0] < 2:
-        raise ValueError(
-            f"a and b need N >= 2 rows to standardise their columns, got N = {a.shape[0]}"
-        )
-    if a.shape[1] < 1:
-        raise ValueError(f"a and b need D >= 1 columns, got shape {tuple(a.shape)}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must share a dtype, got {a.dtype} and {b.dtype}")
-    if a.device != b.device:
-        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
-    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
-    if allowed and a.dtype not in allowed:
-        raise TypeError(
-            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {a.dtype}"
-        )
+    check_paired_rows(a, b, ("a", "b"), backend, "to standardise their columns")
 
 
 def _check_finite(a: Tensor, b: Tensor) -> None:
@@ -201,7 +161,7 @@ def dimension_correlation(a: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
         (D, D) C[k, l] = correlation of column k of a with column l of b over the N rows, in
         the inputs' dtype; differentiable (plain PyTorch: the loss below is the fused path).
     """
-    _check_number("eps", eps, 0.0, low_ok=False)
+    check_number("eps", eps, 0.0, low_ok=False)
     _check_inputs(a, b, "reference")
     _check_finite(a, b)
     return dimension_correlation_reference(a, b, eps)
@@ -249,9 +209,9 @@ def dimension_correlation_loss(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_number("off_diagonal_weight", off_diagonal_weight, 0.0, low_ok=True)
-    _check_number("tau", tau, 0.0, low_ok=False)
-    _check_number("eps", eps, 0.0, low_ok=False)
+    check_number("off_diagonal_weight", off_diagonal_weight, 0.0, low_ok=True)
+    check_number("tau", tau, 0.0, low_ok=False)
+    check_number("eps", eps, 0.0, low_ok=False)
     if not isinstance(a, Tensor):
         raise TypeError(f"a must be a torch.Tensor, got {type(a).__name__}")
     backend = resolve_backend(backend, a.device, "dimension_correlation_loss")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops.dimension_correlation import _CPU_DTYPES, _CUDA_DTYPES, _check_number
+from fastalign.ops._checks import check_backend_dtype, check_number
 
 MODES = ("softmax", "hard", "sinkhorn")
 MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
@@ -114,11 +114,7 @@ def _check_inputs(named: dict[str, Tensor], backend: str) -> None:
             raise ValueError(
                 f"{first} and {name} must be on one device, got {x0.device} and {x.device}"
             )
-    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
-    if allowed and x0.dtype not in allowed:
-        raise TypeError(
-            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {x0.dtype}"
-        )
+    check_backend_dtype(x0.dtype, backend)
     if torch.compiler.is_compiling():
         return  # data-dependent: skipped while tracing
     for name, x in named.items():
@@ -338,7 +334,7 @@ def prototype_assign(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_number("tau", tau, 0.0, low_ok=False)
+    check_number("tau", tau, 0.0, low_ok=False)
     _check_int("iters", iters, 1)
     _check_matrix("x", x)
     backend = resolve_backend(backend, x.device, "prototype_assign")
@@ -381,7 +377,7 @@ def prototype_update(
         A new (K, D) tensor, never requiring grad. A prototype whose assignments sum to 0
         keeps its value (and is not re-normalised).
     """
-    _check_number("momentum", momentum, 0.0, low_ok=True)
+    check_number("momentum", momentum, 0.0, low_ok=True)
     if momentum > 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     _check_matrix("prototypes", prototypes)
@@ -438,7 +434,7 @@ def prototype_topk_mix(
         m selected keys (the selection itself carries no gradient).
     """
     _check_int("m", m, 1)
-    _check_number("tau", tau, 0.0, low_ok=False)
+    check_number("tau", tau, 0.0, low_ok=False)
     _check_matrix("queries", queries)
     backend = resolve_backend(backend, queries.device, "prototype_topk_mix")
     _check_inputs({"queries": queries, "keys": keys, "values": values}, backend)

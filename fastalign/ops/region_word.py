@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
+from fastalign.ops._checks import check_backend_dtype
 
 DIRECTIONS = ("t2i", "i2t", "both")
 ALIGNS = ("max", "lse")
@@ -91,8 +92,6 @@ def region_word_similarity_reference(
 
 
 # --------------------------------------------------------------------------- checks
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -162,11 +161,7 @@ def _check_inputs(regions, words, backend: str) -> None:
         raise ValueError(
             f"regions and words must be on one device, got {regions.device} and {words.device}"
         )
-    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
-    if allowed and regions.dtype not in allowed:
-        raise TypeError(
-            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {regions.dtype}"
-        )
+    check_backend_dtype(regions.dtype, backend)
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops.dimension_correlation import _check_number
+from fastalign.ops._checks import check_number, check_paired_rows
 
 KINDS = ("inter", "intra")
 SELECTS = ("threshold", "soft", "topk")
@@ -94,8 +94,6 @@ def sparse_spatial_loss_reference(
 
 
 # --------------------------------------------------------------------------- checks
-_CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_selection(
@@ -106,7 +104,7 @@ def _check_selection(
         raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     if not isinstance(largest, bool):
         raise TypeError(f"largest must be a bool, got {type(largest).__name__}")
-    _check_number("temperature", temperature, 0.0, low_ok=False)
+    check_number("temperature", temperature, 0.0, low_ok=False)
     if select == "topk":
         if k is None:
             raise ValueError("select='topk' needs k (the number of entries kept per row)")
@@ -125,7 +123,7 @@ def _check_selection(
                 f"got shape {tuple(alpha.shape)}"
             )
     else:
-        _check_number("alpha", alpha, -math.inf, low_ok=False)
+        check_number("alpha", alpha, -math.inf, low_ok=False)
 
 
 def _check_finite(name: str, x: Tensor) -> None:
@@ -141,31 +139,7 @@ def _check_finite(name: str, x: Tensor) -> None:
 
 
 def _check_inputs(img, txt, backend: str) -> None:
-    for name, x in (("img", img), ("txt", txt)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if img.shape != txt.shape:
-        raise ValueError(
-            f"img and txt must have one shape (N, D) (row n of each from one matched pair), got "
-            f"{tuple(img.shape)} and {tuple(txt.shape)}"
-        )
-    if img.shape[0] < 2:
-        raise ValueError(f"img and txt need N >= 2 rows (pairs), got N = {img.shape[0]}")
-    if img.shape[1] < 1:
-        raise ValueError(f"img and txt need D >= 1 columns, got shape {tuple(img.shape)}")
-    if img.dtype != txt.dtype:
-        raise TypeError(f"img and txt must share a dtype, got {img.dtype} and {txt.dtype}")
-    if img.device != txt.device:
-        raise ValueError(f"img and txt must be on one device, got {img.device} and {txt.device}")
-    allowed = {"cpu": _CPU_DTYPES, "triton": _CUDA_DTYPES, "cuda": _CUDA_DTYPES}.get(backend)
-    if allowed and img.dtype not in allowed:
-        raise TypeError(
-            f"backend {backend!r} supports dtypes {[str(d) for d in allowed]}, got {img.dtype}"
-        )
+    check_paired_rows(img, txt, ("img", "txt"), backend, "(pairs)")
 
 
 def _check_alpha_device(alpha, device: torch.device) -> None:
