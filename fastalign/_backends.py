@@ -35,15 +35,20 @@ CUDA_KERNEL_OPS = {
 }
 
 
+# Asked of the dispatcher once, at import (when fastalign._C has registered its kernels): the
+# query cannot be traced, and torch.compile(fullgraph=True) must get through resolve_backend.
+_HAS_CUDA_KERNEL = {
+    op: extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    for op, name in CUDA_KERNEL_OPS.items()
+}
+
+
 def extension_has_cuda(op: str | None = None) -> bool:
     """True when fastalign._C holds a CUDA kernel for ``op`` (a public operator name), or for
     any operator when ``op`` is None."""
-    if not extension_loaded():
-        return False
-    names = CUDA_KERNEL_OPS.values() if op is None else [CUDA_KERNEL_OPS.get(op, "")]
-    return any(
-        name and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA") for name in names
-    )
+    if op is None:
+        return any(_HAS_CUDA_KERNEL.values())
+    return _HAS_CUDA_KERNEL.get(op, False)
 
 
 def triton_interpret() -> bool:
@@ -51,8 +56,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def backends(op: str | None = None) -> dict[str, str]:
