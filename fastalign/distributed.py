@@ -114,8 +114,11 @@ def setup_from_env(
 
 
 def cleanup() -> None:
-    """Destroy the default process group, if there is one."""
+    """Destroy the default process group, if there is one, once every rank has got here: a
+    rank that tore its connections down while another still finished a collective on them
+    would make gloo abort that process."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from fastalign import distributed
 from fastalign.cli import main
 from fastalign.config import TrainConfig, load_config
 from fastalign.data import generate_synthetic
@@ -143,7 +144,7 @@ def _distributed_worker(rank, port, config, out):
     trainer.fit()
     if rank == 0:
         torch.save([row["loss"] for row in trainer.history if "val_rsum" not in row], out)
-    torch.distributed.destroy_process_group()
+    distributed.cleanup()
 
 
 @pytest.mark.parametrize("method", ["baseline", "dias"])
