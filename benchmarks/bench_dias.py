@@ -37,12 +37,7 @@ from fastalign.cli import find_config  # noqa: E402
 from fastalign.config import load_config  # noqa: E402
 from fastalign.evaluation import RESULT_KEYS, chance_results  # noqa: E402
 from fastalign.losses import hinge_triplet_loss  # noqa: E402
-from fastalign.methods.dias import (  # noqa: E402
-    DiasConfig,
-    dias_regularizers,
-    pooled_embeddings,
-    weighted_sum,
-)
+from fastalign.methods.dias import DiasConfig, dias_loss  # noqa: E402
 from fastalign.training import train_and_test  # noqa: E402
 
 DIAS = DiasConfig()  # SPEC's defaults: weights 10 / 0.05 / 0.1, barlow, threshold alpha 1
@@ -82,13 +77,11 @@ def build_case(key: str):
         region_embs, region_lengths, word_embs, word_lengths = embeddings(device)
         backend = "reference" if impl == "plain" else "auto"
 
-        def dias_loss():
-            image = pooled_embeddings(region_embs, region_lengths)
-            text = pooled_embeddings(word_embs, word_lengths)
-            loss = weighted_sum(dias_regularizers(image, text, DIAS, backend), DIAS)
+        def dias_loss_and_gradients():
+            loss, _ = dias_loss(region_embs, region_lengths, word_embs, word_lengths, DIAS, backend)
             return torch.autograd.grad(loss, (region_embs, word_embs))
 
-        return dias_loss
+        return dias_loss_and_gradients
 
     model = make_model("fastalign", device)
     batch = make_batch(device)
@@ -100,9 +93,7 @@ def build_case(key: str):
         scores = model.similarity(region_embs, batch[1], word_embs, batch[3])
         loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
         if with_dias:
-            image = pooled_embeddings(region_embs, batch[1])
-            text = pooled_embeddings(word_embs, batch[3])
-            loss = loss + weighted_sum(dias_regularizers(image, text, DIAS), DIAS)
+            loss = loss + dias_loss(region_embs, batch[1], word_embs, batch[3], DIAS)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

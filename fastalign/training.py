@@ -27,7 +27,7 @@ from fastalign.data import (
 )
 from fastalign.evaluation import evaluate, similarity_matrix
 from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
-from fastalign.methods.dias import dias_regularizers, pooled_embeddings, weighted_sum
+from fastalign.methods.dias import dias_loss
 from fastalign.models import MatchingModel, ModelConfig
 
 CHECKPOINT_FORMAT = "fastalign-checkpoint-1"
@@ -56,14 +56,18 @@ def load_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def caption_tokenizer(model_config: ModelConfig, state: dict | None = None):
+def caption_tokenizer(
+    model_config: ModelConfig, state: dict | None, root: Path | None = None, split: str = "train"
+):
     """The captions' tokenizer: BERT's own for the BERT encoder, else the vocabulary saved in
-    ``state`` (a checkpoint's) or, without one, None (the trainer builds it)."""
+    ``state`` (a checkpoint's), else one built from the ``split`` captions under ``root``."""
     if model_config.text_encoder == "bert":
         from fastalign.bert import BertCaptionTokenizer  # transformers is optional
 
         return BertCaptionTokenizer(model_config.bert_path)
-    return None if state is None else Vocabulary.from_dict(state)
+    if state is not None:
+        return Vocabulary.from_dict(state)
+    return Vocabulary.build(read_captions(root, split))
 
 
 def build_model(checkpoint: dict) -> tuple[MatchingModel, Vocabulary]:
@@ -180,9 +184,9 @@ class Trainer:
         self.data_root, vectors = self._data_root()
         root = self.data_root
         checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
-        self.vocab = caption_tokenizer(config.model, checkpoint["vocab"] if checkpoint else None)
-        if self.vocab is None:
-            self.vocab = Vocabulary.build(read_captions(root, config.train_split))
+        self.vocab = caption_tokenizer(
+            config.model, checkpoint["vocab"] if checkpoint else None, root, config.train_split
+        )
         word_vectors = None
         if vectors is not None and checkpoint is None and config.model.text_encoder == "bigru":
             word_vectors, _ = load_word_vectors(vectors, self.vocab, dim=config.model.word_dim)
@@ -307,13 +311,17 @@ class Trainer:
         values = {"loss": match_value, "loss_match": match_value}
         if c.method != "dias":
             return match, values
-        image_global = pooled_embeddings(region_embs.float(), batch.region_lengths)
-        text_global = pooled_embeddings(word_embs.float(), batch.caption_lengths)
-        if self.ddp is not None:  # every rank: the same regularizers of the global batch
-            image_global = distributed.all_gather_with_grad(image_global)
-            text_global = distributed.all_gather_with_grad(text_global)
-        regularizers = dias_regularizers(image_global, text_global, c.dias, c.model.backend)
-        total = match + weighted_sum(regularizers, c.dias)
+        weighted, regularizers = dias_loss(
+            region_embs,
+            batch.region_lengths,
+            word_embs,
+            batch.caption_lengths,
+            c.dias,
+            c.model.backend,
+            # under DDP every rank computes the same regularizers of the global batch
+            gather=distributed.all_gather_with_grad if self.ddp is not None else None,
+        )
+        total = match + weighted
         for name, value in regularizers.items():
             values[f"loss_{name}"] = value.item()
             values["loss"] += c.dias.weight(name) * values[f"loss_{name}"]

@@ -4,6 +4,6 @@ The baselines (VSE++ hinge, CHAN, LAPS) are configurations of the shared backbon
 (``configs/``); the methods here add their own losses to it.
 """
 
-from fastalign.methods.dias import DiasConfig, dias_regularizers, pooled_embeddings
+from fastalign.methods.dias import DiasConfig, dias_loss, dias_regularizers, pooled_embeddings
 
-__all__ = ["DiasConfig", "dias_regularizers", "pooled_embeddings"]
+__all__ = ["DiasConfig", "dias_loss", "dias_regularizers", "pooled_embeddings"]

@@ -24,6 +24,7 @@ which is then not computed at all (the ablation switch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,3 +115,28 @@ def dias_regularizers(
 def weighted_sum(terms: dict[str, Tensor], config: DiasConfig) -> Tensor | float:
     """sum_term w_term * term over the computed terms (0.0 when none is)."""
     return sum((config.weight(name) * value for name, value in terms.items()), 0.0)
+
+
+def dias_loss(
+    region_embs: Tensor,
+    region_lengths: Tensor | None,
+    word_embs: Tensor,
+    word_lengths: Tensor | None,
+    config: DiasConfig,
+    backend: str = "auto",
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor | float, dict[str, Tensor]]:
+    """The weighted DIAS regularizers of a batch's local embeddings, and the unweighted terms.
+
+    The (B, R, D) region and (B, L, D) word embeddings are mean-pooled over their valid
+    tokens (in float32 at least); ``gather`` (for example
+    :func:`fastalign.distributed.all_gather_with_grad`) maps the pooled (B, D) embeddings to
+    the global batch's before the terms are computed.
+    """
+    dtype = torch.promote_types(region_embs.dtype, torch.float32)
+    image = pooled_embeddings(region_embs.to(dtype), region_lengths)
+    text = pooled_embeddings(word_embs.to(dtype), word_lengths)
+    if gather is not None:
+        image, text = gather(image), gather(text)
+    terms = dias_regularizers(image, text, config, backend)
+    return weighted_sum(terms, config), terms
