@@ -61,6 +61,31 @@ def interleaved_times_ms(
     return {name: statistics.median(ms) for name, ms in samples.items()}
 
 
+def operator_case(
+    fn: Callable[..., torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    mode: str,
+    upstream: torch.Tensor | None = None,
+) -> Callable[[], object]:
+    """A zero-argument call of ``fn(*inputs)``: ``"forward"`` under no_grad, or
+    ``"forward+backward"``, returning the inputs' gradients (for ``upstream``, or for a
+    scalar output)."""
+    if mode == "forward":
+
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return forward
+    for x in inputs:
+        x.requires_grad_()
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*inputs), inputs, upstream)
+
+    return forward_backward
+
+
 def compare_cases(
     labels: dict[str, object],
     keys: dict[str, str],

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
     compare_cases,
     machine_description,
+    operator_case,
     report,
     serve_memory_request,
 )
@@ -80,20 +81,7 @@ def build_case(key: str):
     n, d, impl, mode, loss, device = key.split(":")
     a, b = make_inputs(int(n), int(d), device)
     fn = plain_loss if impl == "plain" else fastalign_loss
-    if mode == "forward":
-
-        def forward():
-            with torch.no_grad():
-                return fn(a, b, loss)
-
-        return forward
-    a.requires_grad_()
-    b.requires_grad_()
-
-    def forward_backward():
-        return torch.autograd.grad(fn(a, b, loss), (a, b))
-
-    return forward_backward
+    return operator_case(lambda a, b: fn(a, b, loss), (a, b), mode)
 
 
 def warmup_key(key: str) -> str:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
     compare_cases,
     machine_description,
+    operator_case,
     report,
     serve_memory_request,
 )
@@ -83,22 +84,11 @@ def build_case(key: str):
         ("topk", "plain"): plain_topk_mix,
         ("topk", "fastalign"): fastalign_topk_mix,
     }[op, impl]
-    if mode == "forward":
-
-        def forward():
-            with torch.no_grad():
-                return fn(*inputs)
-
-        return forward
-    for x in inputs:
-        x.requires_grad_()
-    out_shape = fn(*inputs).shape
-    upstream = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(device)
-
-    def forward_backward():
-        return torch.autograd.grad(fn(*inputs), inputs, upstream)
-
-    return forward_backward
+    upstream = None
+    if mode != "forward":
+        out_shape = fn(*inputs).shape
+        upstream = torch.randn(out_shape, generator=torch.Generator().manual_seed(1)).to(device)
+    return operator_case(fn, inputs, mode, upstream)
 
 
 IMPLS = ("plain", "fastalign")

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
     compare_cases,
     machine_description,
+    operator_case,
     report,
     serve_memory_request,
 )
@@ -89,20 +90,7 @@ def build_case(key: str):
     n, d, impl, mode, kind, select, device = key.split(":")
     img, txt = make_inputs(int(n), int(d), device)
     fn = plain_loss if impl == "plain" else fastalign_loss
-    if mode == "forward":
-
-        def forward():
-            with torch.no_grad():
-                return fn(img, txt, kind, select)
-
-        return forward
-    img.requires_grad_()
-    txt.requires_grad_()
-
-    def forward_backward():
-        return torch.autograd.grad(fn(img, txt, kind, select), (img, txt))
-
-    return forward_backward
+    return operator_case(lambda img, txt: fn(img, txt, kind, select), (img, txt), mode)
 
 
 def warmup_key(key: str) -> str:
