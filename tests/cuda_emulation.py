@@ -1,6 +1,6 @@
-"""Builds and loads the host emulation of the CUDA kernels (csrc/emulation/emulated_ops.cpp):
-the kernels of csrc/cuda compiled by g++ against csrc/cuda/host_emulation.h, registered as
-``torch.ops.fastalign_emulated.<op>`` on CPU tensors."""
+"""Builds and loads the host emulation of the CUDA kernels (csrc/emulation/*.cpp, one file per
+operator): the kernels of csrc/cuda compiled by g++ against csrc/cuda/host_emulation.h,
+registered as ``torch.ops.fastalign_emulated.<op>`` on CPU tensors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "csrc" / "emulation" / "emulated_ops.cpp"]
+SOURCES = sorted((ROOT / "csrc" / "emulation").glob("*.cpp"))
 BUILD_DIR = ROOT / "build" / "cuda_emulation"
 
 

@@ -1,6 +1,6 @@
 // Host side of the CUDA dimension-correlation loss: checks, workspaces and the kernel launches.
 // Shared by the nvcc build (dimension_correlation.cu, CUDA tensors) and the host emulation
-// (csrc/emulation/emulated_ops.cpp, CPU tensors): FA_LAUNCH decides where the kernels run.
+// (csrc/emulation/dimension_correlation.cpp, CPU tensors): FA_LAUNCH decides where the kernels run.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,19 +9,9 @@
 #include <tuple>
 
 #include "dimension_correlation.cuh"
-#include "launch.h"
+#include "gemm_host.h"
 
 namespace fastalign_cuda {
-
-inline int ceil_div(long a, long b) { return static_cast<int>((a + b - 1) / b); }
-
-// out (m x n, row-major) = scale * A B with A(i, k) = a[i * a_sm + k * a_sk] etc.
-inline void strided_gemm(const float* a, const float* b, float* out, int m, int n, int k,
-                         long a_sm, long a_sk, long b_sk, long b_sn, float scale) {
-  const fa_dim3 grid(ceil_div(n, kTileN), ceil_div(m, kTileM));
-  FA_LAUNCH(strided_gemm_kernel, grid, fa_dim3(kGemmThreads), a, b, out, m, n, k, a_sm, a_sk,
-            b_sk, b_sn, static_cast<long>(n), scale);
-}
 
 // The schema fastalign::dimension_correlation_loss_forward (csrc/ops.cpp); the CUDA kernels
 // always go through C (path 0 or 1).

@@ -1,12 +1,11 @@
-// Test-only extension: the CUDA kernels of csrc/cuda, compiled by the host compiler against the
-// emulation in csrc/cuda/host_emulation.h and run on CPU tensors. Registered as
-// torch.ops.fastalign_emulated.<op> with the schemas of the real ops (tests/cuda_emulation.py
-// builds and loads it).
+// Test-only: the CUDA dimension-correlation kernels compiled by the host compiler against
+// csrc/cuda/host_emulation.h and registered as torch.ops.fastalign_emulated.<op> on CPU tensors,
+// with the schema of the real op (tests/cuda_emulation.py builds every file of this folder).
 #include <torch/library.h>
 
 #include "../cuda/dimension_correlation_host.h"
 
-TORCH_LIBRARY(fastalign_emulated, m) {
+TORCH_LIBRARY_FRAGMENT(fastalign_emulated, m) {
   m.def(
       "dimension_correlation_loss_forward(Tensor a, Tensor b, int mode, "
       "float off_diagonal_weight, float tau, float eps, bool need_grad, int path) "
