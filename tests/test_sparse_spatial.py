@@ -291,6 +291,27 @@ def test_cpu_float32(kind, select, largest):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("shape", [(150, 45), (97, 200), (260, 129)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("select", ["threshold", "topk"])
+def test_cpu_float32_sparse_gradient_products(shape, kind, select):
+    """A hard selection of a sixth or less of each row: the float32 gradient products gather
+    over the nonzeros (csrc/cpu/sparse_rows_matmul.h, on AVX-512 machines), here with D across
+    the 16-lane groups and the 128-column chunks."""
+    n, d = shape
+    seed = seed_of("sparse", shape, kind, select)
+    options = options_for(select, n, alpha=1.2) | ({"k": n // 8} if select == "topk" else {})
+    img, txt = separated_inputs(n, d, seed, kind, options, True, torch.float32, margin=3e-6)
+    weights = fastalign.sparse_select(discrepancy(img, txt, kind), **options)
+    mirrored = (weights != 0) | (weights != 0).T
+    assert mirrored.double().mean() < 0.35  # the products take the gather path
+    kw = dict(kind=kind, **options)
+    got = loss_and_grads(fastalign.sparse_spatial_loss, img, txt, 1.3, backend="cpu", **kw)
+    want = reference_loss_and_grads(img, txt, 1.3, **kw)
+    assert_matches(got, want, 5e-4, context=f"{shape} {kind} {select}")
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("select", SELECTS)
 def test_cpu_fresh_random_inputs(select):
     """Random shapes (N 2..400, D 1..200) and options from an unseeded generator."""

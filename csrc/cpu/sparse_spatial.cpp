@@ -6,7 +6,8 @@
 // the multiply-adds of the full products). One pass over the rows gives each row's mean and
 // biased std (in double), selection, loss and, with a gradient, overwrites the row with
 // Gamma = dL/dD (row-local). A tiled pass turns Gamma into Omega = Gamma +- Gamma^T in place,
-// and two GEMMs with U and V give the gradients of the normalised rows.
+// and two products with U and V give the gradients of the normalised rows: GEMMs, or for a
+// hard selection (mostly zeros in Omega) a gather over the nonzeros (sparse_rows_matmul.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,6 +18,8 @@
 #include <numeric>
 #include <utility>
 #include <vector>
+
+#include "sparse_rows_matmul.h"
 
 namespace fastalign {
 namespace {
@@ -295,8 +298,13 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
 
   add_transpose_in_place<scalar_t>(d, mirror);
   // inter: dL/dU = -Omega V, dL/dV = Omega U; intra: dL/dU = -Omega U, dL/dV = Omega V.
-  at::mm_out(grad_img, d, o.kind == kInter ? v : u);
-  at::mm_out(grad_txt, d, o.kind == kInter ? u : v);
+  // A hard selection leaves Omega mostly zeros: its nonzeros alone then make both products.
+  const at::Tensor& x_img = o.kind == kInter ? v : u;
+  const at::Tensor& x_txt = o.kind == kInter ? u : v;
+  if (o.select == kSoft || !sparse_rows_matmul(d, x_img, x_txt, grad_img, grad_txt)) {
+    at::mm_out(grad_img, d, x_img);
+    at::mm_out(grad_txt, d, x_txt);
+  }
   d.reset();  // the N x N buffer is free before the last pass
   normalize_backward<scalar_t>(grad_img, u, rnorm_u, clamped_u, -1.0);
   normalize_backward<scalar_t>(grad_txt, v, rnorm_v, clamped_v, 1.0);
