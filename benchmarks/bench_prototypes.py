@@ -5,7 +5,10 @@ autograd; N = 4096, K in {256, 4096, 12385}, D in {300, 1024}; forward, and forw
 (gradients w.r.t. x and the prototypes). prototype_topk_mix (MASK's out-of-vocabulary mixture,
 m = 10, tau 1): plain = normalised matmul (N x K), torch.topk, gather, softmax, weighted sum;
 N in {2000, 20000}, K = 12385 (the MASK vocabulary), D = Dv = 300; forward, and forward +
-backward (w.r.t. queries, keys and values). float32. Time: the median of plain and
+backward (w.r.t. queries, keys and values). For assign, ``gemm_floor`` times only the matrix
+products that any exact implementation performs (the N x K scores; with the backward also dL/dS
+times the prototypes and its transpose times x): its speedup is the most any implementation can
+reach on this BLAS. float32. Time: the median of plain and
 fastalign calls that alternate (a change in a shared machine's load affects both alike);
 memory is the peak rise during one call (see benchmarks/_runner.py).
 
@@ -74,10 +77,27 @@ def make_inputs(op: str, n: int, k: int, d: int, device: str, seed: int = 0):
     return [torch.randn(*s, generator=g).to(device) for s in shapes]
 
 
+def gemm_floor_case(x, prototypes, mode):
+    """The three (forward: one) N x K x D products of the softmax assignment, on normalised
+    inputs and a fixed dL/dS."""
+    x, prototypes = F.normalize(x, dim=1), F.normalize(prototypes, dim=1)
+    grad_scores = torch.randn(x.shape[0], prototypes.shape[0], device=x.device)
+
+    def products():
+        scores = x @ prototypes.T
+        if mode == "forward":
+            return scores
+        return scores, grad_scores @ prototypes, grad_scores.T @ x
+
+    return products
+
+
 def build_case(key: str):
     """``key`` = op:n:k:d:impl:mode:device; returns a zero-argument callable."""
     op, n, k, d, impl, mode, device = key.split(":")
     inputs = make_inputs(op, int(n), int(k), int(d), device)
+    if impl == "gemm_floor":
+        return gemm_floor_case(*inputs, mode)
     fn = {
         ("assign", "plain"): plain_assign,
         ("assign", "fastalign"): fastalign_assign,
@@ -129,7 +149,8 @@ def main() -> None:
             gaps.append(float((fast_fn(*inputs) - want).abs().max() / want.abs().max()))
         del inputs, want
         for mode in ("forward", "forward+backward"):
-            keys = {impl: f"{op}:{n}:{k}:{d}:{impl}:{mode}:{device.type}" for impl in IMPLS}
+            impls = IMPLS + (("gemm_floor",) if op == "assign" else ())
+            keys = {impl: f"{op}:{n}:{k}:{d}:{impl}:{mode}:{device.type}" for impl in impls}
             labels = {"op": op, "N": n, "K": k, "D": d, "mode": mode}
             rows += compare_cases(labels, keys, build_case, device, args.repeat)
     print(f"largest relative gap fastalign vs plain (forward): {max(gaps):.1e}")
