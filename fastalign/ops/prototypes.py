@@ -336,7 +336,8 @@ def prototype_assign(
         iters: Sinkhorn iterations (>= 1; SwAV uses 3).
         normalize: L2-normalise x and the prototypes first (cosine scores), as F.normalize.
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
-            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+            ``"cpu"``, ``"triton"`` or ``"cuda"`` (the hand-written CUDA kernels of csrc/cuda,
+            when fastalign._C was built with them).
 
     Returns:
         (N, K) assignments in the inputs' dtype, every row summing to 1.
