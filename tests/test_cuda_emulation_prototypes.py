@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastalign
+from fastalign._backends import extension_has_cuda
 from fastalign.ops.prototypes import (
     MODES,
     prototype_assign_reference,
@@ -24,9 +26,10 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 # (N, K, D): single elements, fewer rows than a block, and past the 64-row / 64-prototype GEMM
 # tiles, the 16-wide feature steps and the 32-column Sinkhorn blocks.
 ASSIGN_SHAPES = [(1, 1, 1), (5, 3, 2), (37, 70, 19), (70, 33, 65), (130, 129, 17)]
-# (N, K, D, Dv, m): one key; m = K; past the 64-query and 64-key tiles; m past one warp.
+# (N, K, D, Dv, m): one key; m = K; past the 64-query and 64-key tiles (one key range per
+# tile: 3 ranges); m past one warp and past the 8 keys of the last range; 17 ranges of 2 tiles.
 MIX_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 2, 4, 5), (70, 130, 19, 23, 10), (65, 64, 33, 7, 3),
-              (5, 200, 8, 3, 40)]  # fmt: skip
+              (5, 200, 8, 3, 40), (3, 2100, 4, 2, 10)]  # fmt: skip
 
 
 def ops():
@@ -289,3 +292,17 @@ def _mix(q=None, keys=None, values=None, m=2, tau=1.0):
 def test_bad_inputs_are_rejected(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# --------------------------------------------------------------------------- dispatch
+@pytest.mark.skipif(extension_has_cuda("prototype_assign"), reason="built with CUDA kernels")
+@pytest.mark.parametrize("op", ["prototype_assign", "prototype_update", "prototype_topk_mix"])
+def test_backend_cuda_without_cuda_kernels_names_the_operator(op):
+    x, p = torch.randn(4, 3), torch.randn(5, 3)
+    args = {
+        "prototype_assign": (x, p),
+        "prototype_update": (p, x, torch.rand(4, 5)),
+        "prototype_topk_mix": (x, p, torch.randn(5, 2)),
+    }[op]
+    with pytest.raises(RuntimeError, match=rf"{op}: backend 'cuda' is unavailable"):
+        getattr(fastalign, op)(*args, backend="cuda")

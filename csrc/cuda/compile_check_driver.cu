@@ -29,9 +29,12 @@ FA_INSTANTIATE(__nv_bfloat16)
       const float*, const float*, const float*, int, int, int, T*);                             \
   template __global__ void prototype_ema_kernel<T>(const T*, float*, const float*, int, int,    \
                                                    float, int, T*);                             \
-  template __global__ void prototype_topk_mix_forward_kernel<T>(                                \
-      const T*, const T*, const T*, const float*, const float*, int, int, int, int, int, float,  \
-      float*, float*, int64_t*, T*, T*);                                                        \
+  template __global__ void prototype_topk_scan_kernel<T>(const T*, const T*, const float*,      \
+                                                         const float*, int, int, int, int, int, \
+                                                         float*, float*, int*);                 \
+  template __global__ void prototype_topk_mix_finish_kernel<T>(                                 \
+      const T*, const float*, const float*, const int*, int, int, int, int, float, float*,      \
+      int64_t*, T*, T*);                                                                        \
   template __global__ void prototype_topk_mix_backward_kernel<T>(                               \
       const T*, const T*, const T*, const T*, const int64_t*, const T*, int, int, int, int,     \
       float, float*, T*, float*, float*);

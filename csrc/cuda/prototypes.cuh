@@ -3,9 +3,10 @@
 // row step, the first arg-max, the softmax backward's dS = P (G - <G, P>) / tau, the EMA step;
 // Sinkhorn's column step and the assignment mass reduce columns with (32, 8) blocks. The N x K
 // x D products go through strided_gemm_kernel. The top-m mixture streams over the keys in 64 x
-// 64 query x key tiles (tile_gemm.cuh's tensor-core tile product) and merges each tile into a
-// running top-m per query kept in global memory; its backward gives a warp to a query and adds
-// the key and value gradients with float atomics. Every sum accumulates in float32.
+// 64 query x key tiles (tile_gemm.cuh's tensor-core tile product), key ranges in parallel,
+// merging each tile into a running top-m per query and range kept in global memory; a second
+// kernel merges the ranges' lists and mixes the values. Its backward gives a warp to a query
+// and adds the key and value gradients with float atomics. Every sum accumulates in float32.
 #pragma once
 
 #include "device_api.h"
@@ -16,6 +17,10 @@ namespace fastalign_cuda {
 constexpr int kRowWarps = 4, kRowThreads = kRowWarps * kWarpSize;
 constexpr int kPrototypeColumns = 32, kPrototypeRowPhases = 8;
 constexpr float kPrototypeNormEps = 1e-12f;  // F.normalize's: rows divide by max(|row|, eps)
+// The top-m scan splits the keys into at most kTopkMaxSplits ranges, until about
+// kTopkTargetBlocks blocks run (two per SM of an A100 / H100): a few hundred queries against
+// ten thousand keys would otherwise occupy a handful of SMs.
+constexpr int kTopkMaxSplits = 32, kTopkTargetBlocks = 256;
 
 // The warp's row and this thread's lane in the warp-per-row kernels (block kRowThreads).
 FA_DEVICE int warp_row() { return fa_block_x() * kRowWarps + fa_thread_x() / kWarpSize; }
@@ -264,20 +269,23 @@ FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __r
   for (int c = lane; c < d; c += kWarpSize) o[c] = static_cast<T>(moved[c] * factor);
 }
 
-// Top-m mixture forward for 64 queries per block (kGemmThreads threads): for every 64-key tile,
-// the raw dot products through tile_gemm.cuh's tile product into shared memory, then thread
-// t < 64 merges row t into its query's running top-m (top_cos, top_dot, top_index: n x m in
-// global memory, sorted by cosine, descending; a key enters only when its cosine beats the
-// worst entry, after every entry >= it: keys come in index order, so the lowest index wins
-// ties, as on the CPU). Then weights = softmax(top_dot / tau) (float32 into top_dot, the
-// inputs' dtype into weights) and out = sum_j w_j values[top_index_j], a warp per query.
-// cosine = dot / (max(|q|, eps) max(|key|, eps)) from the given norms. grid ceil(n / 64).
+// Top-m scan of one key range for 64 queries per block (kGemmThreads threads); grid
+// (ceil(n / 64), splits), blockIdx.y the range [split * keys_per_split, + keys_per_split). For
+// every 64-key tile, the raw dot products through tile_gemm.cuh's tile product into shared
+// memory, then thread t < 64 merges row t into its query's running top-m of the range (list
+// (split, query) of top_cos, top_dot, top_index: (splits, n, m) in global memory, sorted by
+// cosine, descending). A key enters only when its cosine beats the worst entry, and goes after
+// every entry >= it: keys come in index order, so the lowest index wins ties, as on the CPU.
+// Entries a short range cannot fill keep cosine -inf. cosine = dot / (max(|q|, eps)
+// max(|key|, eps)) from the given norms.
 template <typename T>
-FA_GLOBAL void prototype_topk_mix_forward_kernel(
-    const T* __restrict__ queries, const T* __restrict__ keys, const T* __restrict__ values,
-    const float* __restrict__ query_norms, const float* __restrict__ key_norms, int n, int k,
-    int d, int dv, int m, float inv_tau, float* __restrict__ top_cos, float* __restrict__ top_dot,
-    int64_t* __restrict__ top_index, T* __restrict__ weights, T* __restrict__ out) {
+FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries,
+                                          const T* __restrict__ keys,
+                                          const float* __restrict__ query_norms,
+                                          const float* __restrict__ key_norms, int n, int k, int d,
+                                          int m, int keys_per_split, float* __restrict__ top_cos,
+                                          float* __restrict__ top_dot,
+                                          int* __restrict__ top_index) {
   FA_SHARED(float, q_s, kTileM * kPadA);
   FA_SHARED(float, key_s, kTileK * kPadB);
   FA_SHARED(float, dots_s, kTileM * kPadB);
@@ -286,17 +294,20 @@ FA_GLOBAL void prototype_topk_mix_forward_kernel(
   const int warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int row0 = (warp / 2) * 32, col0 = (warp % 2) * 32;
   const int query0 = fa_block_x() * kTileM;
+  const int key_begin = fa_block_y() * keys_per_split;
+  const int key_end = k - key_begin < keys_per_split ? k : key_begin + keys_per_split;
   const int query = query0 + tid;  // merged by this thread when tid < kTileM
   const bool merges = tid < kTileM && query < n;
-  float* cos_list = top_cos + static_cast<long>(query) * m;
-  float* dot_list = top_dot + static_cast<long>(query) * m;
-  int64_t* index_list = top_index + static_cast<long>(query) * m;
+  const long list = (static_cast<long>(fa_block_y()) * n + query) * m;
+  float* cos_list = top_cos + list;
+  float* dot_list = top_dot + list;
+  int* index_list = top_index + list;
   float inv_query_norm = 0.0f, worst = -INFINITY;
   if (merges) {
     inv_query_norm = 1.0f / fmaxf(query_norms[query], kPrototypeNormEps);
     for (int j = 0; j < m; ++j) cos_list[j] = -INFINITY;
   }
-  for (int key0 = 0; key0 < k; key0 += kTileN) {
+  for (int key0 = key_begin; key0 < key_end; key0 += kTileN) {
     WarpAccumulator acc;
     accumulator_zero(acc, lane);
     for (int d0 = 0; d0 < d; d0 += kTileK) {
@@ -309,8 +320,9 @@ FA_GLOBAL void prototype_topk_mix_forward_kernel(
       for (int e = tid; e < kTileN * kTileK; e += kGemmThreads) {
         const int kk = e / kTileK, dd = e % kTileK;
         const int gk = key0 + kk, gd = d0 + dd;
-        key_s[dd * kPadB + kk] =
-            (gk < k && gd < d) ? static_cast<float>(keys[static_cast<long>(gk) * d + gd]) : 0.0f;
+        key_s[dd * kPadB + kk] = (gk < key_end && gd < d)
+                                     ? static_cast<float>(keys[static_cast<long>(gk) * d + gd])
+                                     : 0.0f;
       }
       fa_syncthreads();
       tile_product(acc, q_s, key_s, row0, col0, lane);
@@ -319,11 +331,11 @@ FA_GLOBAL void prototype_topk_mix_forward_kernel(
     accumulator_store(acc, dots_s, row0, col0, lane);
     if (tid < kTileN) {
       inv_key_norm[tid] =
-          key0 + tid < k ? 1.0f / fmaxf(key_norms[key0 + tid], kPrototypeNormEps) : 0.0f;
+          key0 + tid < key_end ? 1.0f / fmaxf(key_norms[key0 + tid], kPrototypeNormEps) : 0.0f;
     }
     fa_syncthreads();
     if (merges) {
-      const int tile_keys = k - key0 < kTileN ? k - key0 : kTileN;
+      const int tile_keys = key_end - key0 < kTileN ? key_end - key0 : kTileN;
       for (int c = 0; c < tile_keys; ++c) {
         const float dot = dots_s[tid * kPadB + c];
         const float cosine = dot * inv_query_norm * inv_key_norm[c];
@@ -342,22 +354,62 @@ FA_GLOBAL void prototype_topk_mix_forward_kernel(
     }
     fa_syncthreads();  // dots_s and inv_key_norm are rewritten by the next tile
   }
-  if (merges) {  // softmax over the m raw dot products / tau; float32 weights replace the dots
-    float best = -INFINITY;
-    for (int j = 0; j < m; ++j) best = fmaxf(best, dot_list[j]);
+}
+
+// Top-m mixture from the scan's per-range lists, 64 queries per block (kGemmThreads threads),
+// grid ceil(n / 64): thread t < 64 merges its query's `splits` sorted lists (the highest
+// cosine first; on a tie the earlier range, whose keys have the lower indices: the CPU's order)
+// into top_index, softmax(top_dot / tau) into weights (the inputs' dtype) and into
+// final_weights (float32, n x m); then a warp per query writes out = sum_j w_j values[index_j].
+template <typename T>
+FA_GLOBAL void prototype_topk_mix_finish_kernel(
+    const T* __restrict__ values, const float* __restrict__ top_cos,
+    const float* __restrict__ top_dot, const int* __restrict__ top_index, int n, int dv, int m,
+    int splits, float inv_tau, float* __restrict__ final_weights, int64_t* __restrict__ indices,
+    T* __restrict__ weights, T* __restrict__ out) {
+  FA_SHARED(int, cursors, kTileM * kTopkMaxSplits);
+  const int tid = fa_thread_linear();
+  const int warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const int query0 = fa_block_x() * kTileM;
+  const int query = query0 + tid;
+  if (tid < kTileM && query < n) {
+    int* cursor = cursors + tid * kTopkMaxSplits;
+    for (int s = 0; s < splits; ++s) cursor[s] = 0;
+    const long row = static_cast<long>(query) * m;
+    float* w = final_weights + row;
+    float best_dot = -INFINITY;
+    for (int j = 0; j < m; ++j) {  // there are at least m finite entries: ranges hold K >= m
+      int best_split = -1;
+      float best_cos = -INFINITY;
+      long best = 0;
+      for (int s = 0; s < splits; ++s) {
+        const long at = (static_cast<long>(s) * n + query) * m + cursor[s];
+        if (cursor[s] < m && (best_split < 0 || top_cos[at] > best_cos)) {
+          best_split = s;
+          best_cos = top_cos[at];
+          best = at;
+        }
+      }
+      ++cursor[best_split];
+      indices[row + j] = top_index[best];
+      w[j] = top_dot[best];
+      best_dot = fmaxf(best_dot, w[j]);
+    }
     float total = 0.0f;
-    for (int j = 0; j < m; ++j) total += fa_exp((dot_list[j] - best) * inv_tau);
     for (int j = 0; j < m; ++j) {
-      const float w = fa_exp((dot_list[j] - best) * inv_tau) / total;
-      dot_list[j] = w;
-      weights[static_cast<long>(query) * m + j] = static_cast<T>(w);
+      w[j] = fa_exp((w[j] - best_dot) * inv_tau);
+      total += w[j];
+    }
+    for (int j = 0; j < m; ++j) {
+      w[j] /= total;
+      weights[row + j] = static_cast<T>(w[j]);
     }
   }
   fa_syncthreads();
   for (int r = warp; r < kTileM && query0 + r < n; r += kGemmThreads / kWarpSize) {
     const long q_row = query0 + r;
-    const float* w = top_dot + q_row * m;
-    const int64_t* index = top_index + q_row * m;
+    const float* w = final_weights + q_row * m;
+    const int64_t* index = indices + q_row * m;
     for (int c = lane; c < dv; c += kWarpSize) {
       float sum = 0.0f;
       for (int j = 0; j < m; ++j) sum += w[j] * static_cast<float>(values[index[j] * dv + c]);

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <utility>
@@ -80,8 +81,9 @@ inline at::Tensor prototype_assign_forward(const at::Tensor& x_in, const at::Ten
                                            int64_t mode, double tau, int64_t iters,
                                            bool normalize) {
   check_prototype_matrices({{"x", &x_in}, {"prototypes", &p_in}});
-  TORCH_CHECK_VALUE(x_in.size(1) == p_in.size(1), "x (N, D) and prototypes (K, D) must share D, got ",
-                    x_in.sizes(), " and ", p_in.sizes());
+  TORCH_CHECK_VALUE(x_in.size(1) == p_in.size(1),
+                    "x (N, D) and prototypes (K, D) must share D, got ", x_in.sizes(), " and ",
+                    p_in.sizes());
   TORCH_CHECK_VALUE(mode == kAssignSoftmax || mode == kAssignHard || mode == kAssignSinkhorn,
                     "mode must be 0 (softmax), 1 (hard) or 2 (sinkhorn), got ", mode);
   TORCH_CHECK_VALUE(tau > 0 && iters >= 1, "need tau > 0 and iters >= 1, got tau = ", tau,
@@ -207,8 +209,8 @@ inline at::Tensor prototype_update(const at::Tensor& p_in, const at::Tensor& x_i
 }
 
 // The schema fastalign::prototype_topk_mix_forward: (out (N, Dv), indices (N, m) int64, sorted
-// by cosine, descending, weights (N, m)). Memory beyond them: the (2, N, m) float32 running
-// lists and the N + K norms.
+// by cosine, descending, weights (N, m)). Memory beyond them: the scan's (splits, N, m) lists
+// (12 bytes an entry, splits <= 32), N x m float32 weights and the N + K norms.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t m,
     double tau) {
@@ -222,30 +224,43 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward
   const at::Tensor q = q_in.contiguous(), keys = k_in.contiguous(), v = v_in.contiguous();
   const int n = static_cast<int>(q.size(0)), k = static_cast<int>(keys.size(0));
   const int d = static_cast<int>(q.size(1)), dv = static_cast<int>(v.size(1));
+  const int top = static_cast<int>(m);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor norms = at::empty({n + k}, f32);
   float* const q_norms = norms.data_ptr<float>();
   float* const key_norms = q_norms + n;
   scaled_rows(q, true, 1.0f, at::Tensor(), q_norms);
   scaled_rows(keys, true, 1.0f, at::Tensor(), key_norms);
-  at::Tensor lists = at::empty({2, n, m}, f32);
+  const int query_blocks = ceil_div(n, kTileM), key_tiles = ceil_div(k, kTileN);
+  const int wanted =
+      std::min({key_tiles, kTopkMaxSplits, ceil_div(kTopkTargetBlocks, query_blocks)});
+  const int keys_per_split = ceil_div(key_tiles, wanted) * kTileN;
+  const int splits = ceil_div(k, keys_per_split);  // no range is empty
+  at::Tensor lists = at::empty({2, splits, n, top}, f32);
+  at::Tensor list_index = at::empty({splits, n, top}, q.options().dtype(at::kInt));
+  at::Tensor final_weights = at::empty({n, top}, f32);
   at::Tensor out = at::empty({n, dv}, q.options());
-  at::Tensor indices = at::empty({n, m}, q.options().dtype(at::kLong));
-  at::Tensor weights = at::empty({n, m}, q.options());
+  at::Tensor indices = at::empty({n, top}, q.options().dtype(at::kLong));
+  at::Tensor weights = at::empty({n, top}, q.options());
   float* const top_cos = lists.data_ptr<float>();
-  float* const top_dot = top_cos + static_cast<long>(n) * m;
+  float* const top_dot = top_cos + static_cast<long>(splits) * n * top;
   FA_DISPATCH_PROTOTYPE_TYPES(q.scalar_type(), "prototype_topk_mix_forward", [&] {
-    FA_LAUNCH(prototype_topk_mix_forward_kernel<scalar_t>, fa_dim3(ceil_div(n, kTileM)),
-              fa_dim3(kGemmThreads), q.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
-              v.data_ptr<scalar_t>(), q_norms, key_norms, n, k, d, dv, static_cast<int>(m),
-              static_cast<float>(1.0 / tau), top_cos, top_dot, indices.data_ptr<int64_t>(),
+    FA_LAUNCH(prototype_topk_scan_kernel<scalar_t>, fa_dim3(query_blocks, splits),
+              fa_dim3(kGemmThreads), q.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), q_norms,
+              key_norms, n, k, d, top, keys_per_split, top_cos, top_dot,
+              list_index.data_ptr<int>());
+    FA_LAUNCH(prototype_topk_mix_finish_kernel<scalar_t>, fa_dim3(query_blocks),
+              fa_dim3(kGemmThreads), v.data_ptr<scalar_t>(), top_cos, top_dot,
+              list_index.data_ptr<int>(), n, dv, top, splits, static_cast<float>(1.0 / tau),
+              final_weights.data_ptr<float>(), indices.data_ptr<int64_t>(),
               weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
   return {out, indices, weights};
 }
 
 // The schema fastalign::prototype_topk_mix_backward: through the selected keys; dL/dkeys and
-// dL/dvalues accumulate in float32 with atomics (their rounding depends on the order).
+// dL/dvalues accumulate in float32 with atomics (their rounding depends on the order). The
+// indices are the forward's, not range-checked here (that would cost a device sync).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backward(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& idx_in, const at::Tensor& w_in, double tau) {
