@@ -14,16 +14,17 @@ void check_cuda(std::initializer_list<const at::Tensor*> tensors) {
 }
 
 at::Tensor prototype_assign_forward_cuda(const at::Tensor& x, const at::Tensor& prototypes,
-                                         int64_t mode, double tau, int64_t iters,
-                                         bool normalize) {
+                                         int64_t mode, double tau, int64_t iters, bool normalize) {
   check_cuda({&x, &prototypes});
   const c10::cuda::CUDAGuard guard(x.device());
   return fastalign_cuda::prototype_assign_forward(x, prototypes, mode, tau, iters, normalize);
 }
 
-std::tuple<at::Tensor, at::Tensor> prototype_assign_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& assignments, const at::Tensor& x,
-    const at::Tensor& prototypes, double tau, bool normalize) {
+std::tuple<at::Tensor, at::Tensor> prototype_assign_backward_cuda(const at::Tensor& grad,
+                                                                  const at::Tensor& assignments,
+                                                                  const at::Tensor& x,
+                                                                  const at::Tensor& prototypes,
+                                                                  double tau, bool normalize) {
   check_cuda({&grad, &assignments, &x, &prototypes});
   const c10::cuda::CUDAGuard guard(x.device());
   return fastalign_cuda::prototype_assign_backward(grad, assignments, x, prototypes, tau,
@@ -50,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backward_cuda(
     const at::Tensor& values, const at::Tensor& indices, const at::Tensor& weights, double tau) {
   check_cuda({&grad, &queries, &keys, &values, &indices, &weights});
   const c10::cuda::CUDAGuard guard(queries.device());
-  return fastalign_cuda::prototype_topk_mix_backward(grad, queries, keys, values, indices,
-                                                     weights, tau);
+  return fastalign_cuda::prototype_topk_mix_backward(grad, queries, keys, values, indices, weights,
+                                                     tau);
 }
 
 }  // namespace

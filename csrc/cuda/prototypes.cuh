@@ -1,12 +1,12 @@
 // CUDA kernels of the prototype operators (SPEC 1.4). Row-wise passes give one warp to a row
-// (kRowWarps rows per block): normalisation, the row log-sum-exp of softmax and of Sinkhorn's
-// row step, the first arg-max, the softmax backward's dS = P (G - <G, P>) / tau, the EMA step;
-// Sinkhorn's column step and the assignment mass reduce columns with (32, 8) blocks. The N x K
-// x D products go through strided_gemm_kernel. The top-m mixture streams over the keys in 64 x
-// 64 query x key tiles (tile_gemm.cuh's tensor-core tile product), key ranges in parallel,
-// merging each tile into a running top-m per query and range kept in global memory; a second
-// kernel merges the ranges' lists and mixes the values. Its backward gives a warp to a query
-// and adds the key and value gradients with float atomics. Every sum accumulates in float32.
+// (kPrototypeRowWarps rows per block): normalisation, the row log-sum-exp of softmax and of
+// Sinkhorn's row step, the first arg-max, the softmax backward's dS = P (G - <G, P>) / tau, the EMA
+// step; Sinkhorn's column step and the assignment mass reduce columns with (32, 8) blocks. The N x
+// K x D products go through strided_gemm_kernel. The top-m mixture streams over the keys in 64 x 64
+// query x key tiles (tile_gemm.cuh's tensor-core tile product), key ranges in parallel, merging
+// each tile into a running top-m per query and range kept in global memory; a second kernel merges
+// the ranges' lists and mixes the values. Its backward gives a warp to a query and adds the key and
+// value gradients with float atomics. Every sum accumulates in float32.
 #pragma once
 
 #include "device_api.h"
@@ -14,7 +14,7 @@
 
 namespace fastalign_cuda {
 
-constexpr int kRowWarps = 4, kRowThreads = kRowWarps * kWarpSize;
+constexpr int kPrototypeRowWarps = 4, kPrototypeRowThreads = kPrototypeRowWarps * kWarpSize;
 constexpr int kPrototypeColumns = 32, kPrototypeRowPhases = 8;
 constexpr float kPrototypeNormEps = 1e-12f;  // F.normalize's: rows divide by max(|row|, eps)
 // The top-m scan splits the keys into at most kTopkMaxSplits ranges, until about
@@ -22,12 +22,14 @@ constexpr float kPrototypeNormEps = 1e-12f;  // F.normalize's: rows divide by ma
 // ten thousand keys would otherwise occupy a handful of SMs.
 constexpr int kTopkMaxSplits = 32, kTopkTargetBlocks = 256;
 
-// The warp's row and this thread's lane in the warp-per-row kernels (block kRowThreads).
-FA_DEVICE int warp_row() { return fa_block_x() * kRowWarps + fa_thread_x() / kWarpSize; }
-FA_DEVICE int warp_lane() { return fa_thread_x() % kWarpSize; }
+// The warp's row and this thread's lane in the warp-per-row kernels (block kPrototypeRowThreads).
+FA_DEVICE int prototype_warp_row() {
+  return fa_block_x() * kPrototypeRowWarps + fa_thread_x() / kWarpSize;
+}
+FA_DEVICE int prototype_lane() { return fa_thread_x() % kWarpSize; }
 
 // Adds v to a running (best, total) with total = sum exp(values - best).
-FA_DEVICE void logsumexp_push(float& best, float& total, float v) {
+FA_DEVICE void prototype_logsumexp_push(float& best, float& total, float v) {
   if (v > best) {
     total = total * fa_exp(best - v) + 1.0f;
     best = v;
@@ -37,24 +39,25 @@ FA_DEVICE void logsumexp_push(float& best, float& total, float v) {
 }
 
 // The log-sum-exp of the values pushed by the 32 lanes of a warp, in every lane.
-FA_DEVICE float warp_logsumexp(float best, float total) {
+FA_DEVICE float prototype_warp_logsumexp(float best, float total) {
   const float warp_best = fa_warp_max(best);
   return warp_best + fa_log(fa_warp_sum(total * fa_exp(best - warp_best)));
 }
 
 // `own` of lane `source` in every lane (the other lanes' `own` is ignored; adding zeros is
 // exact).
-FA_DEVICE float warp_broadcast(float own, int source) {
-  return fa_warp_sum(warp_lane() == source ? own : 0.0f);
+FA_DEVICE float prototype_warp_broadcast(float own, int source) {
+  return fa_warp_sum(prototype_lane() == source ? own : 0.0f);
 }
 
 // out[r] = scale x_r / max(|x_r|, eps) when normalize, scale x_r otherwise (out may be null);
-// norms[r] = |x_r| when norms is not null. grid ceil(rows / kRowWarps), block kRowThreads.
+// norms[r] = |x_r| when norms is not null. grid ceil(rows / kPrototypeRowWarps), block
+// kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_scaled_rows_kernel(const T* __restrict__ x, int rows, int cols,
                                             int normalize, float scale, float* __restrict__ out,
                                             float* __restrict__ norms) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= rows) return;
   const T* xr = x + static_cast<long>(row) * cols;
   float squares = 0.0f;
@@ -75,13 +78,13 @@ FA_GLOBAL void prototype_scaled_rows_kernel(const T* __restrict__ x, int rows, i
 // Softmax and Sinkhorn's row step on logq (n x k, float32): v = logq[r, c], minus
 // row_shift[r] + col_shift[c] when col_shift is given. With out: out = exp(v - logsumexp_c v)
 // (out may be logq itself: each lane rewrites only what it read). Without: v is stored back and
-// row_shift[r] = logsumexp_c v, for the next column step. grid ceil(n / kRowWarps), block
-// kRowThreads.
+// row_shift[r] = logsumexp_c v, for the next column step. grid ceil(n / kPrototypeRowWarps), block
+// kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_row_normalize_kernel(float* logq, int n, int k,
                                               const float* __restrict__ col_shift,
                                               float* __restrict__ row_shift, T* out) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= n) return;
   float* lr = logq + static_cast<long>(row) * k;
   const float shift = col_shift != nullptr ? row_shift[row] : 0.0f;
@@ -92,9 +95,9 @@ FA_GLOBAL void prototype_row_normalize_kernel(float* logq, int n, int k,
       v -= shift + col_shift[c];
       if (out == nullptr) lr[c] = v;
     }
-    logsumexp_push(best, total, v);
+    prototype_logsumexp_push(best, total, v);
   }
-  const float lse = warp_logsumexp(best, total);
+  const float lse = prototype_warp_logsumexp(best, total);
   if (out == nullptr) {
     if (lane == 0) row_shift[row] = lse;
     return;
@@ -107,7 +110,7 @@ FA_GLOBAL void prototype_row_normalize_kernel(float* logq, int n, int k,
 }
 
 // The lowest set bit of a non-zero ballot.
-FA_DEVICE int lowest_lane(uint32_t ballot) {
+FA_DEVICE int prototype_lowest_lane(uint32_t ballot) {
   int lane = 0;
   while (!(ballot & 1u)) {
     ballot >>= 1;
@@ -119,10 +122,10 @@ FA_DEVICE int lowest_lane(uint32_t ballot) {
 // out[r] = one-hot of the first arg-max of logits[r] (n x k): the warp's maximum, then the
 // first 32-column chunk holding it, whose lowest matching lane is the index (torch.argmax's
 // tie rule). out may be logits itself: every read precedes the warp-wide votes before the
-// writes. grid ceil(n / kRowWarps), block kRowThreads.
+// writes. grid ceil(n / kPrototypeRowWarps), block kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_row_argmax_kernel(const float* logits, int n, int k, T* out) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= n) return;
   const float* lr = logits + static_cast<long>(row) * k;
   float best = -INFINITY;
@@ -132,7 +135,7 @@ FA_GLOBAL void prototype_row_argmax_kernel(const float* logits, int n, int k, T*
   for (int c0 = 0; c0 < k; c0 += kWarpSize) {
     const uint32_t hits = fa_ballot(c0 + lane < k && lr[c0 + lane] == best);
     if (hits != 0u) {
-      arg = c0 + lowest_lane(hits);
+      arg = c0 + prototype_lowest_lane(hits);
       break;
     }
   }
@@ -153,7 +156,7 @@ FA_GLOBAL void prototype_sinkhorn_columns_kernel(const float* __restrict__ logq,
   float best = -INFINITY, total = 0.0f;
   if (col < k) {
     for (int r = ty; r < n; r += kPrototypeRowPhases) {
-      logsumexp_push(best, total, logq[static_cast<long>(r) * k + col] - row_shift[r]);
+      prototype_logsumexp_push(best, total, logq[static_cast<long>(r) * k + col] - row_shift[r]);
     }
   }
   phase_best[ty * kPrototypeColumns + tx] = best;
@@ -192,12 +195,12 @@ FA_GLOBAL void prototype_column_sums_kernel(const float* __restrict__ a, int n, 
 }
 
 // The softmax backward's dL/dlogits = P (G - <G, P>_row) / tau, row by row into ds (n x k,
-// float32). grid ceil(n / kRowWarps), block kRowThreads.
+// float32). grid ceil(n / kPrototypeRowWarps), block kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_softmax_grad_kernel(const T* __restrict__ grad,
                                              const T* __restrict__ assign, int n, int k,
                                              float inv_tau, float* __restrict__ ds) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= n) return;
   const long offset = static_cast<long>(row) * k;
   float dot = 0.0f;
@@ -213,13 +216,13 @@ FA_GLOBAL void prototype_softmax_grad_kernel(const T* __restrict__ grad,
 
 // The gradient through unit = x / max(|x|, eps) row by row, from g = dL/dunit: (g - unit
 // <g, unit>) / |x|, or g / eps where the norm was clamped; g itself without normalize.
-// grid ceil(rows / kRowWarps), block kRowThreads.
+// grid ceil(rows / kPrototypeRowWarps), block kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_unit_rows_backward_kernel(const float* __restrict__ grad_unit,
                                                    const float* __restrict__ unit,
                                                    const float* __restrict__ norms, int rows,
                                                    int cols, int normalize, T* __restrict__ out) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= rows) return;
   const long offset = static_cast<long>(row) * cols;
   const float* g = grad_unit + offset;
@@ -242,13 +245,13 @@ FA_GLOBAL void prototype_unit_rows_backward_kernel(const float* __restrict__ gra
 
 // EMA step of prototype r: momentum p_r + (1 - momentum) sums_r / mass_r (then L2-normalised
 // when normalize) where mass_r > 0; p_r unchanged otherwise. sums (k x d, float32) holds
-// sum_n a_nr x_n and is overwritten by the moved row. grid ceil(k / kRowWarps), block
-// kRowThreads.
+// sum_n a_nr x_n and is overwritten by the moved row. grid ceil(k / kPrototypeRowWarps), block
+// kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __restrict__ sums,
                                     const float* __restrict__ mass, int k, int d, float momentum,
                                     int normalize, T* __restrict__ out) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= k) return;
   const long offset = static_cast<long>(row) * d;
   const T* p = prototypes + offset;
@@ -264,8 +267,8 @@ FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __r
     moved[c] = momentum * static_cast<float>(p[c]) + take * moved[c];
     squares += moved[c] * moved[c];
   }
-  const float factor = normalize ? 1.0f / fmaxf(sqrtf(fa_warp_sum(squares)), kPrototypeNormEps)
-                                 : 1.0f;
+  const float factor =
+      normalize ? 1.0f / fmaxf(sqrtf(fa_warp_sum(squares)), kPrototypeNormEps) : 1.0f;
   for (int c = lane; c < d; c += kWarpSize) o[c] = static_cast<T>(moved[c] * factor);
 }
 
@@ -279,8 +282,7 @@ FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __r
 // Entries a short range cannot fill keep cosine -inf. cosine = dot / (max(|q|, eps)
 // max(|key|, eps)) from the given norms.
 template <typename T>
-FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries,
-                                          const T* __restrict__ keys,
+FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T* __restrict__ keys,
                                           const float* __restrict__ query_norms,
                                           const float* __restrict__ key_norms, int n, int k, int d,
                                           int m, int keys_per_split, float* __restrict__ top_cos,
@@ -423,8 +425,8 @@ FA_GLOBAL void prototype_topk_mix_finish_kernel(
 // dv_j += w_j G_n (float32 atomics into grad_keys / grad_values: a key that several queries
 // selected sums their terms in the order the atomics land, which varies from run to run).
 // gv_j, then c_j, wait in coef (n x m) in the slot of lane j % 32, which alone writes and reads
-// it, and reach the other lanes through warp_broadcast. grid ceil(n / kRowWarps), block
-// kRowThreads.
+// it, and reach the other lanes through prototype_warp_broadcast. grid ceil(n /
+// kPrototypeRowWarps), block kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_topk_mix_backward_kernel(
     const T* __restrict__ grad, const T* __restrict__ queries, const T* __restrict__ keys,
@@ -432,7 +434,7 @@ FA_GLOBAL void prototype_topk_mix_backward_kernel(
     const T* __restrict__ weights, int n, int d, int dv, int m, float inv_tau,
     float* __restrict__ coef, T* __restrict__ grad_queries, float* __restrict__ grad_keys,
     float* __restrict__ grad_values) {
-  const int row = warp_row(), lane = warp_lane();
+  const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= n) return;
   const long offset = static_cast<long>(row) * m;
   const T* g = grad + static_cast<long>(row) * dv;
@@ -461,7 +463,7 @@ FA_GLOBAL void prototype_topk_mix_backward_kernel(
     float sum = 0.0f;
     for (int j = 0; j < m; ++j) {
       const int owner = j % kWarpSize;
-      const float cj = warp_broadcast(lane == owner ? coef[offset + j] : 0.0f, owner);
+      const float cj = prototype_warp_broadcast(lane == owner ? coef[offset + j] : 0.0f, owner);
       if (c >= d) continue;
       const long key = top_index[offset + j];
       sum += cj * static_cast<float>(keys[key * d + c]);
