@@ -121,7 +121,8 @@ FA_DEVICE int prototype_lowest_lane(uint32_t ballot) {
 
 // out[r] = one-hot of the first arg-max of logits[r] (n x k): the warp's maximum, then the
 // first 32-column chunk holding it, whose lowest matching lane is the index (torch.argmax's
-// tie rule). out may be logits itself: a lane reads and writes only its own columns. grid ceil(n / kPrototypeRowWarps), block kPrototypeRowThreads.
+// tie rule). out may be logits itself: a lane reads and writes only its own columns.
+// grid ceil(n / kPrototypeRowWarps), block kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_row_argmax_kernel(const float* logits, int n, int k, T* out) {
   const int row = prototype_warp_row(), lane = prototype_lane();
