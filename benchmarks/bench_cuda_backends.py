@@ -1,5 +1,6 @@
 """Times the three GPU backends of the operators that have a CUDA kernel: reference (plain
 PyTorch), triton and cuda (csrc/cuda), forward + backward, on CUDA tensors. Needs a GPU.
+Prototype rows: "-" where a backend lacks that operator.
 
     python benchmarks/bench_cuda_backends.py [--quick]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 
 import torch
 
@@ -41,6 +43,51 @@ def dimension_correlation_case(backend: str, n: int, d: int, mode: str):
     return step
 
 
+def prototype_assign_case(backend: str, n: int, k: int, d: int, mode: str):
+    x = torch.randn(n, d, device="cuda", requires_grad=mode == "softmax")
+    p = torch.randn(k, d, device="cuda", requires_grad=mode == "softmax")
+    upstream = torch.randn(n, k, device="cuda")
+
+    def step():
+        q = fastalign.prototype_assign(x, p, mode=mode, backend=backend)
+        if q.requires_grad:
+            q.backward(upstream)
+
+    return step
+
+
+def prototype_update_case(backend: str, n: int, k: int, d: int):
+    p, x = torch.randn(k, d, device="cuda"), torch.randn(n, d, device="cuda")
+    assignments = torch.softmax(torch.randn(n, k, device="cuda") / 0.1, dim=1)
+    return lambda: fastalign.prototype_update(p, x, assignments, 0.9, backend=backend)
+
+
+def prototype_topk_mix_case(backend: str, n: int, k: int, d: int, m: int):
+    q = torch.randn(n, d, device="cuda", requires_grad=True)
+    keys = torch.randn(k, d, device="cuda", requires_grad=True)
+    values = torch.randn(k, 512, device="cuda", requires_grad=True)
+
+    def step():
+        fastalign.prototype_topk_mix(q, keys, values, m=m, backend=backend).sum().backward()
+
+    return step
+
+
+def prototype_rows(quick: bool):
+    """(label, N, D, mode, public operator, case builder) of the prototype operators:
+    K = 3000 prototypes (softmax timed forward + backward), MASK's K = 12385 concept keys."""
+    rows = []
+    for n in (1024,) if quick else (1024, 8192):
+        for mode in ("softmax", "hard", "sinkhorn"):
+            build = partial(prototype_assign_case, n=n, k=3000, d=256, mode=mode)
+            rows.append(("prototype_assign(K=3000)", n, 256, mode, "prototype_assign", build))
+        build = partial(prototype_update_case, n=n, k=3000, d=256)
+        rows.append(("prototype_update(K=3000)", n, 256, "ema", "prototype_update", build))
+        build = partial(prototype_topk_mix_case, n=n, k=12385, d=300, m=10)
+        rows.append(("prototype_topk_mix(K=12385)", n, 300, "m=10", "prototype_topk_mix", build))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -61,6 +108,13 @@ def main() -> int:
             times = [time_ms(dimension_correlation_case(name, n, d, mode)) for name in names]
             row = " ".join(f"{t:12.3f}" for t in times)
             print(f"{'dimension_correlation_loss':28} {n:5d} {d:5d} {mode:8} {row}")
+    for label, n, d, mode, op, build in prototype_rows(args.quick):
+        available = backends(op)
+        cells = [
+            f"{time_ms(build(name)):12.3f}" if available[name] == "available" else f"{'-':>12}"
+            for name in names
+        ]
+        print(f"{label:28} {n:5d} {d:5d} {mode:8} {' '.join(cells)}")
     return 0
 
 

@@ -31,6 +31,7 @@ CUDA_KERNEL_OPS = {
     "dimension_correlation_loss": "fastalign::dimension_correlation_loss_forward",
     "sparse_spatial_loss": "fastalign::sparse_spatial_loss_forward",
     "prototype_assign": "fastalign::prototype_assign_forward",
+    "prototype_update": "fastalign::prototype_update",
     "prototype_topk_mix": "fastalign::prototype_topk_mix_forward",
 }
 

@@ -39,3 +39,69 @@ def test_dimension_correlation_cuda_vs_reference_and_triton(shape, mode, dtype):
         torch.testing.assert_close(g, w, **tol)
         torch.testing.assert_close(g, t, **tol)
     assert fastalign.dimension_correlation_loss(a, b, backend="auto", **kw).device.type == "cuda"
+
+
+def _prototype_outputs(backend, fn, inputs, upstream, **kw):
+    """fn(*inputs) in float64 and, when it needs grad, the gradients of <fn(...), upstream>."""
+    leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    out = fn(*leaves, backend=backend, **kw) if backend else fn(*leaves, **kw)
+    grads = torch.autograd.grad(out, leaves, upstream.to(out.dtype)) if out.requires_grad else ()
+    return [t.detach().double() for t in (out, *grads)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_prototypes_cuda_vs_reference_and_triton(dtype):
+    from fastalign.ops.prototypes import (
+        prototype_assign_reference,
+        prototype_topk_mix_reference,
+        prototype_update_reference,
+    )
+
+    for op in ("prototype_assign", "prototype_update", "prototype_topk_mix"):
+        if backends(op)["cuda"] != "available":
+            pytest.skip(backends(op)["cuda"])
+    # Past the 64 x 64 tiles in every direction, K past the 32-column blocks.
+    x, p = torch.randn(301, 67, device="cuda"), torch.randn(1031, 67, device="cuda")
+    values = torch.randn(1031, 45, device="cuda")
+    assignments = torch.softmax(torch.randn(301, 1031, device="cuda") / 0.2, dim=1)
+    assignments[:, :7] = 0.0  # prototypes without mass keep their value
+    low = [t.to(dtype) for t in (x, p, values, assignments)]
+    wide = [t.double() for t in low]
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+
+    def check(cuda, reference, triton):
+        for c, r, t in zip(cuda, reference, triton):
+            scale = r.abs().max().item() + 1e-3
+            torch.testing.assert_close(c / scale, r / scale, **tol)
+            torch.testing.assert_close(c / scale, t / scale, **tol)
+
+    for mode, tau in (("softmax", 0.1), ("hard", 0.1), ("sinkhorn", 0.05)):
+        grad = mode == "softmax"
+        inputs = [t.requires_grad_(grad) for t in (low[0].clone(), low[1].clone())]
+        upstream = torch.randn(301, 1031, device="cuda")
+        kw = dict(mode=mode, tau=tau)
+        got = _prototype_outputs("cuda", fastalign.prototype_assign, inputs, upstream, **kw)
+        triton = _prototype_outputs("triton", fastalign.prototype_assign, inputs, upstream, **kw)
+        ref_inputs = [t.requires_grad_(grad) for t in (wide[0].clone(), wide[1].clone())]
+        want = _prototype_outputs(None, prototype_assign_reference, ref_inputs, upstream, **kw)
+        if mode == "hard":  # the lowest index of a float32 near-tie may differ: compare scores
+            scores = torch.nn.functional.normalize(wide[0], dim=1)
+            scores = scores @ torch.nn.functional.normalize(wide[1], dim=1).T
+            chosen = scores.gather(1, got[0].argmax(dim=1, keepdim=True)).squeeze(1)
+            assert (chosen >= scores.max(dim=1).values - 1e-2).all()
+            continue
+        check(got, want, triton)
+    update = [
+        fastalign.prototype_update(low[1], low[0], low[3], 0.7, backend=b).double()
+        for b in ("cuda", "triton")
+    ]
+    want_update = prototype_update_reference(wide[1], wide[0], wide[3], 0.7)
+    check(update[:1], [want_update], update[1:])
+    assert torch.equal(update[0][:7], wide[1][:7])
+    mix_inputs = [t.clone().requires_grad_() for t in low[:3]]
+    upstream = torch.randn(301, 45, device="cuda")
+    got = _prototype_outputs("cuda", fastalign.prototype_topk_mix, mix_inputs, upstream, m=10)
+    triton = _prototype_outputs("triton", fastalign.prototype_topk_mix, mix_inputs, upstream, m=10)
+    ref_inputs = [t.clone().requires_grad_() for t in wide[:3]]
+    want = _prototype_outputs(None, prototype_topk_mix_reference, ref_inputs, upstream, m=10)
+    check(got, want, triton)

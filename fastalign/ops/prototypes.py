@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import resolve_backend
+from fastalign._backends import extension_has_cuda, resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_number
 
 MODES = ("softmax", "hard", "sinkhorn")
@@ -290,9 +290,22 @@ def _register(suffix: str) -> dict:
     return table
 
 
+# The public operator each compiled op serves (the CUDA kernels are registered per operator).
+_OPERATOR_OF = {
+    "assign_forward": "prototype_assign",
+    "assign_backward": "prototype_assign",
+    "update": "prototype_update",
+    "topk_mix_forward": "prototype_topk_mix",
+    "topk_mix_backward": "prototype_topk_mix",
+}
+
 _OPS: dict[str, dict] = {"triton": _register("_triton")}
 if hasattr(torch.ops.fastalign, "prototype_assign_forward"):  # the extension is loaded
     _OPS["cpu"] = _register("")
+    # The same ops: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
+    _OPS["cuda"] = {
+        name: op for name, op in _OPS["cpu"].items() if extension_has_cuda(_OPERATOR_OF[name])
+    }
 
 
 # --------------------------------------------------------------------------- public API
@@ -323,7 +336,8 @@ def prototype_assign(
         iters: Sinkhorn iterations (>= 1; SwAV uses 3).
         normalize: L2-normalise x and the prototypes first (cosine scores), as F.normalize.
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
-            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+            ``"cpu"``, ``"triton"`` or ``"cuda"`` (the hand-written CUDA kernels of csrc/cuda,
+            when fastalign._C was built with them).
 
     Returns:
         (N, K) assignments in the inputs' dtype, every row summing to 1.
