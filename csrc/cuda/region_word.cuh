@@ -46,18 +46,19 @@ FA_DEVICE int valid_length(const int64_t* lengths, int item, int items, int padd
   return static_cast<int>(n < 0 ? 0 : (n > padded ? padded : n));
 }
 
-// Stages tokens [token0, token0 + 32) x features [d0, d0 + 16) of the two items item0 (length0)
-// and item0 + 1 (length1) of x (items, padded, dim), zero past each length and past dim:
+// Stages 64 token rows x features [d0, d0 + 16) of x (items, padded, dim): rows
+// [0, tokens_per_item) are tokens token0.. of item0 (valid below length0), with tokens_per_item 32
+// rows [32, 64) are those of item0 + 1 (below length1); zero past the lengths and dim.
 // transposed gives the 16 x 64 B operand of tile_product (feature rows), else the 64 x 16 A.
 template <typename T>
-FA_DEVICE void stage_pair_tokens(float* stage, const T* x, int item0, int length0, int length1,
-                                 int token0, int d0, int padded, int dim, bool transposed) {
-  for (int e = fa_thread_linear(); e < 2 * kPairTokens * kTileK; e += kGemmThreads) {
+FA_DEVICE void stage_tokens(float* stage, const T* x, int item0, int tokens_per_item, int length0,
+                            int length1, int token0, int d0, int padded, int dim, bool transposed) {
+  for (int e = fa_thread_linear(); e < kTileM * kTileK; e += kGemmThreads) {
     const int row = e / kTileK, kk = e % kTileK;  // consecutive threads: consecutive features
-    const int half = row / kPairTokens, token = token0 + row % kPairTokens, d = d0 + kk;
-    const bool valid = token < (half == 0 ? length0 : length1) && d < dim;
+    const int item = row / tokens_per_item, token = token0 + row % tokens_per_item, d = d0 + kk;
+    const bool valid = token < (item == 0 ? length0 : length1) && d < dim;
     const float v =
-        valid ? static_cast<float>(x[(static_cast<long>(item0 + half) * padded + token) * dim + d])
+        valid ? static_cast<float>(x[(static_cast<long>(item0 + item) * padded + token) * dim + d])
               : 0.0f;
     if (transposed) {
       stage[kk * kPadB + row] = v;
@@ -104,9 +105,10 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
       const bool tile_used = query_chunk && k0 < my_key_len;
       accumulator_zero(acc, lane);
       for (int d0 = 0; d0 < dim; d0 += kTileK) {
-        stage_pair_tokens(a_s, queries, query0, query_len0, query_len1, q0, d0, query_padded, dim,
-                          false);
-        stage_pair_tokens(b_s, keys, key0, key_len0, key_len1, k0, d0, key_padded, dim, true);
+        stage_tokens(a_s, queries, query0, kPairTokens, query_len0, query_len1, q0, d0,
+                     query_padded, dim, false);
+        stage_tokens(b_s, keys, key0, kPairTokens, key_len0, key_len1, k0, d0, key_padded, dim,
+                     true);
         fa_syncthreads();
         if (tile_used) tile_product(acc, a_s, b_s, row0, col0, lane);
         fa_syncthreads();
@@ -198,32 +200,14 @@ FA_DEVICE void stage_coefficients(const TokenCoefficients& c, int x, int y, int 
   }
 }
 
-// Stages a 64 x 16 (transposed: 16 x 64) operand from rows [row0, row0 + 64) and features
-// [d0, d0 + 16) of one item (padded x dim, row-major), zero past length and dim.
-template <typename T>
-FA_DEVICE void stage_item_tokens(float* stage, const T* item, int row0, int length, int d0,
-                                 int dim, bool transposed) {
-  for (int e = fa_thread_linear(); e < kTileM * kTileK; e += kGemmThreads) {
-    const int row = e / kTileK, kk = e % kTileK;
-    const bool valid = row0 + row < length && d0 + kk < dim;
-    const float v = valid ? static_cast<float>(item[static_cast<long>(row0 + row) * dim + d0 + kk])
-                          : 0.0f;
-    if (transposed) {
-      stage[kk * kPadB + row] = v;
-    } else {
-      stage[row * kPadA + kk] = v;
-    }
-  }
-}
-
 // grad_x (x items, x_padded, dim) float32, zero-filled, += sum over y items and tokens v of
 // G[u, v] y[v, :] with G = dL/ds(x token u, y token v) from the direction where x's tokens are
 // the queries (as_query) and the one where they are the keys (as_key). grid (x items,
 // ceil(x_padded / 64) * d_splits), block kGemmThreads; block (x, c) owns tokens
 // [64 (c / d_splits), +64) and features [(c % d_splits) d_per_split, +d_per_split) (a multiple
-// of 64). With one 64-feature chunk the gradient tile stays in registers; with more (align lse: the scores are recomputed
-// once per block, not per chunk) each chunk is added to grad_x per y chunk (no other block
-// writes those rows).
+// of 64). With one 64-feature chunk the gradient tile stays in registers; with more (align lse:
+// the scores are then recomputed once per block, not once per chunk) each chunk is added to
+// grad_x per y chunk (no other block writes those rows).
 template <typename T>
 FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __restrict__ y,
                                            const int64_t* __restrict__ x_lengths,
@@ -254,7 +238,6 @@ FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __r
   const bool align_max = options.align == kAlignMax;
   const bool tile_in_registers = d_end - d_begin <= kTileN;
   const float inv_tau = 1.0f / options.align_tau;
-  const T* x_rows = x + static_cast<long>(x_item) * x_padded * dim;
   float* grad_rows = grad_x + (static_cast<long>(x_item) * x_padded + u0) * dim;
   WarpAccumulator acc, scores;
   accumulator_zero(acc, lane);
@@ -269,8 +252,8 @@ FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __r
       if (!align_max) {  // the 64 x 64 scores of x rows u0.. and y rows v0.., over all of D
         accumulator_zero(scores, lane);
         for (int d0 = 0; d0 < dim; d0 += kTileK) {
-          stage_item_tokens(a_s, x_rows, u0, x_len, d0, dim, false);
-          stage_item_tokens(b_s, y_rows, v0, y_len, d0, dim, true);
+          stage_tokens(a_s, x, x_item, kTileM, x_len, 0, u0, d0, x_padded, dim, false);
+          stage_tokens(b_s, y, y_item, kTileN, y_len, 0, v0, d0, y_padded, dim, true);
           fa_syncthreads();
           tile_product(scores, a_s, b_s, row0, col0, lane);
           fa_syncthreads();

@@ -16,9 +16,16 @@ namespace fastalign_cuda {
 
 enum RegionWordDirection : int64_t { kT2I = 0, kI2T = 1, kBoth = 2 };
 
-inline void check_region_word_tokens(const at::Tensor& regions, const at::Tensor& words,
-                                     const at::Tensor& region_lengths,
-                                     const at::Tensor& word_lengths) {
+// The inputs of both ops, checked: contiguous tokens, int64 lengths, and their sizes.
+struct RegionWordTokens {
+  at::Tensor regions, words, region_lengths, word_lengths;
+  int n_images, max_regions, n_captions, max_words, dim;
+};
+
+inline RegionWordTokens region_word_tokens(const at::Tensor& regions, const at::Tensor& words,
+                                           const at::Tensor& region_lengths,
+                                           const at::Tensor& word_lengths, int64_t align,
+                                           double align_tau) {
   TORCH_CHECK(regions.dim() == 3 && words.dim() == 3,
               "regions and words must be 3-D (N, tokens, D), got ", regions.sizes(), " and ",
               words.sizes());
@@ -45,6 +52,28 @@ inline void check_region_word_tokens(const at::Tensor& regions, const at::Tensor
                 "too many items, tokens or features for the CUDA region_word kernels: ",
                 x->sizes());
   }
+  TORCH_CHECK(align == kAlignMax || align == kAlignLse, "align must be 0 (max) or 1 (lse), got ",
+              align);
+  TORCH_CHECK(align_tau > 0, "align_tau must be > 0, got ", align_tau);
+  return {regions.contiguous(),
+          words.contiguous(),
+          region_lengths.to(at::kLong).contiguous(),
+          word_lengths.to(at::kLong).contiguous(),
+          static_cast<int>(regions.size(0)),
+          static_cast<int>(regions.size(1)),
+          static_cast<int>(words.size(0)),
+          static_cast<int>(words.size(1)),
+          static_cast<int>(regions.size(2))};
+}
+
+// Calls launch(regions, words, region_lengths, word_lengths) with typed pointers.
+template <typename Launch>
+void with_token_pointers(const RegionWordTokens& in, const Launch& launch) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.regions.scalar_type(), "region_word",
+                                  [&] {
+    launch(in.regions.data_ptr<scalar_t>(), in.words.data_ptr<scalar_t>(),
+           in.region_lengths.data_ptr<int64_t>(), in.word_lengths.data_ptr<int64_t>());
+  });
 }
 
 // The schema fastalign::region_word_forward (csrc/ops.cpp); outputs as the CPU op's, padded
@@ -53,21 +82,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> re
     const at::Tensor& regions_in, const at::Tensor& words_in, const at::Tensor& region_lengths_in,
     const at::Tensor& word_lengths_in, int64_t direction, int64_t align, int64_t aggregate,
     double align_tau, double aggregate_tau, bool leaky, bool need_indices, bool need_values) {
-  check_region_word_tokens(regions_in, words_in, region_lengths_in, word_lengths_in);
+  const RegionWordTokens in = region_word_tokens(regions_in, words_in, region_lengths_in,
+                                                 word_lengths_in, align, align_tau);
   TORCH_CHECK(direction >= kT2I && direction <= kBoth, "direction must be 0 (t2i), 1 (i2t) or 2 "
               "(both), got ", direction);
-  TORCH_CHECK(align == kAlignMax || align == kAlignLse, "align must be 0 (max) or 1 (lse), got ",
-              align);
   TORCH_CHECK(aggregate >= 0 && aggregate <= 3,
               "aggregate must be 0 (mean), 1 (sum), 2 (max) or 3 (lse), got ", aggregate);
-  TORCH_CHECK(align_tau > 0 && aggregate_tau > 0, "align_tau and aggregate_tau must be > 0, got ",
-              align_tau, " and ", aggregate_tau);
-  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
-  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
-  const int n_images = static_cast<int>(regions.size(0)), max_regions = regions.size(1);
-  const int n_captions = static_cast<int>(words.size(0)), max_words = words.size(1);
-  const int dim = static_cast<int>(regions.size(2));
+  TORCH_CHECK(aggregate_tau > 0, "aggregate_tau must be > 0, got ", aggregate_tau);
+  const at::Tensor& regions = in.regions;
+  const int n_images = in.n_images, max_regions = in.max_regions, n_captions = in.n_captions;
+  const int max_words = in.max_words, dim = in.dim;
   const bool t2i = direction != kI2T, i2t = direction != kT2I;
   const bool keep_indices = need_indices && align == kAlignMax;
   const auto f32 = regions.options().dtype(at::kFloat);
@@ -94,23 +118,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> re
   const PairOutputs out_i2t{scores.data_ptr<float>(), n_captions, 1, direction == kBoth,
                             values(a_i2t), indices(idx_i2t),
                             static_cast<long>(n_captions) * max_regions, max_regions};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, regions.scalar_type(),
-                                  "region_word_forward", [&] {
-    const scalar_t* region = regions.data_ptr<scalar_t>();
-    const scalar_t* word = words.data_ptr<scalar_t>();
-    const int64_t* region_len = region_lengths.data_ptr<int64_t>();
-    const int64_t* word_len = word_lengths.data_ptr<int64_t>();
+  with_token_pointers(in, [&](const auto* region, const auto* word, const int64_t* region_len,
+                              const int64_t* word_len) {
     if (t2i) {
-      FA_LAUNCH(region_word_forward_kernel<scalar_t>,
-                fa_dim3(ceil_div(n_images, 2), ceil_div(n_captions, 2)), fa_dim3(kGemmThreads),
-                word, region, word_len, region_len, n_captions, n_images, max_words, max_regions,
-                dim, options, out_t2i);
+      FA_LAUNCH(region_word_forward_kernel, fa_dim3(ceil_div(n_images, 2), ceil_div(n_captions, 2)),
+                fa_dim3(kGemmThreads), word, region, word_len, region_len, n_captions, n_images,
+                max_words, max_regions, dim, options, out_t2i);
     }
     if (i2t) {
-      FA_LAUNCH(region_word_forward_kernel<scalar_t>,
-                fa_dim3(ceil_div(n_captions, 2), ceil_div(n_images, 2)), fa_dim3(kGemmThreads),
-                region, word, region_len, word_len, n_images, n_captions, max_regions, max_words,
-                dim, options, out_i2t);
+      FA_LAUNCH(region_word_forward_kernel, fa_dim3(ceil_div(n_captions, 2), ceil_div(n_images, 2)),
+                fa_dim3(kGemmThreads), region, word, region_len, word_len, n_images, n_captions,
+                max_regions, max_words, dim, options, out_i2t);
     }
   });
   return {scores.to(regions.scalar_type()), a_t2i, idx_t2i, a_i2t, idx_i2t};
@@ -137,16 +155,11 @@ inline std::tuple<at::Tensor, at::Tensor> region_word_backward(
     const at::Tensor& aux_i2t_in, const at::Tensor& regions_in, const at::Tensor& words_in,
     const at::Tensor& region_lengths_in, const at::Tensor& word_lengths_in, int64_t align,
     double align_tau, bool leaky) {
-  check_region_word_tokens(regions_in, words_in, region_lengths_in, word_lengths_in);
-  TORCH_CHECK(align == kAlignMax || align == kAlignLse, "align must be 0 (max) or 1 (lse), got ",
-              align);
-  TORCH_CHECK(align_tau > 0, "align_tau must be > 0, got ", align_tau);
-  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
-  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
-  const int n_images = static_cast<int>(regions.size(0)), max_regions = regions.size(1);
-  const int n_captions = static_cast<int>(words.size(0)), max_words = words.size(1);
-  const int dim = static_cast<int>(regions.size(2));
+  const RegionWordTokens in = region_word_tokens(regions_in, words_in, region_lengths_in,
+                                                 word_lengths_in, align, align_tau);
+  const at::Tensor &regions = in.regions, &words = in.words;
+  const int n_images = in.n_images, max_regions = in.max_regions, n_captions = in.n_captions;
+  const int max_words = in.max_words, dim = in.dim;
   const bool align_max = align == kAlignMax;
   const auto aux_dtype = align_max ? at::kInt : at::kFloat;
   // The coefficients keep their strides (broadcast views stay views); aux is made contiguous.
@@ -182,20 +195,16 @@ inline std::tuple<at::Tensor, at::Tensor> region_word_backward(
   // feature in one block, so each score tile is recomputed once, not once per chunk.
   const int d_splits = align_max ? ceil_div(dim, kTileN) : 1;
   const int d_per_split = align_max ? kTileN : ceil_div(dim, kTileN) * kTileN;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, regions.scalar_type(),
-                                  "region_word_backward", [&] {
-    const scalar_t* region = regions.data_ptr<scalar_t>();
-    const scalar_t* word = words.data_ptr<scalar_t>();
-    const int64_t* region_len = region_lengths.data_ptr<int64_t>();
-    const int64_t* word_len = word_lengths.data_ptr<int64_t>();
+  with_token_pointers(in, [&](const auto* region, const auto* word, const int64_t* region_len,
+                              const int64_t* word_len) {
     // Regions are the queries of i2t and the keys of t2i; words the reverse.
-    FA_LAUNCH(region_word_backward_kernel<scalar_t>,
+    FA_LAUNCH(region_word_backward_kernel,
               fa_dim3(n_images, ceil_div(max_regions, kTileM) * d_splits), fa_dim3(kGemmThreads),
               region, word, region_len, word_len, n_captions, max_regions, max_words, dim,
               token_coefficients(coef_i2t, aux_i2t, 0, align_max),
               token_coefficients(coef_t2i, aux_t2i, 0, align_max), d_splits, d_per_split, options,
               grad_regions.data_ptr<float>());
-    FA_LAUNCH(region_word_backward_kernel<scalar_t>,
+    FA_LAUNCH(region_word_backward_kernel,
               fa_dim3(n_captions, ceil_div(max_words, kTileM) * d_splits), fa_dim3(kGemmThreads),
               word, region, word_len, region_len, n_images, max_words, max_regions, dim,
               token_coefficients(coef_t2i, aux_t2i, 1, align_max),
