@@ -7,7 +7,10 @@
 // into the running AGGREGATE. Backward: a block owns 64 tokens of one x item and a D range,
 // streams every y item in 64-token chunks, builds dL/ds (one-hot from the arg-max indices, or
 // the softmax recomputed from the scores) in shared memory and multiplies it into the gradient.
-// Loops stop at the real lengths; the (Ni, Nt, R, L) tensor never exists. float32 throughout.
+// Loops stop at the real lengths; the (Ni, Nt, R, L) tensor never exists. direction "both" is
+// two launches, so its score tiles are formed twice. Precision: tokens become float32 when
+// staged, the products are 3xTF32 (float32 accuracy) under nvcc and plain float32 in the
+// emulation, and ALIGN, AGGREGATE and the gradients accumulate in float32.
 #pragma once
 
 #include "device_api.h"
