@@ -52,6 +52,25 @@ def prototype_assign_case(backend: str, n: int, k: int, d: int, mode: str):
         q = fastalign.prototype_assign(x, p, mode=mode, backend=backend)
         if q.requires_grad:
             q.backward(upstream)
+def region_word_case(backend: str, n: int, d: int, mode: tuple[str, str, str, str | None]):
+    """n images of 36 regions x n captions padded to 40 words (Flickr30K-like lengths)."""
+    regions = torch.randn(n, 36, d, device="cuda", requires_grad=True)
+    words = torch.randn(n, 40, d, device="cuda", requires_grad=True)
+    word_lengths = torch.randint(6, 25, (n,), device="cuda")
+    direction, align, aggregate, activation = mode
+
+    def step():
+        scores = fastalign.region_word_similarity(
+            regions,
+            words,
+            word_lengths=word_lengths,
+            direction=direction,
+            align=align,
+            aggregate=aggregate,
+            score_activation=activation,
+            backend=backend,
+        )
+        scores.sum().backward()
 
     return step
 
@@ -115,6 +134,15 @@ def main() -> int:
             for name in names
         ]
         print(f"{label:28} {n:5d} {d:5d} {mode:8} {' '.join(cells)}")
+    available = backends("region_word_similarity")
+    names = [name for name in ("reference", "triton", "cuda") if available[name] == "available"]
+    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':8} " + " ".join(f"{n + ' ms':>12}" for n in names))
+    modes = {"CHAN": ("t2i", "max", "lse", None), "LAPS": ("both", "max", "mean", "leaky_relu")}
+    for n in (64,) if args.quick else (64, 128):
+        for label, mode in modes.items():
+            times = [time_ms(region_word_case(name, n, 1024, mode)) for name in names]
+            row = " ".join(f"{t:12.3f}" for t in times)
+            print(f"{'region_word_similarity':28} {n:5d} {1024:5d} {label:8} {row}")
     return 0
 
 

@@ -105,3 +105,45 @@ def test_prototypes_cuda_vs_reference_and_triton(dtype):
     ref_inputs = [t.clone().requires_grad_() for t in wide[:3]]
     want = _prototype_outputs(None, prototype_topk_mix_reference, ref_inputs, upstream, m=10)
     check(got, want, triton)
+
+
+REGION_WORD_COMBOS = [
+    ("t2i", "max", "lse", None),  # CHAN
+    ("both", "max", "mean", "leaky_relu"),  # LAPS
+    ("i2t", "lse", "max", None),
+    ("both", "lse", "lse", "leaky_relu"),
+    ("t2i", "max", "sum", None),
+]
+
+
+@pytest.mark.parametrize("direction,align,aggregate,activation", REGION_WORD_COMBOS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_region_word_cuda_vs_reference_and_triton(direction, align, aggregate, activation, dtype):
+    from test_region_word import make_inputs, options
+
+    from fastalign.ops.region_word import region_word_similarity_reference
+
+    if backends("region_word_similarity")["cuda"] != "available":
+        pytest.skip(backends("region_word_similarity")["cuda"])
+    # Odd counts (2 x 2 pair tiles), lengths across the 32-token chunks, D across 64.
+    regions, words, rl, wl = (
+        x.cuda() for x in make_inputs(37, 53, 36, 70, 200, dtype=torch.float32, seed=1)
+    )
+    regions, words = regions.to(dtype), words.to(dtype)
+    upstream = torch.randn(37, 53, device="cuda", dtype=torch.float64)
+    kw = options(direction, align, aggregate, activation)
+
+    def scores_and_grads(fn, r, w, **extra):
+        r, w = r.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        scores = fn(r, w, rl, wl, **kw, **extra)
+        grads = torch.autograd.grad((scores.double() * upstream).sum(), (r, w))
+        return [x.double() for x in (scores, *grads)]
+
+    got = scores_and_grads(fastalign.region_word_similarity, regions, words, backend="cuda")
+    want = scores_and_grads(region_word_similarity_reference, regions.double(), words.double())
+    triton = scores_and_grads(fastalign.region_word_similarity, regions, words, backend="triton")
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for g, w, t in zip(got, want, triton):
+        scale = max(w.abs().max().item(), 1.0)
+        torch.testing.assert_close(g / scale, w / scale, **tol)
+        torch.testing.assert_close(g / scale, t / scale, **tol)

@@ -5,6 +5,7 @@
 
 #include "dimension_correlation.cuh"
 #include "prototypes.cuh"
+#include "region_word.cuh"
 
 namespace fastalign_cuda {
 
@@ -12,7 +13,13 @@ namespace fastalign_cuda {
   template __global__ void column_stats_kernel<T>(const T*, const T*, int, int, float, float*, \
                                                   float*, int*);                             \
   template __global__ void std_backward_kernel<T>(const float*, const float*, const float*, int, \
-                                                  int, T*, T*);
+                                                  int, T*, T*);                          \
+  template __global__ void region_word_forward_kernel<T>(const T*, const T*, const int64_t*,     \
+                                                         const int64_t*, int, int, int, int, int, \
+                                                         RegionWordOptions, PairOutputs);      \
+  template __global__ void region_word_backward_kernel<T>(                                    \
+      const T*, const T*, const int64_t*, const int64_t*, int, int, int, int, TokenCoefficients, \
+      TokenCoefficients, int, int, RegionWordOptions, float*);
 FA_INSTANTIATE(float)
 FA_INSTANTIATE(__half)
 FA_INSTANTIATE(__nv_bfloat16)

@@ -30,7 +30,12 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 DRIVER = CUDA_DIR / "compile_check_driver.cu"
 DEFAULT_ARCHS: tuple[int, ...] = (80, 90)
 # Kernels (by a substring of their mangled name) whose inner product must use tensor cores.
-MMA_KERNELS = ("strided_gemm_kernel", "prototype_topk_scan_kernel")
+MMA_KERNELS = (
+    "strided_gemm_kernel",
+    "prototype_topk_scan_kernel",
+    "region_word_forward_kernel",
+    "region_word_backward_kernel",
+)
 
 _ENTRY_RE = re.compile(r"Compiling entry function '(\w+)' for '(sm_\w+)'")
 _SPILL_RE = re.compile(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import resolve_backend
+from fastalign._backends import extension_has_cuda, resolve_backend
 from fastalign.ops._checks import check_backend_dtype
 
 DIRECTIONS = ("t2i", "i2t", "both")
@@ -361,7 +361,10 @@ torch.library.register_autograd(
     setup_context=_setup_context,
 )
 if hasattr(torch.ops.fastalign, "region_word_forward"):  # the compiled extension is loaded
-    _FORWARD_OPS["cpu"] = _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
+    _FORWARD_OPS["cpu"] = torch.ops.fastalign.region_word_forward
+    if extension_has_cuda("region_word_similarity"):
+        # One op for both: the dispatcher picks the CPU or the CUDA kernel by the device.
+        _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
     torch.library.register_fake("fastalign::region_word_forward")(_forward_fake)
     torch.library.register_fake("fastalign::region_word_backward")(_backward_fake)
     torch.library.register_autograd(
@@ -400,7 +403,8 @@ def region_word_similarity(
         aggregate: ``"mean"``, ``"sum"``, ``"max"`` or ``"lse"`` (with aggregate_tau).
         score_activation: None, or ``"leaky_relu"`` (slope 0.1) on every region-word score.
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
-            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+            ``"cpu"``, ``"triton"`` or ``"cuda"`` (the hand-written CUDA kernels of csrc/cuda,
+            when fastalign._C was built with them).
 
     Returns:
         (Ni, Nt) scores in the inputs' dtype. With ``align="max"`` gradients go to the first
