@@ -52,6 +52,10 @@ def prototype_assign_case(backend: str, n: int, k: int, d: int, mode: str):
         q = fastalign.prototype_assign(x, p, mode=mode, backend=backend)
         if q.requires_grad:
             q.backward(upstream)
+
+    return step
+
+
 def region_word_case(backend: str, n: int, d: int, mode: tuple[str, str, str, str | None]):
     """n images of 36 regions x n captions padded to 40 words (Flickr30K-like lengths)."""
     regions = torch.randn(n, 36, d, device="cuda", requires_grad=True)
