@@ -34,7 +34,9 @@ def reference_loss_and_grads(a, b, mode, weight, tau, eps):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 def test_dimension_correlation_matches_reference(shape, mode):
-    gen = torch.Generator().manual_seed(hash((shape, mode)) % 2**31)
+    # A seed per case that differs between runs: fresh inputs, and the failing seed is printed.
+    seed = int(torch.randint(0, 2**31, ()))
+    gen = torch.Generator().manual_seed(seed)
     n, d = shape
     shared = torch.randn(n, d, generator=gen)  # correlated pairs: C far from 0 and from I
     a = shared + 0.7 * torch.randn(n, d, generator=gen) + 3.0 * torch.rand(d, generator=gen)
@@ -45,8 +47,11 @@ def test_dimension_correlation_matches_reference(shape, mode):
     assert loss.dtype == torch.float32 and grad_a.shape == a.shape and grad_b.shape == b.shape
     torch.testing.assert_close(loss.double(), want_loss, rtol=2e-5, atol=2e-5)
     scale = max(want_a.abs().max().item(), want_b.abs().max().item(), 1e-6)
-    torch.testing.assert_close(grad_a.double() / scale, want_a / scale, rtol=0, atol=2e-5)
-    torch.testing.assert_close(grad_b.double() / scale, want_b / scale, rtol=0, atol=2e-5)
+    # float32 kernels: with N = 3 the standardisation's gradient amplifies rounding to ~3e-5.
+    for got, want in ((grad_a, want_a), (grad_b, want_b)):
+        torch.testing.assert_close(
+            got.double() / scale, want / scale, rtol=0, atol=1e-4, msg=lambda m: f"seed {seed}: {m}"
+        )
     # Without a gradient: the same loss, empty gradient outputs.
     loss_only, empty_a, empty_b = emulated_loss(a, b, mode, weight, tau, eps, need_grad=False)
     assert empty_a.numel() == 0 and empty_b.numel() == 0
