@@ -4,6 +4,7 @@
 #include <cuda_fp16.h>
 
 #include "dimension_correlation.cuh"
+#include "sparse_spatial.cuh"
 
 namespace fastalign_cuda {
 
@@ -15,5 +16,14 @@ namespace fastalign_cuda {
 FA_INSTANTIATE(float)
 FA_INSTANTIATE(__half)
 FA_INSTANTIATE(__nv_bfloat16)
+
+#define FA_INSTANTIATE_SPARSE_SPATIAL(T)                                                        \
+  template __global__ void normalize_rows_kernel<T>(const T*, const T*, int, int, float*, float*, \
+                                                    float*, int*);                               \
+  template __global__ void normalize_backward_kernel<T>(const float*, const float*, const float*, \
+                                                        int, int, int, T*, T*);
+FA_INSTANTIATE_SPARSE_SPATIAL(float)
+FA_INSTANTIATE_SPARSE_SPATIAL(__half)
+FA_INSTANTIATE_SPARSE_SPATIAL(__nv_bfloat16)
 
 }  // namespace fastalign_cuda
