@@ -41,6 +41,20 @@ def dimension_correlation_case(backend: str, n: int, d: int, mode: str):
     return step
 
 
+def sparse_spatial_case(backend: str, n: int, d: int, kind: str, select: str):
+    img = torch.randn(n, d, device="cuda", requires_grad=True)
+    txt = torch.randn(n, d, device="cuda", requires_grad=True)
+    k = n // 8 if select == "topk" else None
+
+    def step():
+        loss = fastalign.sparse_spatial_loss(
+            img, txt, kind=kind, select=select, k=k, backend=backend
+        )
+        loss.backward()
+
+    return step
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -61,6 +75,14 @@ def main() -> int:
             times = [time_ms(dimension_correlation_case(name, n, d, mode)) for name in names]
             row = " ".join(f"{t:12.3f}" for t in times)
             print(f"{'dimension_correlation_loss':28} {n:5d} {d:5d} {mode:8} {row}")
+    available = backends("sparse_spatial_loss")
+    names = [name for name in ("reference", "triton", "cuda") if available[name] == "available"]
+    for n, d in [(256, 1024), (4096, 1024)]:
+        for kind, select in [("inter", "threshold"), ("intra", "soft"), ("inter", "topk")]:
+            times = [time_ms(sparse_spatial_case(name, n, d, kind, select)) for name in names]
+            row = " ".join(f"{t:12.3f}" for t in times)
+            label = f"sparse_spatial_loss {kind}"
+            print(f"{label:28} {n:5d} {d:5d} {select:8} " + row + "  " + " ".join(names))
     return 0
 
 
