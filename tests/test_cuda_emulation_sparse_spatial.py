@@ -17,6 +17,7 @@ from test_sparse_spatial import (
     TEMPERATURE,
     assert_matches,
     discrepancy,
+    forward_loss_and_grads,
     make_inputs,
     options_for,
     per_row_alpha,
@@ -33,16 +34,17 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 def emulated(img, txt, alpha, kind, select, k=None, largest=True, need_grad=True, temperature=None):
     """(loss, grad_img, grad_txt, grad_alpha) of the emulated op; alpha is (N,)."""
-    return cuda_emulation.ops().sparse_spatial_loss_forward(
+    return forward_loss_and_grads(
+        cuda_emulation.ops().sparse_spatial_loss_forward,
         img,
         txt,
         alpha,
-        KINDS.index(kind),
-        SELECTS.index(select),
-        k or 0,
-        TEMPERATURE if temperature is None else temperature,
+        kind,
+        select,
+        k,
         largest,
         need_grad,
+        TEMPERATURE if temperature is None else temperature,
     )
 
 
@@ -120,9 +122,8 @@ def test_topk_ties_go_to_the_lower_column(kind, largest, k):
     want = reference_loss_and_grads(img, txt, kind=kind, select="topk", k=k, largest=largest)
     assert_matches(got[:3] + (None,), want, 1e-5)
     if extension_loaded():
-        cpu = torch.ops.fastalign.sparse_spatial_loss_forward(
-            img, txt, alpha, KINDS.index(kind), 2, k, TEMPERATURE, largest, True
-        )
+        cpu_op = torch.ops.fastalign.sparse_spatial_loss_forward
+        cpu = forward_loss_and_grads(cpu_op, img, txt, alpha, kind, "topk", k, largest)
         for x, y in zip(got, cpu):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 

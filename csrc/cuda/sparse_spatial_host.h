@@ -11,39 +11,25 @@
 #include <climits>
 #include <tuple>
 
+#include "../sparse_spatial_checks.h"
 #include "gemm_host.h"
 #include "sparse_spatial.cuh"
 
 namespace fastalign_cuda {
 
-// The schema fastalign::sparse_spatial_loss_forward (csrc/ops.cpp), with the checks and error
-// messages of the CPU op; the CUDA kernels take float32, float16 and bfloat16.
+// The schema fastalign::sparse_spatial_loss_forward (csrc/ops.cpp), with the checks of the CPU
+// op; the CUDA kernels take float32, float16 and bfloat16.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial_loss_forward(
     const at::Tensor& img_in, const at::Tensor& txt_in, const at::Tensor& alpha_in, int64_t kind,
     int64_t select, int64_t k, double temperature, bool largest, bool need_grad) {
-  TORCH_CHECK(img_in.dim() == 2 && img_in.sizes() == txt_in.sizes(),
-              "img and txt must be (N, D) matrices of one shape, got ", img_in.sizes(), " and ",
-              txt_in.sizes());
-  TORCH_CHECK(img_in.scalar_type() == txt_in.scalar_type() &&
-                  img_in.scalar_type() == alpha_in.scalar_type(),
-              "img, txt and alpha must share a dtype");
+  fastalign::check_sparse_spatial_arguments(img_in, txt_in, alpha_in, kind, select, k,
+                                            temperature);
   const auto dtype = img_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
               "the CUDA sparse_spatial_loss takes float32, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(img_in.device() == txt_in.device() && img_in.device() == alpha_in.device(),
               "img, txt and alpha must be on one device");
   const int64_t rows = img_in.size(0);
-  TORCH_CHECK_VALUE(rows >= 2 && img_in.size(1) >= 1,
-                    "sparse_spatial_loss needs N >= 2 rows and D >= 1 columns, got ",
-                    img_in.sizes());
-  TORCH_CHECK_VALUE(alpha_in.dim() == 1 && alpha_in.size(0) == rows, "alpha must be (N,) = (",
-                    rows, ",), got ", alpha_in.sizes());
-  TORCH_CHECK_VALUE(kind == 0 || kind == 1, "kind must be 0 (inter) or 1 (intra)");
-  TORCH_CHECK_VALUE(select == kSelectThreshold || select == kSelectSoft || select == kSelectTopk,
-                    "select must be 0 (threshold), 1 (soft) or 2 (topk), got ", select);
-  TORCH_CHECK_VALUE(select != kSelectTopk || (k >= 1 && k <= rows - 1),
-                    "k must be in [1, N - 1 = ", rows - 1, "], got ", k);
-  TORCH_CHECK_VALUE(select != kSelectSoft || temperature > 0.0, "temperature must be > 0");
   TORCH_CHECK(rows <= INT_MAX && img_in.size(1) <= INT_MAX / 2,
               "the CUDA sparse_spatial_loss needs N and 2 D below 2^31, got ", img_in.sizes());
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous();
