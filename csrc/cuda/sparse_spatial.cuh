@@ -12,6 +12,9 @@
 
 namespace fastalign_cuda {
 
+// Threads of the row kernels (any multiple of 32). One warp: a row holds N (a batch, 128 to a
+// few thousand) or D entries, N blocks keep the GPU busy, and each barrier of the host emulation
+// costs in proportion to the block's threads.
 constexpr int kRowThreads = 32, kRowWarps = kRowThreads / kWarpSize;
 constexpr int kPairTile = 32, kPairRows = 8;
 constexpr int kSelectThreshold = 0, kSelectSoft = 1, kSelectTopk = 2;
