@@ -1,6 +1,6 @@
-"""Times the three GPU backends of the operators that have a CUDA kernel: reference (plain
-PyTorch), triton and cuda (csrc/cuda), forward + backward, on CUDA tensors. Needs a GPU.
-Prototype rows: "-" where a backend lacks that operator.
+"""Times the three GPU backends of every operator: reference (plain PyTorch), triton and cuda
+(csrc/cuda), forward + backward, on CUDA tensors; "-" where a backend is unavailable for that
+operator (the reason is in fastalign.backends()). Needs a GPU.
 
     python benchmarks/bench_cuda_backends.py [--quick]
 """
@@ -76,6 +76,18 @@ def region_word_case(backend: str, n: int, d: int, mode: tuple[str, str, str, st
         )
         scores.sum().backward()
 
+
+def sparse_spatial_case(backend: str, n: int, d: int, kind: str, select: str):
+    img = torch.randn(n, d, device="cuda", requires_grad=True)
+    txt = torch.randn(n, d, device="cuda", requires_grad=True)
+    k = n // 8 if select == "topk" else None
+
+    def step():
+        loss = fastalign.sparse_spatial_loss(
+            img, txt, kind=kind, select=select, k=k, backend=backend
+        )
+        loss.backward()
+
     return step
 
 
@@ -96,10 +108,31 @@ def prototype_topk_mix_case(backend: str, n: int, k: int, d: int, m: int):
     return step
 
 
-def prototype_rows(quick: bool):
-    """(label, N, D, mode, public operator, case builder) of the prototype operators:
-    K = 3000 prototypes (softmax timed forward + backward), MASK's K = 12385 concept keys."""
+def benchmark_rows(quick: bool):
+    """(label, N, D, mode, public operator, case builder taking the backend) of every row."""
     rows = []
+    dim_shapes = [(256, 512), (4096, 1024)] + ([] if quick else [(4096, 2048)])
+    for n, d in dim_shapes:
+        for mode in ("barlow", "softmax"):
+            build = partial(dimension_correlation_case, n=n, d=d, mode=mode)
+            rows.append(
+                ("dimension_correlation_loss", n, d, mode, "dimension_correlation_loss", build)
+            )
+    region_modes = {
+        "CHAN": ("t2i", "max", "lse", None),
+        "LAPS": ("both", "max", "mean", "leaky_relu"),
+    }
+    for n in (64,) if quick else (64, 128):
+        for label, mode in region_modes.items():
+            build = partial(region_word_case, n=n, d=1024, mode=mode)
+            rows.append(("region_word_similarity", n, 1024, label, "region_word_similarity", build))
+    for n in (256,) if quick else (256, 4096):
+        for kind, select in [("inter", "threshold"), ("intra", "soft"), ("inter", "topk")]:
+            build = partial(sparse_spatial_case, n=n, d=1024, kind=kind, select=select)
+            rows.append(
+                (f"sparse_spatial_loss {kind}", n, 1024, select, "sparse_spatial_loss", build)
+            )
+    # K = 3000 prototypes (softmax timed forward + backward), MASK's K = 12385 concept keys.
     for n in (1024,) if quick else (1024, 8192):
         for mode in ("softmax", "hard", "sinkhorn"):
             build = partial(prototype_assign_case, n=n, k=3000, d=256, mode=mode)
@@ -118,35 +151,16 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_cuda_backends: no CUDA device here; this benchmark needs a GPU.")
         return 2
-    available = backends("dimension_correlation_loss")
-    names = [name for name in ("reference", "triton", "cuda") if available[name] == "available"]
-    missing = {name: available[name] for name in ("triton", "cuda") if name not in names}
-    if missing:
-        print(f"skipping backends: {missing}")
-    shapes = [(256, 512), (4096, 1024)] if args.quick else [(256, 512), (4096, 1024), (4096, 2048)]
+    names = ("reference", "triton", "cuda")
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':8} " + " ".join(f"{n + ' ms':>12}" for n in names))
-    for n, d in shapes:
-        for mode in ("barlow", "softmax"):
-            times = [time_ms(dimension_correlation_case(name, n, d, mode)) for name in names]
-            row = " ".join(f"{t:12.3f}" for t in times)
-            print(f"{'dimension_correlation_loss':28} {n:5d} {d:5d} {mode:8} {row}")
-    for label, n, d, mode, op, build in prototype_rows(args.quick):
+    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':9} " + " ".join(f"{n + ' ms':>12}" for n in names))
+    for label, n, d, mode, op, build in benchmark_rows(args.quick):
         available = backends(op)
         cells = [
             f"{time_ms(build(name)):12.3f}" if available[name] == "available" else f"{'-':>12}"
             for name in names
         ]
-        print(f"{label:28} {n:5d} {d:5d} {mode:8} {' '.join(cells)}")
-    available = backends("region_word_similarity")
-    names = [name for name in ("reference", "triton", "cuda") if available[name] == "available"]
-    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':8} " + " ".join(f"{n + ' ms':>12}" for n in names))
-    modes = {"CHAN": ("t2i", "max", "lse", None), "LAPS": ("both", "max", "mean", "leaky_relu")}
-    for n in (64,) if args.quick else (64, 128):
-        for label, mode in modes.items():
-            times = [time_ms(region_word_case(name, n, 1024, mode)) for name in names]
-            row = " ".join(f"{t:12.3f}" for t in times)
-            print(f"{'region_word_similarity':28} {n:5d} {1024:5d} {label:8} {row}")
+        print(f"{label:28} {n:5d} {d:5d} {mode:9} {' '.join(cells)}", flush=True)
     return 0
 
 

@@ -2,6 +2,16 @@
 
 import pytest
 import torch
+from test_sparse_spatial import (
+    COMBOS,
+    assert_matches,
+    loss_and_grads,
+    options_for,
+    per_row_alpha,
+    reference_loss_and_grads,
+    seed_of,
+    separated_inputs,
+)
 
 import fastalign
 from fastalign._backends import backends
@@ -147,3 +157,41 @@ def test_region_word_cuda_vs_reference_and_triton(direction, align, aggregate, a
         scale = max(w.abs().max().item(), 1.0)
         torch.testing.assert_close(g / scale, w / scale, **tol)
         torch.testing.assert_close(g / scale, t / scale, **tol)
+
+
+# Hard selections (threshold, topk) only on inputs with no entry within 3e-6 of a selection
+# boundary (test_sparse_spatial.separated_inputs), so rounding cannot flip one; N = 1000 soft.
+SPARSE_SPATIAL_CASES = [
+    (shape, kind, select, largest)
+    for shape in [(2, 3), (70, 33), (150, 96)]
+    for kind, select, largest in COMBOS
+] + [
+    ((1000, 256), kind, "soft", largest) for kind in ("inter", "intra") for largest in (True, False)
+]
+
+
+@pytest.mark.parametrize("shape,kind,select,largest", SPARSE_SPATIAL_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_spatial_cuda_vs_reference_and_triton(shape, kind, select, largest, dtype):
+    """alpha: a per-row (N,) tensor with its gradient (soft), a 0-d tensor (threshold) or a
+    float (topk); upstream gradient 0.75; also the loss without a gradient."""
+    if backends("sparse_spatial_loss")["cuda"] != "available":
+        pytest.skip(backends("sparse_spatial_loss")["cuda"])
+    n, d = shape
+    seed = seed_of("cuda-gpu", shape, kind, select, largest)
+    alpha = {"soft": per_row_alpha(n, seed), "threshold": torch.tensor(0.6), "topk": 0.5}
+    options = options_for(select, n, alpha=alpha[select])
+    img, txt = separated_inputs(n, d, seed, kind, options, largest, dtype, margin=3e-6)
+    img, txt = img.cuda(), txt.cuda()
+    if isinstance(options["alpha"], torch.Tensor):
+        options["alpha"] = options["alpha"].to("cuda", dtype)
+    kw = dict(kind=kind, largest=largest, **options)
+    got = loss_and_grads(fastalign.sparse_spatial_loss, img, txt, 0.75, backend="cuda", **kw)
+    want = reference_loss_and_grads(img, txt, 0.75, **kw)
+    triton = loss_and_grads(fastalign.sparse_spatial_loss, img, txt, 0.75, backend="triton", **kw)
+    rtol = 2e-4 if dtype == torch.float32 else 1e-2  # bf16: inputs and outputs rounded
+    assert_matches(got, want, rtol, context=f"cuda {shape} {kind} {select} {largest}")
+    assert_matches(got, tuple(x if x is None else x.double() for x in triton), 2 * rtol)
+    with torch.no_grad():
+        loss = fastalign.sparse_spatial_loss(img, txt, backend="cuda", **kw)
+    torch.testing.assert_close(loss, got[0], rtol=0, atol=0)

@@ -596,20 +596,30 @@ def test_half_precision_is_refused_on_cpu():
 TRITON_SHAPES = [(2, 3), (3, 5), (17, 9), (37, 20)]
 
 
-def triton_loss_and_grads(img, txt, alpha, kind, select, k, largest):
-    """(loss, grad_img, grad_txt, grad_alpha) straight from the Triton launcher."""
-    from fastalign.kernels.triton.sparse_spatial import sparse_spatial_loss_forward
-
-    return sparse_spatial_loss_forward(
+def forward_loss_and_grads(
+    forward, img, txt, alpha, kind, select, k, largest, need_grad=True, temperature=TEMPERATURE
+):
+    """(loss, grad_img, grad_txt, grad_alpha) straight from a forward with the compiled op's
+    schema (alpha (N,), kind and select as their indices)."""
+    return forward(
         img,
         txt,
         alpha,
         KINDS.index(kind),
         SELECTS.index(select),
         k or 0,
-        TEMPERATURE,
+        temperature,
         largest,
-        True,
+        need_grad,
+    )
+
+
+def triton_loss_and_grads(img, txt, alpha, kind, select, k, largest):
+    """(loss, grad_img, grad_txt, grad_alpha) straight from the Triton launcher."""
+    from fastalign.kernels.triton.sparse_spatial import sparse_spatial_loss_forward
+
+    return forward_loss_and_grads(
+        sparse_spatial_loss_forward, img, txt, alpha, kind, select, k, largest
     )
 
 

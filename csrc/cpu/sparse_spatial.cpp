@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "../sparse_spatial_checks.h"
 #include "sparse_rows_matmul.h"
 
 namespace fastalign {
@@ -314,24 +315,7 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial_loss_forward_cpu(
     const at::Tensor& img_in, const at::Tensor& txt_in, const at::Tensor& alpha_in, int64_t kind,
     int64_t select, int64_t k, double temperature, bool largest, bool need_grad) {
-  TORCH_CHECK(img_in.dim() == 2 && img_in.sizes() == txt_in.sizes(),
-              "img and txt must be (N, D) matrices of one shape, got ", img_in.sizes(), " and ",
-              txt_in.sizes());
-  TORCH_CHECK(img_in.scalar_type() == txt_in.scalar_type() &&
-                  img_in.scalar_type() == alpha_in.scalar_type(),
-              "img, txt and alpha must share a dtype");
-  const int64_t n = img_in.size(0);
-  TORCH_CHECK_VALUE(n >= 2 && img_in.size(1) >= 1,
-                    "sparse_spatial_loss needs N >= 2 rows and D >= 1 columns, got ",
-                    img_in.sizes());
-  TORCH_CHECK_VALUE(alpha_in.dim() == 1 && alpha_in.size(0) == n, "alpha must be (N,) = (", n,
-                    ",), got ", alpha_in.sizes());
-  TORCH_CHECK_VALUE(kind == kInter || kind == kIntra, "kind must be 0 (inter) or 1 (intra)");
-  TORCH_CHECK_VALUE(select == kThreshold || select == kSoft || select == kTopk,
-                    "select must be 0 (threshold), 1 (soft) or 2 (topk), got ", select);
-  TORCH_CHECK_VALUE(select != kTopk || (k >= 1 && k <= n - 1), "k must be in [1, N - 1 = ",
-                    n - 1, "], got ", k);
-  TORCH_CHECK_VALUE(select != kSoft || temperature > 0.0, "temperature must be > 0");
+  check_sparse_spatial_arguments(img_in, txt_in, alpha_in, kind, select, k, temperature);
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous();
   const at::Tensor alpha = alpha_in.contiguous();
   const auto grad_shape = [&](const at::Tensor& x) {

@@ -6,6 +6,7 @@
 #include "dimension_correlation.cuh"
 #include "prototypes.cuh"
 #include "region_word.cuh"
+#include "sparse_spatial.cuh"
 
 namespace fastalign_cuda {
 
@@ -48,5 +49,13 @@ FA_INSTANTIATE(__nv_bfloat16)
 FA_INSTANTIATE_PROTOTYPES(float)
 FA_INSTANTIATE_PROTOTYPES(__half)
 FA_INSTANTIATE_PROTOTYPES(__nv_bfloat16)
+#define FA_INSTANTIATE_SPARSE_SPATIAL(T)                                                        \
+  template __global__ void normalize_rows_kernel<T>(const T*, const T*, int, int, float*, float*, \
+                                                    float*, int*);                               \
+  template __global__ void normalize_backward_kernel<T>(const float*, const float*, const float*, \
+                                                        int, int, int, T*, T*);
+FA_INSTANTIATE_SPARSE_SPATIAL(float)
+FA_INSTANTIATE_SPARSE_SPATIAL(__half)
+FA_INSTANTIATE_SPARSE_SPATIAL(__nv_bfloat16)
 
 }  // namespace fastalign_cuda

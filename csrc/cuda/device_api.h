@@ -3,7 +3,8 @@
 // host_emulation.h, run by the tests on the CPU). Kernels use only what is defined here:
 // FA_GLOBAL / FA_DEVICE functions, fa_thread_x() ... fa_grid_y(), FA_SHARED arrays (declared
 // unconditionally at the top of a kernel, in the same order by every thread), fa_syncthreads(),
-// fa_shfl_xor / fa_ballot on full warps, and fa_atomic_add. Host code launches a kernel with
+// fa_shfl_xor / fa_ballot on full warps, fa_atomic_add, and the bit helpers fa_float_as_uint and
+// fa_popc. Host code launches a kernel with
 // FA_LAUNCH(kernel, grid, block, args...) from launch.h.
 #pragma once
 
@@ -31,6 +32,8 @@ FA_DEVICE void fa_syncthreads() { __syncthreads(); }
 FA_DEVICE float fa_shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 FA_DEVICE uint32_t fa_ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
 FA_DEVICE float fa_atomic_add(float* p, float v) { return atomicAdd(p, v); }
+FA_DEVICE uint32_t fa_float_as_uint(float x) { return __float_as_uint(x); }
+FA_DEVICE int fa_popc(uint32_t bits) { return __popc(bits); }
 FA_DEVICE int fa_atomic_add(int* p, int v) { return atomicAdd(p, v); }
 FA_DEVICE float fa_rsqrt(float x) { return rsqrtf(x); }
 FA_DEVICE float fa_exp(float x) { return __expf(x); }
@@ -59,6 +62,8 @@ inline float fa_shfl_xor(float v, int mask) { return fa_emu::shfl_xor(v, mask); 
 inline uint32_t fa_ballot(bool p) { return fa_emu::ballot(p); }
 template <typename V>
 inline V fa_atomic_add(V* p, V v) { return fa_emu::atomic_add(p, v); }
+inline uint32_t fa_float_as_uint(float x) { return fa_emu::float_as_uint(x); }
+inline int fa_popc(uint32_t bits) { return fa_emu::popc(bits); }
 inline float fa_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float fa_exp(float x) { return std::exp(x); }
 inline float fa_log(float x) { return std::log(x); }

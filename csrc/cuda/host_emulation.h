@@ -140,6 +140,15 @@ V atomic_add(V* p, V v) {
   return old;
 }
 
+// The bits of a float, and the number of set bits (__float_as_uint, __popc).
+inline uint32_t float_as_uint(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+inline int popc(uint32_t bits) { return __builtin_popcount(bits); }
+
 // Runs kernel() for every block of `grid` with block.x * block.y threads.
 inline void launch(Dim3 grid, Dim3 block, const std::function<void()>& kernel) {
   if (grid.z != 1 || block.z != 1) throw std::invalid_argument("fa_emu: 3-D launches unsupported");

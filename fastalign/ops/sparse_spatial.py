@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import resolve_backend
+from fastalign._backends import extension_has_cuda, resolve_backend
 from fastalign.ops._checks import check_number, check_paired_rows
 
 KINDS = ("inter", "intra")
@@ -216,6 +216,9 @@ if hasattr(torch.ops.fastalign, "sparse_spatial_loss_forward"):  # the extension
     torch.library.register_autograd(
         "fastalign::sparse_spatial_loss_forward", _backward, setup_context=_setup_context
     )
+    if extension_has_cuda("sparse_spatial_loss"):
+        # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
+        _FORWARD_OPS["cuda"] = torch.ops.fastalign.sparse_spatial_loss_forward
 
 
 # --------------------------------------------------------------------------- public API
@@ -301,7 +304,8 @@ def sparse_spatial_loss(
         temperature: of the soft mode (> 0).
         largest: False selects the smallest discrepancies instead (see :func:`sparse_select`).
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"reference"``,
-            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+            ``"cpu"``, ``"triton"`` or ``"cuda"`` (the hand-written CUDA kernels of csrc/cuda,
+            when fastalign._C was built with them; float32 arithmetic for every input dtype).
 
     Returns:
         A scalar in the inputs' dtype. Gradients flow to img and txt through the selected
