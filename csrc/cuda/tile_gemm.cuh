@@ -98,8 +98,10 @@ FA_DEVICE void accumulator_store(const WarpAccumulator& acc, float* c_s, int row
 }
 #endif
 
-// grid (ceil(n_cols / 64), ceil(m / 64)), block kGemmThreads.
-FA_GLOBAL void strided_gemm_kernel(const float* __restrict__ a, const float* __restrict__ b,
+// grid (ceil(n_cols / 64), ceil(m / 64)), block kGemmThreads. static: every operator's object
+// file of the extension includes this header, and a kernel that is not a template would
+// otherwise be defined in each of them.
+static FA_GLOBAL void strided_gemm_kernel(const float* __restrict__ a, const float* __restrict__ b,
                                    float* __restrict__ out, int m, int n, int k, long a_sm,
                                    long a_sk, long b_sk, long b_sn, long ld_out, float scale) {
   FA_SHARED(float, a_s, kTileM * kPadA);
