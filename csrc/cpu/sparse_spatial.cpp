@@ -2,8 +2,9 @@
 // gradients w.r.t. img, txt and alpha in one call, in O(N^2) memory (one N x N buffer).
 // Both kinds are one signed discrepancy D with E = |D|: inter D = V U^T - U V^T (= X - X^T,
 // antisymmetric), intra D = V V^T - U U^T (= Y - Z, symmetric), for the row-normalised U, V.
-// D is built by the BLAS in strips of rows on and right of the diagonal and mirrored (half
-// the multiply-adds of the full products). One pass over the rows gives each row's mean and
+// Inter D = P - P^T from one full BLAS product P = V U^T and a tiled in-place pass; intra D is
+// built by the BLAS in strips of rows on and right of the diagonal and mirrored (exact zeros
+// stay exact: a zero image row and a zero text row give D = 0, where |.| has its kink). One pass over the rows gives each row's mean and
 // biased std (in double), selection, loss and, with a gradient, overwrites the row with
 // Gamma = dL/dD (row-local). A tiled pass turns Gamma into Omega = Gamma +- Gamma^T in place,
 // and two products with U and V give the gradients of the normalised rows: GEMMs, or for a
@@ -31,7 +32,7 @@ enum Select : int64_t { kThreshold = 0, kSoft = 1, kTopk = 2 };
 // F.normalize's eps: a row of norm below it is divided by eps instead (a zero row gives
 // zeros, never NaN).
 constexpr double kNormEps = 1e-12;
-// Rows per strip of the discrepancy products: large enough that the BLAS runs at full speed.
+// Rows per strip of the intra products: large enough that the BLAS runs at full speed.
 constexpr int64_t kStripRows = 256;
 // Side of the square tiles of the mirrored passes: a tile and its mirror stay in L1.
 constexpr int64_t kTile = 64;
@@ -83,43 +84,64 @@ void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
                     "] holds a NaN or an infinity: sparse_spatial_loss needs finite inputs");
 }
 
-// f(a, b) for every pair a < b of [0, n), by pairs of kTile x kTile tiles (I, J >= I) in
-// parallel: the entries (a, b) and (b, a) of a square matrix are touched by one thread, and a
-// tile and its mirror stay in L1.
-template <typename F>
-void for_mirrored_pairs(int64_t n, const F& f) {
+// (G_ab, G_ba) = f(G_ab, G_ba) for every pair a < b of the n x n row-major g, by pairs of
+// kTile x kTile tiles (I, J >= I) in parallel. The mirror tile is copied, transposed, into a
+// local buffer first: walking a column of g directly (a stride of n floats) would map every
+// access to one L1 set.
+template <typename scalar_t, typename F>
+void transform_mirrored_pairs(scalar_t* g, int64_t n, const F& f) {
   const int64_t tiles = ceil_div(n, kTile), pairs = tiles * (tiles + 1) / 2;
   at::parallel_for(0, pairs, std::max<int64_t>(1, kGrainElements / (kTile * kTile)),
                    [&](int64_t begin, int64_t end) {
+                     std::vector<scalar_t> mirror(kTile * kTile);  // [i * kTile + j] = G_ba
+                     scalar_t* t = mirror.data();
                      for (int64_t pair = begin; pair < end; ++pair) {
                        int64_t ti = 0, rest = pair;  // the pair-th (I, J >= I), row-major
                        while (rest >= tiles - ti) rest -= tiles - ti++;
                        const int64_t tj = ti + rest;
-                       const int64_t a1 = std::min(n, (ti + 1) * kTile);
-                       const int64_t b1 = std::min(n, (tj + 1) * kTile);
-                       for (int64_t a = ti * kTile; a < a1; ++a)
-                         for (int64_t b = ti == tj ? a + 1 : tj * kTile; b < b1; ++b) f(a, b);
+                       const int64_t a0 = ti * kTile, b0 = tj * kTile;
+                       const int64_t rows = std::min(kTile, n - a0);
+                       const int64_t cols = std::min(kTile, n - b0);
+                       for (int64_t j = 0; j < cols; ++j)
+                         for (int64_t i = 0; i < rows; ++i) t[i * kTile + j] = g[(b0 + j) * n + a0 + i];
+                       for (int64_t i = 0; i < rows; ++i) {
+                         scalar_t* row = g + (a0 + i) * n + b0;
+                         scalar_t* mirrored = t + i * kTile;
+                         // On a diagonal tile only the pairs above the diagonal (j > i).
+                         for (int64_t j = ti == tj ? i + 1 : 0; j < cols; ++j)
+                           f(row[j], mirrored[j]);
+                       }
+                       for (int64_t j = 0; j < cols; ++j)
+                         for (int64_t i = 0; i < (ti == tj ? j : rows); ++i)
+                           g[(b0 + j) * n + a0 + i] = t[i * kTile + j];
                      }
                    });
 }
 
-// D = A B^T - C F^T (n x n), A..F the normalised U or V: strips of rows [i0, i0 + kStripRows)
-// against the columns from i0 on by the BLAS, then the lower triangle mirrored in one pass
-// (D_ba = mirror_sign * D_ab).
+// Intra D = V V^T - U U^T (n x n): strips of rows [i0, i0 + kStripRows) against the columns
+// from i0 on by the BLAS, then the lower triangle mirrored in one pass.
 template <typename scalar_t>
-at::Tensor discrepancy(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                       const at::Tensor& f, scalar_t mirror_sign) {
-  const int64_t n = a.size(0);
-  at::Tensor d = at::empty({n, n}, a.options());
+at::Tensor intra_discrepancy(const at::Tensor& v, const at::Tensor& u) {
+  const int64_t n = v.size(0);
+  at::Tensor d = at::empty({n, n}, v.options());
   for (int64_t i0 = 0; i0 < n; i0 += kStripRows) {
     const int64_t rows = std::min(kStripRows, n - i0);
     at::Tensor strip = d.narrow(0, i0, rows).narrow(1, i0, n - i0);
-    at::mm_out(strip, a.narrow(0, i0, rows), b.narrow(0, i0, n - i0).t());
-    strip.addmm_(c.narrow(0, i0, rows), f.narrow(0, i0, n - i0).t(), 1.0, -1.0);
+    at::mm_out(strip, v.narrow(0, i0, rows), v.narrow(0, i0, n - i0).t());
+    strip.addmm_(u.narrow(0, i0, rows), u.narrow(0, i0, n - i0).t(), 1.0, -1.0);
   }
-  scalar_t* dp = d.data_ptr<scalar_t>();
-  for_mirrored_pairs(n, [&](int64_t i, int64_t j) { dp[j * n + i] = mirror_sign * dp[i * n + j]; });
+  transform_mirrored_pairs(d.data_ptr<scalar_t>(), n, [](scalar_t& upper, scalar_t& lower) {
+    lower = upper;
+  });
   return d;
+}
+
+// f(begin, end) for the column ranges [0, a) and [a + 1, n) of row a (a loop per range can be
+// vectorised; one over the row with a test for b == a is not).
+template <typename F>
+inline void for_off_diagonal_ranges(int64_t a, int64_t n, const F& f) {
+  f(0, a);
+  f(a + 1, n);
 }
 
 // f(b, D_ab) for every column b != a of row a.
@@ -153,11 +175,14 @@ struct RowPass {
     const double sign = o.largest ? 1.0 : -1.0;
     double sum = 0.0;
     scalar_t low = std::numeric_limits<scalar_t>::infinity(), high = -low;
-    for_off_diagonal(row, a, n, [&](int64_t, scalar_t dv) {
-      const scalar_t e = std::abs(dv);
-      sum += e;
-      low = std::min(low, e);
-      high = std::max(high, e);
+    for_off_diagonal_ranges(a, n, [&](int64_t begin, int64_t end) {
+#pragma omp simd reduction(+ : sum) reduction(min : low) reduction(max : high)
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t e = std::abs(row[b]);
+        sum += e;
+        low = e < low ? e : low;
+        high = e > high ? e : high;
+      }
     });
     // A row of equal entries: mean = that value and std = 0 exactly (the rounded mean of
     // equal numbers can differ from them), so nothing passes a strict threshold.
@@ -165,14 +190,34 @@ struct RowPass {
     if (low != high) {
       mu = sum / m;
       double squares = 0.0;
-      for_off_diagonal(row, a, n, [&](int64_t, scalar_t dv) {
-        const double centered = std::abs(dv) - mu;
-        squares += centered * centered;
+      for_off_diagonal_ranges(a, n, [&](int64_t begin, int64_t end) {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t b = begin; b < end; ++b) {
+          const double centered = std::abs(row[b]) - mu;
+          squares += centered * centered;
+        }
       });
       sigma = std::sqrt(squares / m);
     }
     const double alpha_a = static_cast<double>(alpha[a]);
     const double threshold = mu + sign * alpha_a * sigma;
+    const double inv_n = 1.0 / static_cast<double>(n);
+    if (o.select == kThreshold) {  // the selection, loss and G = 2 w E / N (sign(D) E = D) at once
+      if (grad_alpha) grad_alpha[a] = 0;
+      const auto scale = static_cast<scalar_t>(gamma ? 2.0 * inv_n : 0.0);
+      double loss = 0.0;
+      for_off_diagonal_ranges(a, n, [&](int64_t begin, int64_t end) {
+#pragma omp simd reduction(+ : loss)
+        for (int64_t b = begin; b < end; ++b) {
+          const scalar_t e = std::abs(row[b]);
+          const scalar_t w = sign * (e - threshold) > 0.0 ? 1 : 0;
+          loss += static_cast<double>(w * e) * e;
+          if (gamma) row[b] = scale * w * row[b];
+        }
+      });
+      if (gamma) row[a] = 0;
+      return loss;
+    }
     KthEntry<scalar_t> kth{0, 0};
     if (o.select == kTopk) {
       order.clear();
@@ -196,8 +241,6 @@ struct RowPass {
       if (o.select == kTopk) {
         const bool before = o.largest ? e > kth.value : e < kth.value;
         w = before || (e == kth.value && b <= kth.last) ? 1.0 : 0.0;
-      } else if (o.select == kThreshold) {
-        w = sign * (e - threshold) > 0.0 ? 1.0 : 0.0;
       } else {
         w = 1.0 / (1.0 + std::exp(-sign * (e - threshold) / o.temperature));
         c += static_cast<double>(e) * e * w * (1.0 - w);
@@ -205,12 +248,11 @@ struct RowPass {
       weights[b] = static_cast<scalar_t>(w);
       loss += w * e * e;
     });
-    const double inv_n = 1.0 / static_cast<double>(n);
     c /= o.temperature;
     if (grad_alpha)  // dL/dalpha = dL/dthreshold * sign * sigma
       grad_alpha[a] = static_cast<scalar_t>(o.select == kSoft ? -c * sigma * inv_n : 0.0);
     if (!gamma) return loss;
-    if (o.select != kSoft) {  // G = 2 w E / N and sign(D) E = D
+    if (o.select == kTopk) {  // G = 2 w E / N and sign(D) E = D
       const auto scale = static_cast<scalar_t>(2.0 * inv_n);
       for (int64_t b = 0; b < n; ++b) row[b] = scale * weights[b] * row[b];
       return loss;
@@ -231,16 +273,14 @@ struct RowPass {
   }
 };
 
-// Omega = Gamma + sign * Gamma^T in place (the diagonal of Gamma is 0).
+// G + sign * G^T in place, off the diagonal (left as it is): D from P, Omega from Gamma.
 template <typename scalar_t>
-void add_transpose_in_place(at::Tensor& gamma, scalar_t sign) {
-  const int64_t n = gamma.size(0);
-  scalar_t* g = gamma.data_ptr<scalar_t>();
-  for_mirrored_pairs(n, [&](int64_t a, int64_t b) {
-    const scalar_t x = g[a * n + b] + sign * g[b * n + a];
-    g[a * n + b] = x;
-    g[b * n + a] = sign * x;
-  });
+void add_transpose_in_place(at::Tensor& square, scalar_t sign) {
+  transform_mirrored_pairs(square.data_ptr<scalar_t>(), square.size(0),
+                           [sign](scalar_t& upper, scalar_t& lower) {
+                             upper += sign * lower;
+                             lower = sign * upper;
+                           });
 }
 
 // grad (dL/d normalised rows times `sign`) becomes dL/dx in place: rnorm * (g - u (u . g)),
@@ -280,8 +320,13 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
   normalize_rows<scalar_t>(img, "img", u, rnorm_u, clamped_u);
   normalize_rows<scalar_t>(txt, "txt", v, rnorm_v, clamped_v);
   const auto mirror = static_cast<scalar_t>(o.kind == kInter ? -1 : 1);
-  at::Tensor d = o.kind == kInter ? discrepancy<scalar_t>(v, u, u, v, mirror)
-                                  : discrepancy<scalar_t>(v, v, u, u, mirror);
+  at::Tensor d;
+  if (o.kind == kInter) {
+    d = at::mm(v, u.t());  // P: one full product (strips would do 1.25 times its work)
+    add_transpose_in_place<scalar_t>(d, mirror);
+  } else {
+    d = intra_discrepancy<scalar_t>(v, u);
+  }
 
   const RowPass<scalar_t> row_pass{o, n, alpha.data_ptr<scalar_t>()};
   scalar_t* dp = d.data_ptr<scalar_t>();
