@@ -143,13 +143,16 @@ def check_arch(arch: int, workdir: Path) -> list[KernelReport]:
 
 
 def format_table(reports: Sequence[KernelReport]) -> str:
-    header = f"{'kernel':34} {'arch':>6} {'regs':>5} {'smem B':>7} {'stack':>5} {'spill st/ld':>11}"
+    width = max([len("kernel"), *(len(r.name) for r in reports)])
+    header = (
+        f"{'kernel':{width}} {'arch':>6} {'regs':>5} {'smem B':>7} {'stack':>5} {'spill st/ld':>11}"
+    )
     lines = [header + "  tensor cores   status", "-" * (len(header) + 24)]
     for r in reports:
         problems = r.problems()
         mma = r.mma or ("MISSING" if r.expect_mma else "-")
         lines.append(
-            f"{r.name:34} {'sm_' + str(r.arch):>6} {r.registers:5d} {r.shared_bytes:7d} "
+            f"{r.name:{width}} {'sm_' + str(r.arch):>6} {r.registers:5d} {r.shared_bytes:7d} "
             f"{r.stack_bytes:5d} {f'{r.spill_stores}/{r.spill_loads}':>11}  {mma:14} "
             f"{'ok' if not problems else 'FAIL: ' + '; '.join(problems)}"
         )
