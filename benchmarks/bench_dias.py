@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
-    interleaved_times_ms,
+    compare_cases,
     machine_description,
-    peak_memory_mib,
     report,
     serve_memory_request,
 )
@@ -121,28 +120,8 @@ def main() -> None:
 
     rows = []
     for part, (label, impls) in PARTS.items():
-        cases = {impl: build_case(f"{part}:{impl}:{device}") for impl in impls}
-        times = interleaved_times_ms(cases, device, args.repeat)
-        del cases
-        first = None
-        for impl in impls:
-            key = f"{part}:{impl}:{device}"
-            case = build_case(key) if device.type == "cuda" else None
-            peak, outputs = peak_memory_mib(key, case, device)
-            working = max(peak - outputs, 0.0)
-            first = first or (times[impl], working)
-            rows.append(
-                {
-                    "case": label,
-                    "impl": impl,
-                    "time_ms": times[impl],
-                    "vs_first": times[impl] / first[0],
-                    "peak_MiB": peak,
-                    "outputs_MiB": outputs,
-                    "working_MiB": working,
-                    "working_vs_first": f"{100 * working / max(first[1], 1e-9):.1f}%",
-                }
-            )
+        keys = {impl: f"{part}:{impl}:{device}" for impl in impls}
+        rows += compare_cases({"case": label}, keys, build_case, device, args.repeat)
     title = (
         f"DIAS regularizers (batch 128, R 36, Flickr30K-like lengths, D 1024) on "
         f"{machine_description(device)}"

@@ -33,16 +33,22 @@ def check_backend_dtype(dtype: torch.dtype, backend: str) -> None:
         )
 
 
+def check_floating_tensor(name: str, x: object, dims: int, layout: str) -> None:
+    """A torch.Tensor of ``dims`` dimensions (``layout`` names them, e.g. "(N, D)") holding
+    floating-point values."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
 def check_paired_rows(x: Tensor, y: Tensor, names: tuple[str, str], backend: str, why: str) -> None:
     """Two (N, D) floating-point matrices of one shape, dtype and device, N >= 2, D >= 1,
     whose row n comes from one matched pair; ``why`` says why N >= 2 rows are needed."""
     for name, t in zip(names, (x, y)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_floating_tensor(name, t, 2, "(N, D)")
     both = f"{names[0]} and {names[1]}"
     if x.shape != y.shape:
         raise ValueError(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import extension_has_cuda, resolve_backend
-from fastalign.ops._checks import check_backend_dtype, check_number
+from fastalign.ops._checks import check_backend_dtype, check_floating_tensor, check_number
 
 MODES = ("softmax", "hard", "sinkhorn")
 MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
@@ -93,19 +93,10 @@ def prototype_topk_mix_reference(
 
 
 # --------------------------------------------------------------------------- checks
-def _check_matrix(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
 def _check_inputs(named: dict[str, Tensor], backend: str) -> None:
     """2-D floating tensors of one dtype and device, allowed by ``backend``, all finite."""
     for name, x in named.items():
-        _check_matrix(name, x)
+        check_floating_tensor(name, x, 2, "(rows, D)")
     (first, x0), *rest = named.items()
     for name, x in rest:
         if x.dtype != x0.dtype:
@@ -350,7 +341,7 @@ def prototype_assign(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_number("tau", tau, 0.0, low_ok=False)
     _check_int("iters", iters, 1)
-    _check_matrix("x", x)
+    check_floating_tensor("x", x, 2, "(N, D)")
     backend = resolve_backend(backend, x.device, "prototype_assign")
     _check_inputs({"x": x, "prototypes": prototypes}, backend)
     _check_rows("x", x, "row")
@@ -394,7 +385,7 @@ def prototype_update(
     check_number("momentum", momentum, 0.0, low_ok=True)
     if momentum > 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    _check_matrix("prototypes", prototypes)
+    check_floating_tensor("prototypes", prototypes, 2, "(K, D)")
     backend = resolve_backend(backend, prototypes.device, "prototype_update")
     named = {"prototypes": prototypes, "x": x, "assignments": assignments}
     _check_inputs(named, backend)
@@ -449,7 +440,7 @@ def prototype_topk_mix(
     """
     _check_int("m", m, 1)
     check_number("tau", tau, 0.0, low_ok=False)
-    _check_matrix("queries", queries)
+    check_floating_tensor("queries", queries, 2, "(N, D)")
     backend = resolve_backend(backend, queries.device, "prototype_topk_mix")
     _check_inputs({"queries": queries, "keys": keys, "values": values}, backend)
     _check_rows("queries", queries, "query")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import extension_has_cuda, resolve_backend
-from fastalign.ops._checks import check_backend_dtype
+from fastalign.ops._checks import check_backend_dtype, check_floating_tensor
 
 DIRECTIONS = ("t2i", "i2t", "both")
 ALIGNS = ("max", "lse")
@@ -138,16 +138,11 @@ def check_lengths(name: str, lengths, count: int, padded: int, device) -> Tensor
 
 def _check_inputs(regions, words, backend: str) -> None:
     for name, x in (("regions", regions), ("words", words)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (N, tokens, D), got shape {tuple(x.shape)}")
+        check_floating_tensor(name, x, 3, "(N, tokens, D)")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(
                 f"{name} must have at least one item and one token, got {tuple(x.shape)}"
             )
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if regions.shape[2] != words.shape[2]:
         raise ValueError(
             f"regions and words must share the feature size D, got {regions.shape[2]} and "
