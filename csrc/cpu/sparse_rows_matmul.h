@@ -96,10 +96,8 @@ __attribute__((target("avx512f"))) inline void sparse_rows_chunk_avx512(
       const __m512 w = _mm512_set1_ps(rows.value[j]);
       const int64_t offset = static_cast<int64_t>(rows.column[j]) * d + c0;
       for (int u = 0; u < kGroups; ++u) {
-        acc1[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[u], x1 + offset + 16 * u),
-                                  acc1[u]);
-        acc2[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[u], x2 + offset + 16 * u),
-                                  acc2[u]);
+        acc1[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[u], x1 + offset + 16 * u), acc1[u]);
+        acc2[u] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[u], x2 + offset + 16 * u), acc2[u]);
       }
     }
     for (int u = 0; u < kGroups; ++u) {

@@ -4,11 +4,12 @@
 // antisymmetric), intra D = V V^T - U U^T (= Y - Z, symmetric), for the row-normalised U, V.
 // Inter D = P - P^T from one full BLAS product P = V U^T and a tiled in-place pass; intra D is
 // built by the BLAS in strips of rows on and right of the diagonal and mirrored (exact zeros
-// stay exact: a zero image row and a zero text row give D = 0, where |.| has its kink). One pass over the rows gives each row's mean and
-// biased std (in double), selection, loss and, with a gradient, overwrites the row with
-// Gamma = dL/dD (row-local). A tiled pass turns Gamma into Omega = Gamma +- Gamma^T in place,
-// and two products with U and V give the gradients of the normalised rows: GEMMs, or for a
-// hard selection (mostly zeros in Omega) a gather over the nonzeros (sparse_rows_matmul.h).
+// stay exact: a zero image row and a zero text row give D = 0, where |.| has its kink). One
+// pass over the rows gives each row's mean and biased std (in double), selection, loss and,
+// with a gradient, overwrites the row with Gamma = dL/dD (row-local). A tiled pass turns Gamma
+// into Omega = Gamma +- Gamma^T in place, and two products with U and V give the gradients of
+// the normalised rows: GEMMs, or for a hard selection (mostly zeros in Omega) a gather over the
+// nonzeros (sparse_rows_matmul.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -103,7 +104,8 @@ void transform_mirrored_pairs(scalar_t* g, int64_t n, const F& f) {
                        const int64_t rows = std::min(kTile, n - a0);
                        const int64_t cols = std::min(kTile, n - b0);
                        for (int64_t j = 0; j < cols; ++j)
-                         for (int64_t i = 0; i < rows; ++i) t[i * kTile + j] = g[(b0 + j) * n + a0 + i];
+                         for (int64_t i = 0; i < rows; ++i)
+                           t[i * kTile + j] = g[(b0 + j) * n + a0 + i];
                        for (int64_t i = 0; i < rows; ++i) {
                          scalar_t* row = g + (a0 + i) * n + b0;
                          scalar_t* mirrored = t + i * kTile;
@@ -130,9 +132,8 @@ at::Tensor intra_discrepancy(const at::Tensor& v, const at::Tensor& u) {
     at::mm_out(strip, v.narrow(0, i0, rows), v.narrow(0, i0, n - i0).t());
     strip.addmm_(u.narrow(0, i0, rows), u.narrow(0, i0, n - i0).t(), 1.0, -1.0);
   }
-  transform_mirrored_pairs(d.data_ptr<scalar_t>(), n, [](scalar_t& upper, scalar_t& lower) {
-    lower = upper;
-  });
+  transform_mirrored_pairs(d.data_ptr<scalar_t>(), n,
+                           [](scalar_t& upper, scalar_t& lower) { lower = upper; });
   return d;
 }
 
@@ -147,8 +148,9 @@ inline void for_off_diagonal_ranges(int64_t a, int64_t n, const F& f) {
 // f(b, D_ab) for every column b != a of row a.
 template <typename scalar_t, typename F>
 inline void for_off_diagonal(scalar_t* row, int64_t a, int64_t n, const F& f) {
-  for (int64_t b = 0; b < a; ++b) f(b, row[b]);
-  for (int64_t b = a + 1; b < n; ++b) f(b, row[b]);
+  for_off_diagonal_ranges(a, n, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) f(b, row[b]);
+  });
 }
 
 // The k-th entry of a row in the selection order (larger first when largest, smaller first
