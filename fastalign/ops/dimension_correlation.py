@@ -143,7 +143,8 @@ if hasattr(torch.ops.fastalign, "dimension_correlation_loss_forward"):  # the ex
         _backward,
         setup_context=_setup_context,
     )
-    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
+    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
+    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
     _FORWARD_OPS["cuda"] = torch.ops.fastalign.dimension_correlation_loss_forward
 
 
@@ -219,8 +220,6 @@ def dimension_correlation_loss(
     if backend == "reference":
         _check_finite(a, b)
         return dimension_correlation_loss_reference(a, b, mode, off_diagonal_weight, tau, eps)
-    if backend not in _FORWARD_OPS:
-        raise RuntimeError(f"dimension_correlation_loss: backend {backend!r} has no kernel yet")
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     loss, _, _ = _FORWARD_OPS[backend](
         a.contiguous(),

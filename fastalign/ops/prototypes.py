@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import extension_has_cuda, resolve_backend
+from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_floating_tensor, check_number
 
 MODES = ("softmax", "hard", "sinkhorn")
@@ -136,12 +136,6 @@ def _check_same_dim(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
             f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must share the feature "
             "dimension D"
         )
-
-
-def _kernel_ops(backend: str, op: str) -> dict:
-    if backend not in _OPS:
-        raise RuntimeError(f"{op}: backend {backend!r} has no kernel yet")
-    return _OPS[backend]
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -281,22 +275,12 @@ def _register(suffix: str) -> dict:
     return table
 
 
-# The public operator each compiled op serves (the CUDA kernels are registered per operator).
-_OPERATOR_OF = {
-    "assign_forward": "prototype_assign",
-    "assign_backward": "prototype_assign",
-    "update": "prototype_update",
-    "topk_mix_forward": "prototype_topk_mix",
-    "topk_mix_backward": "prototype_topk_mix",
-}
-
 _OPS: dict[str, dict] = {"triton": _register("_triton")}
 if hasattr(torch.ops.fastalign, "prototype_assign_forward"):  # the extension is loaded
     _OPS["cpu"] = _register("")
-    # The same ops: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
-    _OPS["cuda"] = {
-        name: op for name, op in _OPS["cpu"].items() if extension_has_cuda(_OPERATOR_OF[name])
-    }
+    # The same ops: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
+    # (resolve_backend allows "cuda" only where the build holds the operator's CUDA kernels).
+    _OPS["cuda"] = _OPS["cpu"]
 
 
 # --------------------------------------------------------------------------- public API
@@ -351,7 +335,7 @@ def prototype_assign(
         x, prototypes = x.detach(), prototypes.detach()
     if backend == "reference":
         return prototype_assign_reference(x, prototypes, mode, tau, iters, normalize)
-    forward = _kernel_ops(backend, "prototype_assign")["assign_forward"]
+    forward = _OPS[backend]["assign_forward"]
     return forward(
         x.contiguous(), prototypes.contiguous(), MODES.index(mode), float(tau), iters, normalize
     )
@@ -402,7 +386,7 @@ def prototype_update(
     prototypes, x, assignments = prototypes.detach(), x.detach(), assignments.detach()
     if backend == "reference":
         return prototype_update_reference(prototypes, x, assignments, momentum, normalize)
-    update = _kernel_ops(backend, "prototype_update")["update"]
+    update = _OPS[backend]["update"]
     inputs = (t.contiguous() for t in (prototypes, x, assignments))
     return update(*inputs, float(momentum), normalize)
 
@@ -454,6 +438,6 @@ def prototype_topk_mix(
     _check_int("m", m, 1, keys.shape[0])
     if backend == "reference":
         return prototype_topk_mix_reference(queries, keys, values, m, tau)
-    forward = _kernel_ops(backend, "prototype_topk_mix")["topk_mix_forward"]
+    forward = _OPS[backend]["topk_mix_forward"]
     out, _, _ = forward(queries.contiguous(), keys.contiguous(), values.contiguous(), m, float(tau))
     return out

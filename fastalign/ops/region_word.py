@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import extension_has_cuda, resolve_backend
+from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_floating_tensor
 
 DIRECTIONS = ("t2i", "i2t", "both")
@@ -357,9 +357,9 @@ torch.library.register_autograd(
 )
 if hasattr(torch.ops.fastalign, "region_word_forward"):  # the compiled extension is loaded
     _FORWARD_OPS["cpu"] = torch.ops.fastalign.region_word_forward
-    if extension_has_cuda("region_word_similarity"):
-        # One op for both: the dispatcher picks the CPU or the CUDA kernel by the device.
-        _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
+    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the device
+    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
+    _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
     torch.library.register_fake("fastalign::region_word_forward")(_forward_fake)
     torch.library.register_fake("fastalign::region_word_backward")(_backward_fake)
     torch.library.register_autograd(

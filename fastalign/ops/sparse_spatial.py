@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastalign._backends import extension_has_cuda, resolve_backend
+from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_number, check_paired_rows
 
 KINDS = ("inter", "intra")
@@ -216,9 +216,9 @@ if hasattr(torch.ops.fastalign, "sparse_spatial_loss_forward"):  # the extension
     torch.library.register_autograd(
         "fastalign::sparse_spatial_loss_forward", _backward, setup_context=_setup_context
     )
-    if extension_has_cuda("sparse_spatial_loss"):
-        # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device.
-        _FORWARD_OPS["cuda"] = torch.ops.fastalign.sparse_spatial_loss_forward
+    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
+    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
+    _FORWARD_OPS["cuda"] = torch.ops.fastalign.sparse_spatial_loss_forward
 
 
 # --------------------------------------------------------------------------- public API
@@ -331,8 +331,6 @@ def sparse_spatial_loss(
         _check_finite("img", img)
         _check_finite("txt", txt)
         return sparse_spatial_loss_reference(img, txt, kind, select, alpha, k, temperature, largest)
-    if backend not in _FORWARD_OPS:
-        raise RuntimeError(f"sparse_spatial_loss: backend {backend!r} has no kernel yet")
     if isinstance(alpha, Tensor):
         # Only the soft weights depend smoothly on alpha: elsewhere it takes no gradient.
         alpha = alpha if select == "soft" else alpha.detach()
