@@ -1,8 +1,8 @@
 """DIAS versus CHAN: recalls on the synthetic set, and what the DIAS regularizers cost.
 
-1. Recalls: ``configs/demo_synthetic.yaml`` (CHAN's similarity and loss) and
-   ``configs/dias_synthetic.yaml`` (the same plus the DIAS regularizers) trained with the
-   same seed, data and budget, evaluated on the synthetic test split, side by side.
+1. Recalls: the bundled configs ``demo_synthetic`` (CHAN's similarity and loss) and
+   ``dias_synthetic`` (the same plus the DIAS regularizers; ``fastalign/configs/``) trained
+   with the same seed, data and budget, evaluated on the synthetic test split, side by side.
 2. The DIAS loss alone (pooling + L_dim + L_inter + L_intra, forward + backward) on the
    local embeddings of a batch of 128 pairs (R = 36, Flickr30K-like caption lengths,
    D = 1024): fastalign's operators versus the same formulas in plain PyTorch (the
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
@@ -32,14 +33,26 @@ from _runner import (  # noqa: E402
 )
 from bench_train_step import LR, MARGIN, make_batch, make_model  # noqa: E402
 
-from fastalign.cli import find_config  # noqa: E402
 from fastalign.config import load_config  # noqa: E402
 from fastalign.evaluation import RESULT_KEYS, chance_results  # noqa: E402
 from fastalign.losses import hinge_triplet_loss  # noqa: E402
-from fastalign.methods.dias import DiasConfig, dias_loss  # noqa: E402
+from fastalign.methods import get_method  # noqa: E402
+from fastalign.methods.dias import dias_regularizers  # noqa: E402
+from fastalign.tokens import Tokens  # noqa: E402
 from fastalign.training import train_and_test  # noqa: E402
 
-DIAS = DiasConfig()  # SPEC's defaults: weights 10 / 0.05 / 0.1, barlow, threshold alpha 1
+# The DIAS method's default options: weights 10 / 0.05 / 0.1, barlow, threshold alpha 1.
+DIAS = get_method("dias").Options()
+
+
+def dias_loss(images: Tokens, captions: Tokens, backend: str = "auto") -> Tensor:
+    """The weighted DIAS regularizers of a batch's tokens, as ``Dias.loss_terms`` adds them
+    to the matching loss: the tokens mean-pooled (in float32 at least), then
+    ``sum w_term * term`` of :func:`~fastalign.methods.dias.dias_regularizers`."""
+    dtype = torch.promote_types(images.embs.dtype, torch.float32)
+    image, text = images.to(dtype).mean_pooled(), captions.to(dtype).mean_pooled()
+    terms = dias_regularizers(image, text, DIAS, backend)
+    return sum(DIAS.weight(term) * value for term, value in terms.items())
 
 
 # --------------------------------------------------------------------------- 1. recalls
@@ -47,8 +60,9 @@ def compare_recalls(epochs: int | None) -> None:
     overrides = [f"epochs={epochs}"] if epochs else []
     results = {}
     for name in ("demo_synthetic", "dias_synthetic"):
-        config = load_config(find_config(name), [*overrides, f"output_dir=runs/bench_{name}"])
-        results[name], _, test_set = train_and_test(config, progress=True)
+        config = load_config(name, [*overrides, f"output_dir=runs/bench_{name}"])
+        # A rerun of the benchmark trains from scratch again.
+        results[name], _, test_set = train_and_test(config, progress=True, overwrite=True)
     chance = chance_results(test_set.images.shape[0], config.captions_per_image)
     print(f"\nsynthetic test set ({test_set.images.shape[0]} images), same seed and budget:")
     print(f"{'':10}{'CHAN':>9}{'DIAS':>9}{'DIAS-CHAN':>11}{'chance':>9}")
@@ -58,14 +72,14 @@ def compare_recalls(epochs: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- 2 and 3
-def embeddings(device):
-    """The fastalign model's local embeddings on the benchmark batch, requiring grad."""
-    regions, region_lengths, captions, word_lengths = make_batch(device)
+def embeddings(device) -> tuple[Tokens, Tokens]:
+    """The fastalign model's image and caption tokens on the benchmark batch, their
+    embeddings requiring grad."""
     with torch.no_grad():
-        region_embs, word_embs = make_model("fastalign", device)(
-            regions, region_lengths, captions, word_lengths, embeddings_only=True
-        )
-    return region_embs.requires_grad_(), region_lengths, word_embs.requires_grad_(), word_lengths
+        images, captions = make_model("fastalign", device)(*make_batch(device))
+    images.embs.requires_grad_()
+    captions.embs.requires_grad_()
+    return images, captions
 
 
 def build_case(key: str):
@@ -73,12 +87,12 @@ def build_case(key: str):
     part, impl, device = key.split(":")
     device = torch.device(device)
     if part == "loss":
-        region_embs, region_lengths, word_embs, word_lengths = embeddings(device)
+        images, captions = embeddings(device)
         backend = "reference" if impl == "plain" else "auto"
 
         def dias_loss_and_gradients():
-            loss, _ = dias_loss(region_embs, region_lengths, word_embs, word_lengths, DIAS, backend)
-            return torch.autograd.grad(loss, (region_embs, word_embs))
+            loss = dias_loss(images, captions, backend)
+            return torch.autograd.grad(loss, (images.embs, captions.embs))
 
         return dias_loss_and_gradients
 
@@ -88,11 +102,11 @@ def build_case(key: str):
     with_dias = impl == "chan+dias"
 
     def training_step():
-        region_embs, word_embs = model(*batch, embeddings_only=True)
-        scores = model.similarity(region_embs, batch[1], word_embs, batch[3])
+        images, captions = model(*batch)
+        scores = model.similarity(images, captions)
         loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
         if with_dias:
-            loss = loss + dias_loss(region_embs, batch[1], word_embs, batch[3], DIAS)[0]
+            loss = loss + dias_loss(images, captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -47,6 +47,7 @@ from fastalign.evaluation import (  # noqa: E402
     format_results,
     similarity_matrix,
 )
+from fastalign.tokens import Tokens  # noqa: E402
 
 FULL = dict(n_images=1000, n_regions=36, dim=1024)
 QUICK = dict(n_images=200, n_regions=36, dim=1024)
@@ -154,7 +155,7 @@ def chan_style_evaluation(img_embs, cap_embs, cap_lens, device, impl) -> dict[st
 
 # --------------------------------------------------------------------------- fastalign
 def fastalign_evaluation(regions, words, word_lengths) -> dict[str, float]:
-    sims = similarity_matrix(regions, None, words, word_lengths)
+    sims = similarity_matrix(regions, Tokens(words, word_lengths))  # every region valid
     _LAST_SIMS["fastalign"] = sims
     return evaluate(sims, CAPTIONS_PER_IMAGE)
 

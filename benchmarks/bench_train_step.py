@@ -49,6 +49,7 @@ from bench_region_word import caption_lengths  # noqa: E402
 from fastalign import region_word_similarity  # noqa: E402
 from fastalign.losses import hinge_triplet_loss  # noqa: E402
 from fastalign.models import MatchingModel, ModelConfig  # noqa: E402
+from fastalign.tokens import Tokens  # noqa: E402
 
 BATCH = 128
 N_REGIONS = 36
@@ -90,26 +91,26 @@ def plain_chan_similarity(regions, region_lengths, words, word_lengths, tau=0.1)
 class PlainChanModel(MatchingModel):
     """The same backbone, scored by :func:`plain_chan_similarity`."""
 
-    def similarity(self, region_embs, region_lengths, word_embs, word_lengths):
-        scores = plain_chan_similarity(
-            region_embs, region_lengths, word_embs, word_lengths, self.config.aggregate_tau
-        )
+    def similarity(self, images: Tokens, captions: Tokens):
+        scores = plain_chan_similarity(*images, *captions, self.config.aggregate_tau)
         return scores * self.config.score_scale
 
 
-def fastalign_similarity(regions, region_lengths, words, word_lengths):
+def fastalign_similarity(images: Tokens, captions: Tokens):
     """The fastalign model's scaled score on given embeddings (what the loss sees)."""
     scores = region_word_similarity(
-        regions, words, region_lengths, word_lengths, **CONFIG.similarity_options()
+        images.embs,
+        captions.embs,
+        images.lengths,
+        captions.lengths,
+        **CONFIG.similarity_options(),
     )
     return scores * CONFIG.score_scale
 
 
-def plain_similarity(regions, region_lengths, words, word_lengths):
+def plain_similarity(images: Tokens, captions: Tokens):
     """The plain model's scaled score on given embeddings."""
-    scores = plain_chan_similarity(
-        regions, region_lengths, words, word_lengths, CONFIG.aggregate_tau
-    )
+    scores = plain_chan_similarity(*images, *captions, CONFIG.aggregate_tau)
     return scores * CONFIG.score_scale
 
 
@@ -141,21 +142,23 @@ def build_case(key: str):
     if part == "similarity":
         similarity = plain_similarity if impl == "plain" else fastalign_similarity
         with torch.no_grad():
-            region_embs = model.encode_images(regions, region_lengths).requires_grad_()
-            word_embs = model.encode_captions(captions, word_lengths).requires_grad_()
+            images = model.encode_images(regions, region_lengths)
+            texts = model.encode_captions(captions, word_lengths)
+        images = Tokens(images.embs.requires_grad_(), images.lengths)
+        texts = Tokens(texts.embs.requires_grad_(), texts.lengths)
         del model
 
         def similarity_and_loss():
-            scores = similarity(region_embs, region_lengths, word_embs, word_lengths)
+            scores = similarity(images, texts)
             loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
-            return torch.autograd.grad(loss, (region_embs, word_embs))
+            return torch.autograd.grad(loss, (images.embs, texts.embs))
 
         return similarity_and_loss
 
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def training_step():
-        scores = model(regions, region_lengths, captions, word_lengths)
+        scores = model.similarity(*model(regions, region_lengths, captions, word_lengths))
         loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,8 +172,9 @@ def check_agreement(device) -> float:
     """Max |fastalign - plain| of the two models' (scaled) scores on the batch."""
     batch = make_batch(device)
     with torch.no_grad():
-        fast = make_model("fastalign", device)(*batch)
-        plain = make_model("plain", device)(*batch)
+        fast_model, plain_model = make_model("fastalign", device), make_model("plain", device)
+        fast = fast_model.similarity(*fast_model(*batch))
+        plain = plain_model.similarity(*plain_model(*batch))
     gap = float((fast - plain).abs().max())
     if not gap <= TOLERANCE:
         raise SystemExit(f"fastalign and plain scores differ by {gap:.2e} > {TOLERANCE:g}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastalign.data.vocab import PAD_ID
-from fastalign.models import l2_normalize
+from fastalign.encoders import l2_normalize
 
 TOKENIZER_KIND = "bert"
 

@@ -1,4 +1,4 @@
-"""The ``fastalign`` command line: train, eval, demo, bench."""
+"""The ``fastalign`` command line: train, eval, demo, compare, list, bench."""
 
 from __future__ import annotations
 
@@ -8,25 +8,18 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EPILOG = """examples:
   fastalign demo                                  train on the synthetic set, print recall
   fastalign train --config chan_f30k data_root=data/f30k_precomp epochs=30
-  fastalign train --config configs/laps_f30k.yaml --resume
+  fastalign train --config dias_f30k dias.dim_weight=0 output_dir=runs/dias_no_dim
+  fastalign train --config my_run.yaml --resume
   fastalign eval runs/chan_f30k/best.pt --data-root data/f30k_precomp --split test
   fastalign eval runs/chan_coco/best.pt --data-root data/coco_precomp --split testall \
       --protocol coco1k
-  fastalign bench region_word --quick
+  fastalign compare vsepp_synthetic chan_synthetic laps_synthetic dias_synthetic \
+      --preset hard --seeds 3
+  fastalign list                                  methods and bundled configs
 """
-
-
-def find_config(name: str) -> Path:
-    """A config path: as given, or NAME(.yaml) in ./configs or the project's configs/."""
-    for candidate in (Path(name), Path("configs") / name, REPO_ROOT / "configs" / name):
-        for path in (candidate, candidate.with_suffix(".yaml")):
-            if path.is_file():
-                return path
-    raise FileNotFoundError(f"no config {name!r} (looked in ., ./configs, {REPO_ROOT / 'configs'})")
 
 
 def _train(args) -> None:
@@ -34,8 +27,10 @@ def _train(args) -> None:
     from fastalign.evaluation import format_results
     from fastalign.training import Trainer
 
-    config = load_config(find_config(args.config) if args.config else None, args.overrides)
-    trainer = Trainer(config, resume=args.resume, progress=not args.no_progress)
+    config = load_config(args.config, args.overrides)
+    trainer = Trainer(
+        config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite
+    )
     best = trainer.fit()
     if best:
         print(f"best validation (epoch checkpoint {config.output_dir}/best.pt):")
@@ -43,24 +38,36 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from fastalign.data import PrecompDataset
-    from fastalign.evaluation import evaluate, evaluate_folds, format_results, similarity_matrix
-    from fastalign.training import build_model, encode_dataset, load_checkpoint
+    from fastalign.checkpoint import load_checkpoint, restore_trained
+    from fastalign.config import TrainConfig
+    from fastalign.data import PrecompDataset, data_fingerprint
+    from fastalign.evaluation import format_results
+    from fastalign.model_evaluation import evaluate_trained
+    from fastalign.training import check_same_data, data_root_of
 
     checkpoint = load_checkpoint(args.checkpoint)
-    model, vocab = build_model(checkpoint)
-    data_root = args.data_root or checkpoint["config"]["data_root"]
-    if data_root == "synthetic":
-        data_root = checkpoint["config"]["synthetic_root"]
-    dataset = PrecompDataset(
-        data_root, args.split, vocab, checkpoint["config"]["captions_per_image"]
-    )
-    embeddings = encode_dataset(model, dataset)
-    sims = similarity_matrix(*embeddings, progress=True, **model.config.similarity_options())
-    if args.protocol == "coco1k":
-        results, _ = evaluate_folds(sims, n_folds=5, captions_per_image=dataset.captions_per_image)
+    method, model, tokenizer = restore_trained(checkpoint)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    recorded = checkpoint["data"]
+    data_root = Path(args.data_root) if args.data_root else data_root_of(config)
+    fingerprint = data_fingerprint(data_root)
+    if recorded["fingerprint"] is None:
+        print(
+            "warning: this checkpoint predates data fingerprints; fastalign cannot check "
+            "that it is evaluated on its own data",
+            file=sys.stderr,
+        )
+    elif args.data_root and fingerprint != recorded["fingerprint"]:
+        print(
+            f"warning: evaluating on {data_root} (fingerprint {fingerprint}), not on the data "
+            f"the checkpoint was trained on ({recorded['root']}, fingerprint "
+            f"{recorded['fingerprint']})",
+            file=sys.stderr,
+        )
     else:
-        results = evaluate(sims, captions_per_image=dataset.captions_per_image)
+        check_same_data(recorded, data_root, fingerprint, "eval")
+    dataset = PrecompDataset(data_root, args.split, tokenizer, config.captions_per_image)
+    results = evaluate_trained(method, model, dataset, args.protocol, progress=True)
     print(f"{args.protocol} on {data_root} / {args.split}:")
     print(format_results(results))
 
@@ -70,9 +77,12 @@ def _demo(args) -> None:
     from fastalign.evaluation import chance_results, format_results
     from fastalign.training import train_and_test
 
-    config = load_config(find_config("demo_synthetic"), args.overrides)
+    config = load_config("demo_synthetic", args.overrides)
     start = time.perf_counter()
-    results, trainer, test_set = train_and_test(config, progress=not args.no_progress)
+    # The demo is rerun freely: its output folder is its own.
+    results, trainer, test_set = train_and_test(
+        config, progress=not args.no_progress, overwrite=True
+    )
     n_images = test_set.images.shape[0]
     print(
         f"\nsynthetic test set ({n_images} images), after "
@@ -83,10 +93,45 @@ def _demo(args) -> None:
     print(f"rSum {results['rsum']:.1f} versus {chance['rsum']:.1f} for random scores (chance)")
 
 
+def _compare(args) -> None:
+    from fastalign.compare import compare, format_summary
+
+    summary = compare(
+        args.configs,
+        seeds=args.seeds,
+        preset=args.preset,
+        overrides=args.overrides,
+        output_dir=args.output,
+        overwrite=args.overwrite,
+    )
+    print(format_summary(summary))
+    print(f"tables: {args.output}/summary.csv, {args.output}/runs.csv", end="")
+    plot = Path(args.output) / "val_rsum.png"
+    print(f"; plot: {plot}" if plot.is_file() else " (install matplotlib for the plot)")
+
+
+def _list(args) -> None:
+    from fastalign.config import bundled_configs
+    from fastalign.methods import get_method, method_names
+
+    print("methods:")
+    for name in method_names():
+        doc = (get_method(name).__doc__ or "").strip().splitlines()
+        print(f"  {name:<10} {doc[0] if doc else ''}")
+    print("bundled configs:")
+    print("  " + "  ".join(bundled_configs()))
+
+
 def _bench(args) -> None:
-    script = REPO_ROOT / "benchmarks" / f"bench_{args.name}.py"
+    # The benchmark scripts live in the source tree, not in the installed package.
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not folder.is_dir():
+        raise SystemExit(
+            "fastalign bench runs from a source checkout (benchmarks/ is not installed)"
+        )
+    script = folder / f"bench_{args.name}.py"
     if not script.is_file():
-        available = sorted(p.stem[6:] for p in (REPO_ROOT / "benchmarks").glob("bench_*.py"))
+        available = sorted(p.stem[6:] for p in folder.glob("bench_*.py"))
         raise SystemExit(f"no benchmark {args.name!r}; available: {', '.join(available)}")
     raise SystemExit(subprocess.call([sys.executable, str(script), *args.rest]))
 
@@ -108,13 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     train.add_argument(
         "--config",
-        help="config name in configs/ (chan_f30k, laps_coco, ...) "
+        help="a bundled config's name (chan_f30k, laps_coco, ...: see fastalign list) "
         "or a path to a YAML file; defaults when omitted",
     )
-    train.add_argument(
+    run_state = train.add_mutually_exclusive_group()
+    run_state.add_argument(
         "--resume",
         action="store_true",
         help="continue from OUTPUT_DIR/last.pt exactly where it stopped",
+    )
+    run_state.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUTPUT_DIR that holds a run (its files are deleted)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -142,6 +193,39 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     demo.set_defaults(run=_demo)
+
+    comparison = commands.add_parser(
+        "compare",
+        help="train several configs on the same data, seeds and budget; table + plot",
+        description="Train every config with seeds 0..N-1 on the same data and budget, then "
+        "print each recall, rSum mean and std over the seeds, seconds per epoch and peak "
+        "memory; writes runs.csv, summary.csv and val_rsum.png (with matplotlib).",
+    )
+    comparison.add_argument("configs", nargs="+", metavar="CONFIG", help="config names or paths")
+    comparison.add_argument("--seeds", type=int, default=3, help="runs per config (default 3)")
+    comparison.add_argument(
+        "--preset",
+        help="train on the synthetic dataset of this preset (easy, hard) instead of each "
+        "config's data",
+    )
+    comparison.add_argument(
+        "--output", default="runs/compare", help="folder of the runs and tables (runs/compare)"
+    )
+    comparison.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier comparison's runs"
+    )
+    comparison.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every config (the shared budget: --set epochs=4); repeatable",
+    )
+    comparison.set_defaults(run=_compare)
+
+    listing = commands.add_parser("list", help="the registered methods and bundled configs")
+    listing.set_defaults(run=_list)
 
     bench = commands.add_parser("bench", help="run a benchmark script (benchmarks/bench_NAME.py)")
     bench.add_argument("name", help="region_word, eval, ...")

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fastalign.methods.dias import DiasConfig
+from fastalign.methods import get_method, method_names
 from fastalign.models import ModelConfig
-
-METHODS = ("baseline", "dias")
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; ``model`` holds the backbone and similarity.
+    """Everything a training run needs; ``model`` holds the backbone and similarity,
+    ``options`` the section of the method named by ``method`` (written, in files and
+    overrides, under the method's name: ``dias.dim_weight=0``).
 
     ``data_root`` is a folder in the SCAN / VSE++ precomputed-feature format; the value
-    ``"synthetic"`` means the bundled synthetic dataset (generated under
-    ``synthetic_root`` on first use).
+    ``"synthetic"`` means the bundled synthetic dataset of preset ``synthetic_preset`` and
+    seed ``data_seed``, generated on first use in a folder under ``synthetic_root`` named
+    after both (the training ``seed`` never changes the data).
     """
 
     name: str = "run"
     data_root: str = "synthetic"
     synthetic_root: str = ".data/synthetic"
+    synthetic_preset: str = "easy"
+    data_seed: int = 0
     train_split: str = "train"
     val_split: str = "dev"
     test_split: str = "test"
@@ -50,50 +56,94 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/run"
     val_every: int = 1
-    # "baseline": the matching loss alone (VSE++, CHAN, LAPS by their model options);
-    # "dias": plus the DIAS regularizers configured in ``dias``.
+    # A registered method (fastalign.methods); "baseline" is the matching loss alone
+    # (CHAN, LAPS by their model options).
     method: str = "baseline"
     model: ModelConfig = field(default_factory=ModelConfig)
-    dias: DiasConfig = field(default_factory=DiasConfig)
+    options: Any = None  # the method's section; None: its defaults
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        options_class = get_method(self.method).Options
+        if self.options is None:
+            self.options = options_class()
+        elif not isinstance(self.options, options_class):
+            raise TypeError(
+                f"options of method {self.method!r} must be a {options_class.__name__}, got "
+                f"{type(self.options).__name__}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; the method's section under the method's name."""
+        values = {
+            f.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for f in dataclasses.fields(self)
+            if f.name != "options"
+            for v in [getattr(self, f.name)]
+        }
+        values[self.method] = dataclasses.asdict(self.options)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         values = dict(values)
-        sections = {name: values.pop(name, {}) or {} for name in _SECTIONS}
-        names = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        for name, section in sections.items():
+        method = values.get("method", "baseline")
+        if not isinstance(method, str):
+            raise ValueError(f"method must be a name, got {method!r}")
+        sections = {"model": ModelConfig, method: get_method(method).Options}
+        loaded = {name: values.pop(name, {}) or {} for name in sections}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        names = []
+        for name in sorted(set(values) - fields):
+            owner = f" (the section of method {name!r}; this config's method is {method!r})"
+            names.append(name + (owner if name in method_names() else ""))
+        for name, section in loaded.items():
             if not isinstance(section, dict):
                 raise ValueError(f"{name} must be a mapping, got {section!r}")
-            known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
+            known = {f.name for f in dataclasses.fields(sections[name])}
             names += sorted(f"{name}.{key}" for key in set(section) - known)
         if names:
             raise ValueError(f"unknown configuration keys: {', '.join(names)}")
-        return cls(**values, **{name: _SECTIONS[name](**s) for name, s in sections.items()})
-
-
-# The nested sections of a TrainConfig: ``model.embed_dim=256``, ``dias.dim_weight=0``.
-_SECTIONS = {"model": ModelConfig, "dias": DiasConfig}
+        return cls(
+            **values,
+            model=ModelConfig(**loaded["model"]),
+            options=sections[method](**loaded[method]),
+        )
 
 
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """A :class:`TrainConfig` from a YAML file (or the defaults) and ``key=value`` overrides
-    (``model.embed_dim=256``; values are parsed as YAML)."""
+def bundled_configs() -> list[str]:
+    """Names of the configs that ship with fastalign (``fastalign/configs/*.yaml``)."""
+    folder = resources.files("fastalign") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config file: ``name`` as a path (``.yaml`` may be left out), else the bundled
+    config of that name."""
+    for path in (Path(name), Path(f"{name}.yaml")):
+        if path.is_file():
+            return path
+    bundled = resources.files("fastalign") / "configs" / f"{Path(name).stem}.yaml"
+    if str(name) == Path(name).stem and bundled.is_file():
+        return Path(str(bundled))
+    raise FileNotFoundError(
+        f"no config {str(name)!r}: not a file, nor a bundled config "
+        f"({', '.join(bundled_configs())})"
+    )
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file or bundled config name (see
+    :func:`find_config`; the defaults when None) and ``key=value`` overrides
+    (``model.embed_dim=256``, ``dias.dim_weight=0``; values are parsed as YAML)."""
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+        path = find_config(path)
         loaded = yaml.safe_load(path.read_text())
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign.losses import hinge_terms, info_nce_terms
+from fastalign.tokens import SimilarityFn, Tokens
 
 __all__ = [
     "all_gather_with_grad",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 LOSSES = ("hinge", "infonce")
-SimilarityFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------- process group
@@ -196,42 +195,40 @@ def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> T
     return _AllGatherWithGrad.apply(x, group)
 
 
-def gather_tokens(
-    x: Tensor, lengths: Tensor | None = None, group: dist.ProcessGroup | None = None
-) -> tuple[Tensor, Tensor]:
+def gather_tokens(tokens: Tokens, group: dist.ProcessGroup | None = None) -> Tokens:
     """Gather token sequences whose padded length differs between ranks.
 
-    ``x`` is padded with zeros along the token dimension to the largest ``T`` over the
-    ranks, then gathered with :func:`all_gather_with_grad`; the padding is a constant and
-    never gets gradient. The lengths are gathered without gradient.
+    The embeddings are padded with zeros along the token dimension to the largest ``T``
+    over the ranks, then gathered with :func:`all_gather_with_grad`; the padding is a
+    constant and never gets gradient. The lengths are gathered without gradient.
 
     Args:
-        x: (B, T, D) token embeddings; ``B`` and ``D`` equal on every rank, ``T`` free.
-        lengths: (B,) integer counts of valid leading tokens; None means all ``T`` valid.
+        tokens: (B, T, D) embeddings and (B,) lengths; ``B`` and ``D`` equal on every rank,
+            ``T`` free.
         group: the process group (the default group if None).
 
     Returns:
-        ``x_global`` (W * B, T_max, D) and ``lengths_global`` (W * B,) int64, in rank
-        order. Without a process group (or world size 1): ``x`` and its lengths.
+        (W * B, T_max, D) embeddings and (W * B,) int64 lengths, in rank order. Without a
+        process group (or world size 1): ``tokens`` with int64 lengths.
 
     Raises:
-        ValueError: ``x`` is not 3-D, ``lengths`` has the wrong shape, or the ranks'
-            ``B`` or ``D`` differ.
+        ValueError: the embeddings are not 3-D, the lengths have the wrong shape, or the
+            ranks' ``B`` or ``D`` differ.
     """
-    _check_tensor("x", x)
+    x, lengths = tokens
+    _check_tensor("tokens.embs", x)
     if x.dim() != 3:
-        raise ValueError(f"x must be 3-D (B, T, D), got shape {tuple(x.shape)}")
-    if lengths is None:
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
-    else:
-        lengths = torch.as_tensor(lengths, device=x.device)
-        if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-            raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
-        if lengths.shape != (x.shape[0],):
-            raise ValueError(f"lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}")
-        lengths = lengths.to(torch.int64)
+        raise ValueError(f"tokens.embs must be 3-D (B, T, D), got shape {tuple(x.shape)}")
+    lengths = torch.as_tensor(lengths, device=x.device)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"tokens.lengths must hold integers, got dtype {lengths.dtype}")
+    if lengths.shape != (x.shape[0],):
+        raise ValueError(
+            f"tokens.lengths must have shape ({x.shape[0]},), got {tuple(lengths.shape)}"
+        )
+    lengths = lengths.to(torch.int64)
     if world_size(group) == 1:
-        return x, lengths
+        return Tokens(x, lengths)
     shapes = _gather_shapes(x, group)
     if (shapes[:, [0, 2]] != shapes[0, [0, 2]]).any():
         raise ValueError(
@@ -241,28 +238,23 @@ def gather_tokens(
     t_max = int(shapes[:, 1].max())
     if x.shape[1] < t_max:
         x = F.pad(x, (0, 0, 0, t_max - x.shape[1]))
-    return _AllGatherWithGrad.apply(x, group), _all_gather_no_grad(lengths, group)
+    return Tokens(_AllGatherWithGrad.apply(x, group), _all_gather_no_grad(lengths, group))
 
 
 # --------------------------------------------------------------------------- scores
 def global_batch_scores(
-    region_embs: Tensor,
-    region_lengths: Tensor | None,
-    word_embs: Tensor,
-    word_lengths: Tensor | None,
+    images: Tokens,
+    captions: Tokens,
     similarity_fn: SimilarityFn,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     """Scores of the local pairs against the global batch (open_clip local-loss layout).
 
     Args:
-        region_embs: (B, R, D) region embeddings of this rank's images (pair k's image).
-        region_lengths: (B,) valid regions per image, or None (all ``R``).
-        word_embs: (B, L, D) word embeddings of this rank's captions (pair k's caption).
-        word_lengths: (B,) valid words per caption, or None (all ``L``).
-        similarity_fn: ``fn(regions (Ni, R, D), words (Nt, L, D), region_lengths (Ni,),
-            word_lengths (Nt,)) -> (Ni, Nt)``, e.g. ``functools.partial(
-            fastalign.region_word_similarity, direction="both")``.
+        images: (B, R, D) region embeddings and (B,) lengths of this rank's images (pair
+            k's image).
+        captions: (B, L, D) word embeddings and (B,) lengths of this rank's captions.
+        similarity_fn: ``fn(images, captions) -> (Ni, Nt)``, e.g. a model's ``similarity``.
         group: the process group (the default group if None).
 
     Returns:
@@ -272,34 +264,32 @@ def global_batch_scores(
         ``cols[rank_offset + k, k]``. Without a process group (or world size 1) ``rows``
         and ``cols`` are the same (B, B) tensor and ``rank_offset`` is 0.
     """
-    _check_tensor("region_embs", region_embs)
-    _check_tensor("word_embs", word_embs)
-    if region_embs.shape[0] != word_embs.shape[0]:
+    _check_tensor("images.embs", images[0])
+    _check_tensor("captions.embs", captions[0])
+    if images[0].shape[0] != captions[0].shape[0]:
         raise ValueError(
-            f"region_embs and word_embs must hold the same number of pairs, got "
-            f"{region_embs.shape[0]} and {word_embs.shape[0]}"
+            f"images and captions must hold the same number of pairs, got "
+            f"{images[0].shape[0]} and {captions[0].shape[0]}"
         )
-    regions_all, region_lengths_all = gather_tokens(region_embs, region_lengths, group)
-    words_all, word_lengths_all = gather_tokens(word_embs, word_lengths, group)
+    images_all = gather_tokens(images, group)
+    captions_all = gather_tokens(captions, group)
     if world_size(group) == 1:
-        scores = similarity_fn(regions_all, words_all, region_lengths_all, word_lengths_all)
+        scores = similarity_fn(images_all, captions_all)
         return scores, scores, 0
-    n = region_embs.shape[0]
+    n = images.embs.shape[0]
     offset = rank(group) * n
-    local_region_lengths = region_lengths_all[offset : offset + n]
-    local_word_lengths = word_lengths_all[offset : offset + n]
-    rows = similarity_fn(region_embs, words_all, local_region_lengths, word_lengths_all)
-    cols = similarity_fn(regions_all, word_embs, region_lengths_all, local_word_lengths)
+    # This rank's own embeddings (not their gathered copies) carry its gradient paths.
+    rows = similarity_fn(Tokens(images.embs, images_all.lengths[offset : offset + n]), captions_all)
+    cols = similarity_fn(
+        images_all, Tokens(captions.embs, captions_all.lengths[offset : offset + n])
+    )
     return rows, cols, offset
 
 
-# --------------------------------------------------------------------------- row-wise terms
 # --------------------------------------------------------------------------- loss
 def global_batch_loss(
-    region_embs: Tensor,
-    region_lengths: Tensor | None,
-    word_embs: Tensor,
-    word_lengths: Tensor | None,
+    images: Tokens,
+    captions: Tokens,
     image_index: Tensor | None,
     similarity_fn: SimilarityFn,
     loss: str = "hinge",
@@ -318,10 +308,9 @@ def global_batch_loss(
     and ``all_reduce(result) / W == L``. Without a process group it is ``L`` itself.
 
     Args:
-        region_embs: (B, R, D) this rank's image regions (one entry per pair).
-        region_lengths: (B,) valid regions, or None.
-        word_embs: (B, L, D) this rank's caption words.
-        word_lengths: (B,) valid words, or None.
+        images: (B, R, D) region embeddings and (B,) lengths of this rank's images (one
+            entry per pair).
+        captions: (B, L, D) word embeddings and (B,) lengths of this rank's captions.
         image_index: (B,) integer id of each pair's image, or None (all distinct); pairs
             with the same id, on any rank, are positives and never negatives.
         similarity_fn: see :func:`global_batch_scores`.
@@ -337,9 +326,7 @@ def global_batch_loss(
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if loss == "infonce" and not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    rows, cols, offset = global_batch_scores(
-        region_embs, region_lengths, word_embs, word_lengths, similarity_fn, group
-    )
+    rows, cols, offset = global_batch_scores(images, captions, similarity_fn, group)
     n, n_global = rows.shape
     device = rows.device
     local = torch.arange(n, device=device) + offset  # global index of each local pair

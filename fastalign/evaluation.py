@@ -1,4 +1,4 @@
-"""Image-text retrieval evaluation (SPEC section 3): similarity matrix, ranks and recalls.
+"""Image-text retrieval evaluation: similarity matrix, ranks and recalls.
 
 The protocol of VSE++ / SCAN / CHAN, on an (n_images, n_captions) score matrix ``sims``
 in which caption j belongs to image ``j // captions_per_image``:
@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fastalign.ops.region_word import check_lengths, region_word_similarity
+from fastalign.tokens import SimilarityFn, Tokens
 
 RECALL_KS = (1, 5, 10)
 RESULT_KEYS = (
@@ -391,13 +392,39 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="block")
 
 
+def _region_word_score(options: dict) -> SimilarityFn:
+    """:func:`fastalign.region_word_similarity` with ``options``, on tokens."""
+    for name in ("regions", "words", "region_lengths", "word_lengths"):
+        if name in options:
+            raise TypeError(f"similarity_options must not contain {name!r}: it is set per block")
+
+    def score(images: Tokens, captions: Tokens) -> Tensor:
+        return region_word_similarity(
+            images.embs, captions.embs, images.lengths, captions.lengths, **options
+        )
+
+    return score
+
+
+def _split_tokens(name: str, tokens: object) -> tuple[object, object]:
+    """(embeddings, lengths) of a :class:`Tokens` (lengths may be None, a sequence or an
+    array), or of bare embeddings (every token valid)."""
+    if isinstance(tokens, tuple) and len(tokens) == 2:
+        return tokens
+    if isinstance(tokens, (Tensor, np.ndarray)):
+        return tokens, None
+    raise TypeError(
+        f"{name} must be a Tokens (embeddings, lengths) or an embeddings tensor / numpy array, "
+        f"got {type(tokens).__name__}"
+    )
+
+
 @torch.no_grad()
 def similarity_matrix(
-    region_embs: Tensor | np.ndarray,
-    region_lengths: Tensor | np.ndarray | Sequence[int] | None,
-    word_embs: Tensor | np.ndarray,
-    word_lengths: Tensor | np.ndarray | Sequence[int] | None,
+    images: Tokens | Tensor | np.ndarray,
+    captions: Tokens | Tensor | np.ndarray,
     *,
+    similarity: SimilarityFn | None = None,
     block_images: int | None = None,
     block_captions: int | None = None,
     memory_budget_mb: float = 256,
@@ -405,43 +432,55 @@ def similarity_matrix(
     progress: bool = False,
     **similarity_options,
 ) -> Tensor:
-    """The (n_images, n_captions) region-word score matrix, streamed in blocks.
+    """The (n_images, n_captions) score matrix, streamed in blocks.
 
-    Calls :func:`fastalign.region_word_similarity` on blocks of images x captions and
-    writes each block into the result; the fused operator never forms the 4-D tensor, so
-    blocks only bound the converted input pieces and the block output.
+    Scores blocks of images x captions (with :func:`fastalign.region_word_similarity`, or
+    ``similarity``) and writes each block into the result; the fused operator never forms
+    the 4-D tensor, so blocks only bound the converted input pieces and the block output.
 
     Args:
-        region_embs: (n_images, R, D) region embeddings: a tensor or numpy array (memmaps
-            included) of float16 / float32 (float64 is accepted and down-cast block by
-            block). Never up-cast: blocks are computed in float32 (or, on CUDA, in the
-            inputs' shared float16 / bfloat16).
-        region_lengths: (n_images,) valid regions per image, 1..R; None = all valid.
-        word_embs: (n_captions, L, D) word embeddings, like ``region_embs``.
-        word_lengths: (n_captions,) valid words per caption, 1..L; None = all valid.
+        images: :class:`~fastalign.tokens.Tokens` of the images: (n_images, R, D) region
+            embeddings, a tensor or numpy array (memmaps included) of float16 / float32
+            (float64 is accepted and down-cast block by block), and (n_images,) valid
+            regions per image, 1..R, or None (all valid); or the embeddings alone. Never
+            up-cast: blocks are computed in float32 (or, on CUDA, in the inputs' shared
+            float16 / bfloat16).
+        captions: (n_captions, L, D) word embeddings and (n_captions,) lengths, likewise.
+        similarity: ``fn(images block, captions block) -> (ni, nt)`` scores (a method's
+            similarity); None: :func:`fastalign.region_word_similarity` with
+            ``similarity_options``.
         block_images: images per block; None = chosen from the memory budget.
         block_captions: captions per block; None = chosen from the memory budget.
         memory_budget_mb: bound, in MiB, on what the blocks allocate beyond the result and
             the fused operator's fixed tile workspace: converted (cropped to the block's
             longest item) input blocks and one block of scores. Tensors already in the
             compute dtype and device are sliced in place and cost nothing.
-        device: where to compute (and return the result); None = the device of
-            ``region_embs`` if it is a tensor, else CPU.
+        device: where to compute (and return the result); None = the device of the image
+            embeddings if they are a tensor, else CPU.
         progress: show a progress bar (tqdm if installed, else a line on stderr).
         **similarity_options: passed to :func:`fastalign.region_word_similarity`
             (direction, align, aggregate, align_tau, aggregate_tau, score_activation,
-            backend).
+            backend); only without ``similarity``.
 
     Returns:
         (n_images, n_captions) float32 scores on ``device``. The result does not depend on
         the block sizes beyond the BLAS's last-bit rounding (the blocks' matrix products can
         take differently shaped BLAS paths).
     """
-    _check_features("region_embs", region_embs)
-    _check_features("word_embs", word_embs)
+    region_embs, region_lengths = _split_tokens("images", images)
+    word_embs, word_lengths = _split_tokens("captions", captions)
+    if similarity is not None and similarity_options:
+        raise TypeError(
+            f"similarity_options ({', '.join(sorted(similarity_options))}) apply to the "
+            "default score only, not to a given similarity function"
+        )
+    if similarity is None:
+        similarity = _region_word_score(similarity_options)
+    _check_features("images.embs", region_embs)
+    _check_features("captions.embs", word_embs)
     if region_embs.shape[2] != word_embs.shape[2]:
         raise ValueError(
-            f"region_embs and word_embs must share the feature size D, got "
+            f"image and caption embeddings must share the feature size D, got "
             f"{region_embs.shape[2]} and {word_embs.shape[2]}"
         )
     n_images, n_regions, dim = region_embs.shape
@@ -449,9 +488,11 @@ def similarity_matrix(
     # Lengths are kept on the CPU: blocks are cut from them before reaching the device.
     cpu = torch.device("cpu")
     region_lengths = check_lengths(
-        "region_lengths", _on_cpu(region_lengths), n_images, n_regions, cpu
+        "images.lengths", _on_cpu(region_lengths), n_images, n_regions, cpu
     )
-    word_lengths = check_lengths("word_lengths", _on_cpu(word_lengths), n_captions, n_words, cpu)
+    word_lengths = check_lengths(
+        "captions.lengths", _on_cpu(word_lengths), n_captions, n_words, cpu
+    )
     if block_images is not None:
         block_images = _check_positive_int("block_images", block_images)
     if block_captions is not None:
@@ -460,9 +501,6 @@ def similarity_matrix(
         raise TypeError(f"memory_budget_mb must be a number, got {type(memory_budget_mb).__name__}")
     if not (0 < memory_budget_mb < math.inf):
         raise ValueError(f"memory_budget_mb must be positive and finite, got {memory_budget_mb}")
-    for name in ("regions", "words", "region_lengths", "word_lengths"):
-        if name in similarity_options:
-            raise TypeError(f"similarity_options must not contain {name!r}: it is set per block")
     if device is None:
         device = region_embs.device if isinstance(region_embs, Tensor) else torch.device("cpu")
     device = torch.device(device)
@@ -495,9 +533,7 @@ def similarity_matrix(
                 t1 = min(t0 + block_captions, n_captions)
                 w_len = word_lengths[t0:t1]
                 words = _load_block(word_embs, t0, t1, int(w_len.max()), dtype, device)
-                block = region_word_similarity(
-                    regions, words, r_len, w_len.to(device), **similarity_options
-                )
+                block = similarity(Tokens(regions, r_len), Tokens(words, w_len.to(device)))
                 if scores is None:
                     scores = block.to(torch.float32)
                 else:

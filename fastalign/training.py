@@ -1,12 +1,13 @@
-"""The training loop: seeded data order, VSE++ hinge / InfoNCE on the fused score matrix,
-step decay, gradient clipping, validation by rSum keeping the best checkpoint, CSV logs,
-atomic checkpoints and an exact ``resume``."""
+"""The training loop of any registered method: seeded data order, the method's loss terms
+weighted and summed, step decay, gradient clipping, validation by rSum keeping the best
+checkpoint, CSV logs, atomic checkpoints and an exact ``resume``."""
 
 from __future__ import annotations
 
 import csv
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -16,118 +17,41 @@ import numpy as np
 import torch
 
 from fastalign import distributed
+from fastalign.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from fastalign.config import TrainConfig
 from fastalign.data import (
     PrecompDataset,
-    Vocabulary,
+    data_fingerprint,
     ensure_synthetic,
     load_word_vectors,
     make_loader,
-    read_captions,
 )
-from fastalign.evaluation import evaluate, similarity_matrix
-from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
-from fastalign.methods.dias import dias_loss
-from fastalign.models import MatchingModel, ModelConfig
+from fastalign.encoders import caption_tokenizer
+from fastalign.methods import LossContext, get_method
+from fastalign.model_evaluation import evaluate_trained
 
-CHECKPOINT_FORMAT = "fastalign-checkpoint-1"
-
-
-# --------------------------------------------------------------------------- checkpoints
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+# What a run writes into its output_dir: an existing one is resumed or overwritten, never
+# silently replaced.
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "tensorboard")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by :class:`Trainer`; clear errors for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # pickle, zip and torch errors alike
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint")
-    return checkpoint
-
-
-def caption_tokenizer(
-    model_config: ModelConfig, state: dict | None, root: Path | None = None, split: str = "train"
-):
-    """The captions' tokenizer: BERT's own for the BERT encoder, else the vocabulary saved in
-    ``state`` (a checkpoint's), else one built from the ``split`` captions under ``root``."""
-    if model_config.text_encoder == "bert":
-        from fastalign.bert import BertCaptionTokenizer  # transformers is optional
-
-        return BertCaptionTokenizer(model_config.bert_path)
-    if state is not None:
-        return Vocabulary.from_dict(state)
-    return Vocabulary.build(read_captions(root, split))
-
-
-def build_model(checkpoint: dict) -> tuple[MatchingModel, Vocabulary]:
-    """The model and caption tokenizer (vocabulary) stored in a checkpoint."""
-    config = ModelConfig(**checkpoint["config"]["model"])
-    vocab = caption_tokenizer(config, checkpoint["vocab"])
-    model = MatchingModel(len(vocab), config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint weights do not fit its configuration: {exc}") from exc
-    return model, vocab
-
-
-# --------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def encode_dataset(model: MatchingModel, dataset: PrecompDataset, batch_size: int = 256):
-    """Embeddings of every image and caption of ``dataset``, in float32.
-
-    Returns (region_embs (n_images, R, D), region_lengths (n_images,),
-    word_embs (n_captions, L, D), word_lengths (n_captions,)) on the model's device.
-    """
-    device = next(model.parameters()).device
-    model.eval()
-    images = dataset.images
-    n_images, n_regions = images.shape[0], images.shape[1]
-    region_lengths = torch.full((n_images,), n_regions, dtype=torch.long, device=device)
-    region_embs = torch.empty(n_images, n_regions, model.config.embed_dim, device=device)
-    for start in range(0, n_images, batch_size):
-        block = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
-        region_embs[start : start + len(block)] = model.encode_images(
-            block.to(device), region_lengths[start : start + len(block)]
+def data_root_of(config: TrainConfig) -> Path:
+    """The dataset folder of ``config``; the synthetic one is generated if absent."""
+    if config.data_root == "synthetic":
+        return ensure_synthetic(
+            config.synthetic_root, preset=config.synthetic_preset, seed=config.data_seed
         )
-    captions = dataset.captions
-    word_lengths = torch.as_tensor(captions.lengths, dtype=torch.long, device=device)
-    word_embs = torch.zeros(
-        len(captions), int(word_lengths.max()), model.config.embed_dim, device=device
-    )
-    for start in range(0, len(captions), batch_size):
-        stop = min(start + batch_size, len(captions))
-        ids, lengths = captions.padded(range(start, stop))
-        word_embs[start:stop, : ids.shape[1]] = model.encode_captions(
-            torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
+    return Path(config.data_root)
+
+
+def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> None:
+    """ValueError when ``fingerprint`` (of ``root``) differs from a checkpoint's record."""
+    if recorded.get("fingerprint") not in (None, fingerprint):
+        raise ValueError(
+            f"{what}: the data at {root} (fingerprint {fingerprint}) are not the data the "
+            f"checkpoint was trained on ({recorded.get('root')}, fingerprint "
+            f"{recorded['fingerprint']})"
         )
-    return region_embs, region_lengths, word_embs, word_lengths
-
-
-@torch.no_grad()
-def evaluate_model(model: MatchingModel, dataset: PrecompDataset, progress: bool = False) -> dict:
-    """Recall table (see :func:`fastalign.evaluate`) of ``model`` on ``dataset``."""
-    region_embs, region_lengths, word_embs, word_lengths = encode_dataset(model, dataset)
-    sims = similarity_matrix(
-        region_embs,
-        region_lengths,
-        word_embs,
-        word_lengths,
-        progress=progress,
-        **model.config.similarity_options(),
-    )
-    return evaluate(sims, captions_per_image=dataset.captions_per_image)
 
 
 # --------------------------------------------------------------------------- training
@@ -152,18 +76,30 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    """Trains a :class:`MatchingModel` as ``config`` says; ``fit()`` returns the best
-    validation results. With ``resume=True`` it continues from ``output_dir/last.pt``
-    exactly where that run stopped (same data order, optimiser and random state)."""
+    """Trains the method ``config.method`` as ``config`` says; ``fit()`` returns the best
+    validation results.
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    ``output_dir`` must not hold a run unless ``resume`` (continue from ``last.pt`` exactly
+    where it stopped: same data order, optimiser, random and method state, on the same data)
+    or ``overwrite`` (delete it and start again).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        progress: bool = True,
+        overwrite: bool = False,
+    ) -> None:
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         if config.optimizer not in optimizers:
             raise ValueError(
                 f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}"
             )
-        if config.loss not in ("hinge", "infonce"):
-            raise ValueError(f"loss must be 'hinge' or 'infonce', got {config.loss!r}")
+        if config.loss not in distributed.LOSSES:
+            raise ValueError(f"loss must be one of {distributed.LOSSES}, got {config.loss!r}")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other")
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.progress = progress
@@ -180,13 +116,20 @@ class Trainer:
                 self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             else:
                 self.device = torch.device(config.device)
+        if not resume:
+            self._claim_output_dir(overwrite)
         _seed_everything(config.seed)
-        self.data_root, vectors = self._data_root()
-        root = self.data_root
+        self.data_root = root = data_root_of(config)
+        self.data_fingerprint = data_fingerprint(root)
         checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
+        if checkpoint is not None:
+            check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
         self.vocab = caption_tokenizer(
             config.model, checkpoint["vocab"] if checkpoint else None, root, config.train_split
         )
+        vectors = config.word_vectors
+        if vectors is None and config.data_root == "synthetic":
+            vectors = str(root / "glove_synthetic.txt")
         word_vectors = None
         if vectors is not None and checkpoint is None and config.model.text_encoder == "bigru":
             word_vectors, _ = load_word_vectors(vectors, self.vocab, dim=config.model.word_dim)
@@ -200,7 +143,8 @@ class Trainer:
             config.captions_per_image,
             max_images=config.max_val_images,
         )
-        self.model = MatchingModel(len(self.vocab), config.model, word_vectors).to(self.device)
+        self.method = get_method(config.method)(config)
+        self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -219,20 +163,32 @@ class Trainer:
             _tensorboard_writer(self.output_dir / "tensorboard") if self.rank == 0 else None
         )
 
-    def _data_root(self) -> tuple[Path, str | None]:
-        if self.config.data_root == "synthetic":
-            root = ensure_synthetic(self.config.synthetic_root, seed=self.config.seed)
-            return root, self.config.word_vectors or str(root / "glove_synthetic.txt")
-        return Path(self.config.data_root), self.config.word_vectors
+    def _claim_output_dir(self, overwrite: bool) -> None:
+        found = [name for name in RUN_FILES if (self.output_dir / name).exists()]
+        if not found:
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds a run ({', '.join(found)}): pass --resume "
+                f"to continue it or --overwrite to start again"
+            )
+        if self.rank == 0:
+            for name in found:
+                path = self.output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def _restore(self, checkpoint: dict) -> None:
         saved = TrainConfig.from_dict(checkpoint["config"])
-        if saved.model != self.config.model:
-            raise ValueError(
-                "checkpoint model configuration differs from this run's "
-                f"({saved.model} vs {self.config.model})"
-            )
+        for part in ("method", "model", "options"):
+            if getattr(saved, part) != getattr(self.config, part):
+                raise ValueError(
+                    f"checkpoint {part} configuration differs from this run's "
+                    f"({getattr(saved, part)} vs {getattr(self.config, part)})"
+                )
         self.model.load_state_dict(checkpoint["model"])
+        self.method.load_state_dict(checkpoint["method_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
@@ -245,6 +201,8 @@ class Trainer:
             "config": self.config.to_dict(),
             "vocab": self.vocab.to_dict(),
             "model": self.model.state_dict(),
+            "method_state": self.method.state_dict(),
+            "data": {"root": str(self.data_root), "fingerprint": self.data_fingerprint},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
@@ -254,13 +212,9 @@ class Trainer:
             "rng": _rng_state(),
         }
 
-    def _similarity(self, regions, words, region_lengths, word_lengths):
-        """The order fastalign.distributed expects: (regions, words, lengths, lengths)."""
-        return self.model.similarity(regions, region_lengths, words, word_lengths)
-
     def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the loss to differentiate, the values on the global batch of the total ``loss``,
-        the matching loss ``loss_match`` and, with DIAS, each unweighted regularizer)."""
+        """(the weighted sum of the method's terms to differentiate, the values on the
+        global batch of the total ``loss`` and of each unweighted term ``loss_<name>``)."""
         c = self.config
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -271,64 +225,49 @@ class Trainer:
             share = len(batch.regions) // self.world_size
             batch = type(batch)(*(x[self.rank * share : (self.rank + 1) * share] for x in batch))
         batch = batch.to(self.device)
-        max_violation = epoch >= c.warmup_epochs
         with autocast:
-            region_embs, word_embs = (self.ddp or self.model)(
-                batch.regions,
-                batch.region_lengths,
-                batch.captions,
-                batch.caption_lengths,
-                embeddings_only=True,
+            images, captions = (self.ddp or self.model)(
+                batch.regions, batch.region_lengths, batch.captions, batch.caption_lengths
             )
-            if self.ddp is not None:
-                match = distributed.global_batch_loss(
-                    region_embs.float(),
-                    batch.region_lengths,
-                    word_embs.float(),
-                    batch.caption_lengths,
-                    batch.image_index,
-                    self._similarity,
-                    loss=c.loss,
-                    margin=c.margin,
-                    max_violation=max_violation,
-                    temperature=c.temperature,
-                )
-            else:
-                scores = self.model.similarity(
-                    region_embs, batch.region_lengths, word_embs, batch.caption_lengths
-                ).float()
+            terms = self.method.loss_terms(
+                self.model, images, captions, LossContext(batch=batch, epoch=epoch)
+            )
+        weights = self.method.loss_weights()
+        total = sum((weights[name] * term for name, term in terms.items()), 0.0)
+        # One reduction for every term: each is reported as its mean over the processes.
+        term_values = torch.stack([term.detach().float() for term in terms.values()])
         if self.ddp is not None:
-            match_value = match.detach().clone()
-            torch.distributed.all_reduce(match_value)
-            match_value = match_value.item() / self.world_size
-        else:
-            positives = positives_from_image_index(batch.image_index)
-            if c.loss == "infonce":
-                match = info_nce_loss(scores, c.temperature, positives)
-            else:
-                match = hinge_triplet_loss(scores, c.margin, max_violation, positives)
-            match_value = match.item()
-        values = {"loss": match_value, "loss_match": match_value}
-        if c.method != "dias":
-            return match, values
-        weighted, regularizers = dias_loss(
-            region_embs,
-            batch.region_lengths,
-            word_embs,
-            batch.caption_lengths,
-            c.dias,
-            c.model.backend,
-            # under DDP every rank computes the same regularizers of the global batch
-            gather=distributed.all_gather_with_grad if self.ddp is not None else None,
-        )
-        total = match + weighted
-        for name, value in regularizers.items():
-            values[f"loss_{name}"] = value.item()
-            values["loss"] += c.dias.weight(name) * values[f"loss_{name}"]
-        return total, values
+            torch.distributed.all_reduce(term_values)
+            term_values /= self.world_size
+        values = {f"loss_{name}": v for name, v in zip(terms, term_values.tolist())}
+        loss = sum(weights[name] * values[f"loss_{name}"] for name in terms)
+        return total, {"loss": loss, **values}
 
-    def train_epoch(self) -> float:
-        """One pass over the training set; returns the mean loss."""
+    def train_step(self, batch) -> dict[str, float]:
+        """One optimiser step on a global batch (a :class:`~fastalign.data.PairBatch`);
+        returns the logged values (``loss`` and each ``loss_<term>``) and appends them to
+        the history. The gradients stay in the parameters' ``.grad`` until the next step."""
+        c = self.config
+        loss, values = self._loss(batch, self.epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.history.append(
+            {
+                "epoch": self.epoch + 1,
+                "step": self.step,
+                **values,
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+        return values
+
+    def train_epoch(self) -> dict[str, float]:
+        """One pass over the training set; returns the epoch's mean of every logged value
+        (``loss`` and each ``loss_<term>``) and its ``epoch_seconds``."""
         c = self.config
         loader = make_loader(
             self.train_set, c.batch_size, shuffle=True, seed=c.seed, drop_last=self.world_size > 1
@@ -336,54 +275,49 @@ class Trainer:
         loader.sampler.set_epoch(self.epoch)  # the order depends on (seed, epoch) only
         self.model.train()
         bar = _progress(loader, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
-        total, start = 0.0, time.perf_counter()
+        totals: dict[str, float] = {}
+        start = time.perf_counter()
         for k, batch in enumerate(bar):
-            loss, values = self._loss(batch, self.epoch)
-            value = values["loss"]
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.optimizer.step()
-            self.step += 1
-            total += value
+            values = self.train_step(batch)
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + value
             pairs_per_s = (k + 1) * c.batch_size / (time.perf_counter() - start)
-            self.history.append(
-                {
-                    "epoch": self.epoch + 1,
-                    "step": self.step,
-                    **values,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                }
-            )
             if self.tensorboard is not None:
                 for name, term in values.items():
                     self.tensorboard.add_scalar(f"train/{name}", term, self.step)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{value:.4f}", pairs_per_s=f"{pairs_per_s:.0f}")
+                shown = {_term_label(name): f"{value:.4g}" for name, value in values.items()}
+                bar.set_postfix(**shown, pairs_per_s=f"{pairs_per_s:.0f}")
         self.scheduler.step()
-        return total / max(len(loader), 1)
+        means = {name: total / max(len(loader), 1) for name, total in totals.items()}
+        return means | {"epoch_seconds": time.perf_counter() - start}
 
     def fit(self) -> dict:
         """Trains to ``config.epochs``; returns the best validation results."""
         best = {}
+        if self.epoch >= self.config.epochs and self.rank == 0:
+            print(
+                f"{self.output_dir}: the run is finished ({self.epoch} of {self.config.epochs} "
+                f"epochs); nothing to train",
+                file=sys.stderr,
+            )
         while self.epoch < self.config.epochs:
-            mean_loss = self.train_epoch()
+            means = self.train_epoch()
             self.epoch += 1
+            self.method.on_epoch_end(self.model, self.epoch)
             if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
-                results = evaluate_model(self.model, self.val_set)
+                results = evaluate_trained(self.method, self.model, self.val_set)
+                # A validation row holds the epoch's means of the training values.
                 self.history.append(
                     {
                         "epoch": self.epoch,
                         "step": self.step,
-                        "loss": mean_loss,
+                        **means,
                         **{f"val_{k}": v for k, v in results.items()},
                     }
                 )
-                print(
-                    f"epoch {self.epoch}: loss {mean_loss:.4f}  val rSum {results['rsum']:.1f}",
-                    file=sys.stderr,
-                )
+                if self.rank == 0:
+                    print(_epoch_line(self.epoch, means, results), file=sys.stderr)
                 if self.tensorboard is not None:
                     for key, value in results.items():
                         self.tensorboard.add_scalar(f"val/{key}", value, self.step)
@@ -432,14 +366,27 @@ def _progress(iterable, description: str, enabled: bool):
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
 
 
+def _term_label(name: str) -> str:
+    """``loss_match`` -> ``match``; ``loss`` stays."""
+    return name.removeprefix("loss_")
+
+
+def _epoch_line(epoch: int, means: dict[str, float], results: dict[str, float]) -> str:
+    terms = [f"{_term_label(k)} {v:.4g}" for k, v in means.items() if k.startswith("loss_")]
+    return (
+        f"epoch {epoch}: loss {means['loss']:.4f} ({', '.join(terms)})  "
+        f"val rSum {results['rsum']:.1f}  [{means['epoch_seconds']:.0f} s]"
+    )
+
+
 def train_and_test(
-    config: TrainConfig, progress: bool = True
+    config: TrainConfig, progress: bool = True, overwrite: bool = False
 ) -> tuple[dict, Trainer, PrecompDataset]:
     """Trains ``config`` from scratch and evaluates the final model on its test split:
     (the recall table, the trainer, the test set)."""
-    trainer = Trainer(config, resume=False, progress=progress)
+    trainer = Trainer(config, resume=False, progress=progress, overwrite=overwrite)
     trainer.fit()
     test_set = PrecompDataset(
         trainer.data_root, config.test_split, trainer.vocab, config.captions_per_image
     )
-    return evaluate_model(trainer.model, test_set), trainer, test_set
+    return evaluate_trained(trainer.method, trainer.model, test_set), trainer, test_set

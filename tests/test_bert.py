@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
-from test_training import tiny_config, tiny_data  # noqa: F401  (fixture)
 
+from fastalign.checkpoint import load_checkpoint, restore_trained
 from fastalign.data import read_captions, tokenize
-from fastalign.training import Trainer, build_model, evaluate_model, load_checkpoint
+from fastalign.model_evaluation import evaluate_trained
+from fastalign.training import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,14 +35,14 @@ def write_tiny_bert(folder, words) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tiny_data, tmp_path_factory):  # noqa: F811
+def tiny_bert(tiny_data, tmp_path_factory):
     words = [w for line in read_captions(tiny_data, "train") for w in tokenize(line)]
     folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
     write_tiny_bert(folder, words)
     return folder
 
 
-def bert_config(root, out, bert, **changes):
+def bert_config(tiny_config, root, out, bert, **changes):
     config = tiny_config(root, out, **changes)
     model = dataclasses.replace(config.model, text_encoder="bert", bert_path=str(bert))
     return dataclasses.replace(config, model=model)
@@ -93,13 +94,16 @@ def test_clear_errors(tiny_bert, tmp_path, monkeypatch):
         BertTextEncoder(tiny_bert, 8)
 
 
-def test_trains_saves_and_evaluates(tiny_data, tiny_bert, tmp_path):  # noqa: F811
-    trainer = Trainer(bert_config(tiny_data, tmp_path / "run", tiny_bert, epochs=1), progress=False)
+def test_trains_saves_and_evaluates(tiny_data, tiny_config, tiny_bert, tmp_path):
+    config = bert_config(tiny_config, tiny_data, tmp_path / "run", tiny_bert, epochs=1)
+    trainer = Trainer(config, progress=False)
     trainer.fit()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)
-    model, tokenizer = build_model(load_checkpoint(tmp_path / "run" / "last.pt"))
+    method, model, tokenizer = restore_trained(load_checkpoint(tmp_path / "run" / "last.pt"))
+    assert method.name == trainer.method.name
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
-    results = evaluate_model(model, trainer.val_set)
+    results = evaluate_trained(method, model, trainer.val_set)
     assert 0 <= results["rsum"] <= 600
+    assert results == evaluate_trained(trainer.method, trainer.model, trainer.val_set)
     assert tokenizer.encode("a dog") == trainer.vocab.encode("a dog")

@@ -6,14 +6,15 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import fastalign_chance, tiny_config, tiny_data  # noqa: F401  (fixture)
 
 import fastalign.methods.dias as dias
 from fastalign.config import load_config
-from fastalign.methods import DiasConfig, dias_regularizers, pooled_embeddings
+from fastalign.evaluation import chance_results
+from fastalign.methods.dias import DiasOptions, dias_regularizers
+from fastalign.tokens import Tokens
 from fastalign.training import Trainer
 
-CONFIG = DiasConfig(dim_off_diagonal_weight=0.02, alpha=0.5)
+CONFIG = DiasOptions(dim_off_diagonal_weight=0.02, alpha=0.5)
 
 
 # --------------------------------------------------------------------------- plain formulas
@@ -63,9 +64,9 @@ def local_embeddings(seed, n=13, regions=7, words=9, d=24, dtype=torch.float64):
 def test_pooling_is_the_masked_mean():
     region_embs, region_lengths, word_embs, word_lengths = local_embeddings(0)
     torch.testing.assert_close(
-        pooled_embeddings(region_embs, region_lengths), plain_pool(region_embs, region_lengths)
+        Tokens(region_embs, region_lengths).mean_pooled(), plain_pool(region_embs, region_lengths)
     )
-    torch.testing.assert_close(pooled_embeddings(word_embs, None), word_embs.mean(1))
+    torch.testing.assert_close(Tokens.dense(word_embs).mean_pooled(), word_embs.mean(1))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -74,8 +75,8 @@ def test_terms_and_gradients_match_plain_formulas(backend, seed):
     region_embs, region_lengths, word_embs, word_lengths = local_embeddings(seed)
     region_embs.requires_grad_()
     word_embs.requires_grad_()
-    image = pooled_embeddings(region_embs, region_lengths)
-    text = pooled_embeddings(word_embs, word_lengths)
+    image = Tokens(region_embs, region_lengths).mean_pooled()
+    text = Tokens(word_embs, word_lengths).mean_pooled()
     terms = dias_regularizers(image, text, CONFIG, backend=backend)
     image_plain, text_plain = (
         plain_pool(region_embs, region_lengths),
@@ -95,7 +96,7 @@ def test_terms_and_gradients_match_plain_formulas(backend, seed):
         for g, w in zip(got, want):
             assert w.abs().max() > 0, name
             torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10, msg=name)
-    total = dias.weighted_sum(terms, CONFIG)
+    total = sum(CONFIG.weight(name) * value for name, value in terms.items())
     expected = 10 * plain["dim"] + 0.05 * plain["inter"] + 0.1 * plain["intra"]
     torch.testing.assert_close(total, expected, rtol=1e-9, atol=1e-12)
 
@@ -115,37 +116,42 @@ def test_a_zero_weight_skips_its_term(off, monkeypatch):
     image, text = torch.randn(6, 8), torch.randn(6, 8)
     terms = dias_regularizers(image, text, config)
     assert off not in terms and len(terms) == 2
-    assert dias.weighted_sum({}, config) == 0.0
 
 
 def test_config_values_and_errors():
-    config = load_config("configs/dias_f30k.yaml")
+    config = load_config("dias_f30k")
     assert config.method == "dias" and config.batch_size == 128 and config.epochs == 30
-    assert (config.dias.dim_weight, config.dias.inter_weight, config.dias.intra_weight) == (
+    assert (
+        config.options.dim_weight,
+        config.options.inter_weight,
+        config.options.intra_weight,
+    ) == (
         10.0,
         0.05,
         0.1,
     )
-    assert load_config("configs/dias_coco.yaml").batch_size == 256
-    assert load_config(None, ["method=dias", "dias.inter_weight=0"]).dias.inter_weight == 0
+    assert load_config("dias_coco").batch_size == 256
+    assert load_config(None, ["method=dias", "dias.inter_weight=0"]).options.inter_weight == 0
     with pytest.raises(ValueError, match="dias.nonsense"):
-        load_config(None, ["dias.nonsense=1"])
+        load_config(None, ["method=dias", "dias.nonsense=1"])
     with pytest.raises(ValueError, match="dias.dim_weight must be a number >= 0"):
-        load_config(None, ["dias.dim_weight=-1"])
+        load_config(None, ["method=dias", "dias.dim_weight=-1"])
+    with pytest.raises(ValueError, match="the section of method 'dias'"):
+        load_config(None, ["dias.dim_weight=1"])
     with pytest.raises(ValueError, match="method must be one of"):
         load_config(None, ["method=dais"])
 
 
 # --------------------------------------------------------------------------- training
-def test_dias_training_learns_and_logs_every_term(tiny_data, tmp_path):  # noqa: F811
-    config = tiny_config(tiny_data, tmp_path / "dias", epochs=3, method="dias")
+def test_dias_training_learns_and_logs_every_term(tiny_data, tiny_config, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "dias", "method=dias", epochs=3)
     trainer = Trainer(config, progress=False)
     best = trainer.fit()
-    assert best["rsum"] > fastalign_chance(12)["rsum"] + 40
+    assert best["rsum"] > chance_results(12)["rsum"] + 40
     steps = [row for row in trainer.history if "val_rsum" not in row]
     for name in ("loss_match", "loss_dim", "loss_inter", "loss_intra"):
         assert all(name in row for row in steps), name
-    weights = config.dias
+    weights = config.options
     for row in steps:
         total = (
             row["loss_match"]
@@ -160,13 +166,10 @@ def test_dias_training_learns_and_logs_every_term(tiny_data, tmp_path):  # noqa:
     assert {"loss_dim", "loss_inter", "loss_intra"} <= set(header.split(","))
 
 
-def test_all_weights_zero_is_the_baseline(tiny_data, tmp_path):  # noqa: F811
-    """The ablation with every regularizer off trains exactly like the baseline."""
-    off = DiasConfig(dim_weight=0, inter_weight=0, intra_weight=0)
-    runs = {}
-    for method in ("baseline", "dias"):
-        config = tiny_config(tiny_data, tmp_path / method, epochs=1, method=method, dias=off)
-        trainer = Trainer(config, progress=False)
-        trainer.fit()
-        runs[method] = [row["loss"] for row in trainer.history if "val_rsum" not in row]
-    assert runs["dias"] == runs["baseline"]
+@pytest.mark.parametrize("off", ["dim", "inter", "intra"])
+def test_each_switch_removes_its_term_only(off, tiny_data, tiny_config, tmp_path):
+    config = tiny_config(tiny_data, tmp_path, "method=dias", f"dias.{off}_weight=0", epochs=1)
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    logged = {k[5:] for k in trainer.history[0] if k.startswith("loss_")}
+    assert logged == {"match", "dim", "inter", "intra"} - {off}

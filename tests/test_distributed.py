@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fastalign
 from fastalign import distributed as fd
 from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
+from fastalign.tokens import Tokens
 
 WORLD = 2
 FEAT, DIM, VOCAB = 5, 8, 17
@@ -49,7 +50,8 @@ TIMEOUT_S = 120
 
 # --------------------------------------------------------------------------- shared setup
 class TinyModel(nn.Module):
-    """Region features -> Linear; word ids -> Embedding + Linear; L2-normalised tokens."""
+    """Region features -> Linear; word ids -> Embedding + Linear; L2-normalised tokens,
+    returned as (image Tokens, caption Tokens) like :class:`fastalign.models.MatchingModel`."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,11 +59,13 @@ class TinyModel(nn.Module):
         self.word_embedding = nn.Embedding(VOCAB, DIM, padding_idx=0)
         self.word_proj = nn.Linear(DIM, DIM)
 
-    def forward(self, region_feats: Tensor, word_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, R, FEAT), (B, L) -> regions (B, R, DIM), words (B, L, DIM)."""
+    def forward(
+        self, region_feats: Tensor, region_lengths: Tensor, word_ids: Tensor, word_lengths: Tensor
+    ) -> tuple[Tokens, Tokens]:
+        """(B, R, FEAT), (B,), (B, L), (B,) -> regions (B, R, DIM), words (B, L, DIM)."""
         regions = F.normalize(self.region_proj(region_feats), dim=-1)
         words = F.normalize(self.word_proj(self.word_embedding(word_ids)), dim=-1)
-        return regions, words
+        return Tokens(regions, region_lengths), Tokens(words, word_lengths)
 
 
 def make_model() -> TinyModel:
@@ -88,8 +92,22 @@ def make_batch(lo: int = 0, hi: int = len(IMAGE_INDEX)) -> dict[str, Tensor]:
     )
 
 
+def encode(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tokens, Tokens]:
+    """The model's (image, caption) tokens of a batch from :func:`make_batch`."""
+    return model(
+        batch["region_feats"], batch["region_lengths"], batch["word_ids"], batch["word_lengths"]
+    )
+
+
+def region_word_scores(images: Tokens, captions: Tokens, **options) -> Tensor:
+    """:func:`fastalign.region_word_similarity` on tokens: a similarity_fn of the losses."""
+    return fastalign.region_word_similarity(
+        images.embs, captions.embs, images.lengths, captions.lengths, **options
+    )
+
+
 def similarity(scenario: dict):
-    return functools.partial(fastalign.region_word_similarity, **scenario["sim"])
+    return functools.partial(region_word_scores, **scenario["sim"])
 
 
 def loss_options(scenario: dict) -> dict:
@@ -110,8 +128,7 @@ def plain_loss(scenario: dict, scores: Tensor, image_index: Tensor) -> Tensor:
 def single_process_reference(scenario: dict) -> tuple[Tensor, dict[str, Tensor]]:
     """Plain loss and parameter gradients of one process on the whole batch."""
     model, batch = make_model(), make_batch()
-    regions, words = model(batch["region_feats"], batch["word_ids"])
-    scores = similarity(scenario)(regions, words, batch["region_lengths"], batch["word_lengths"])
+    scores = similarity(scenario)(*encode(model, batch))
     loss = plain_loss(scenario, scores, batch["image_index"])
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -129,15 +146,9 @@ def _distributed_step(scenario: dict, rank: int) -> dict:
     per_rank = len(IMAGE_INDEX) // WORLD
     batch = make_batch(rank * per_rank, (rank + 1) * per_rank)
     model = DistributedDataParallel(make_model())
-    regions, words = model(batch["region_feats"], batch["word_ids"])
+    images, captions = encode(model, batch)  # Tokens through DDP's forward
     share = fd.global_batch_loss(
-        regions,
-        batch["region_lengths"],
-        words,
-        batch["word_lengths"],
-        batch["image_index"],
-        similarity(scenario),
-        **loss_options(scenario),
+        images, captions, batch["image_index"], similarity(scenario), **loss_options(scenario)
     )
     share.backward()
     total = share.detach().clone()
@@ -156,7 +167,9 @@ def _gather_checks(rank: int) -> dict:
     out["all_gather"], out["all_gather_grad"] = y.detach(), x.grad
 
     tokens = torch.full((2, 3 + rank, 4), rank + 1.0, requires_grad=True)
-    gathered, lengths = fd.gather_tokens(tokens, torch.tensor([1, 3 + rank]))
+    result = fd.gather_tokens(Tokens(tokens, torch.tensor([1, 3 + rank])))
+    out["tokens_type"] = type(result).__name__
+    gathered, lengths = result
     gathered.pow(2).sum().backward()
     out["tokens"], out["token_lengths"], out["tokens_grad"] = (
         gathered.detach(),
@@ -167,13 +180,9 @@ def _gather_checks(rank: int) -> dict:
     per_rank = len(IMAGE_INDEX) // WORLD
     batch = make_batch(rank * per_rank, (rank + 1) * per_rank)
     with torch.no_grad():
-        regions, words = make_model()(batch["region_feats"], batch["word_ids"])
+        images, captions = encode(make_model(), batch)
         rows, cols, offset = fd.global_batch_scores(
-            regions,
-            batch["region_lengths"],
-            words,
-            batch["word_lengths"],
-            similarity(SCENARIOS["hinge_sum"]),
+            images, captions, similarity(SCENARIOS["hinge_sum"])
         )
     out["rows"], out["cols"], out["offset"] = rows, cols, offset
     return out
@@ -187,7 +196,7 @@ def _error_checks(rank: int) -> dict:
     except ValueError as exc:
         out["batch_mismatch"] = str(exc)
     try:
-        fd.gather_tokens(torch.zeros(2, 3, 4 + rank))
+        fd.gather_tokens(Tokens.dense(torch.zeros(2, 3, 4 + rank)))
     except ValueError as exc:
         out["feature_mismatch"] = str(exc)
     check = torch.ones(1)
@@ -266,10 +275,7 @@ def test_two_processes_match_single_process(ranks, name):
 def test_two_processes_scores_layout(ranks):
     batch = make_batch()
     with torch.no_grad():
-        regions, words = make_model()(batch["region_feats"], batch["word_ids"])
-        full = similarity(SCENARIOS["hinge_sum"])(
-            regions, words, batch["region_lengths"], batch["word_lengths"]
-        )
+        full = similarity(SCENARIOS["hinge_sum"])(*encode(make_model(), batch))
     per_rank = len(IMAGE_INDEX) // WORLD
     for r, result in enumerate(ranks):
         gather = result["gather"]
@@ -293,6 +299,7 @@ def test_two_processes_gather_tokens(ranks):
     t_max = 3 + WORLD - 1
     for r, result in enumerate(ranks):
         gather = result["gather"]
+        assert gather["tokens_type"] == "Tokens"
         tokens = gather["tokens"]
         assert tokens.shape == (2 * WORLD, t_max, 4)
         assert gather["token_lengths"].tolist() == [n for s in range(WORLD) for n in (1, 3 + s)]
@@ -340,17 +347,20 @@ def test_all_gather_with_grad_errors():
 
 def test_gather_tokens_world_size_one():
     x = torch.randn(2, 5, 3)
-    out, lengths = fd.gather_tokens(x)
+    result = fd.gather_tokens(Tokens.dense(x))
+    assert isinstance(result, Tokens)
+    out, lengths = result
     assert out is x
     assert lengths.tolist() == [5, 5] and lengths.dtype == torch.int64
-    out, lengths = fd.gather_tokens(x, torch.tensor([2, 5], dtype=torch.int32))
-    assert lengths.tolist() == [2, 5] and lengths.dtype == torch.int64
-    with pytest.raises(ValueError, match="3-D"):
-        fd.gather_tokens(torch.randn(2, 5))
-    with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        fd.gather_tokens(x, torch.tensor([1, 2, 3]))
-    with pytest.raises(TypeError, match="integers"):
-        fd.gather_tokens(x, torch.tensor([1.0, 2.0]))
+    result = fd.gather_tokens(Tokens(x, torch.tensor([2, 5], dtype=torch.int32)))
+    assert isinstance(result, Tokens) and result.embs is x
+    assert result.lengths.tolist() == [2, 5] and result.lengths.dtype == torch.int64
+    with pytest.raises(ValueError, match="tokens.embs must be 3-D"):
+        fd.gather_tokens(Tokens(torch.randn(2, 5), torch.tensor([5, 5])))
+    with pytest.raises(ValueError, match=r"tokens.lengths must have shape \(2,\)"):
+        fd.gather_tokens(Tokens(x, torch.tensor([1, 2, 3])))
+    with pytest.raises(TypeError, match="tokens.lengths must hold integers"):
+        fd.gather_tokens(Tokens(x, torch.tensor([1.0, 2.0])))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -358,15 +368,8 @@ def test_global_batch_loss_single_process_equals_plain_loss(name):
     scenario = SCENARIOS[name]
     loss, grads = single_process_reference(scenario)
     model, batch = make_model(), make_batch()
-    regions, words = model(batch["region_feats"], batch["word_ids"])
     got = fd.global_batch_loss(
-        regions,
-        batch["region_lengths"],
-        words,
-        batch["word_lengths"],
-        batch["image_index"],
-        similarity(scenario),
-        **loss_options(scenario),
+        *encode(model, batch), batch["image_index"], similarity(scenario), **loss_options(scenario)
     )
     got.backward()
     torch.testing.assert_close(got.detach(), loss, rtol=1e-12, atol=1e-12)
@@ -376,35 +379,34 @@ def test_global_batch_loss_single_process_equals_plain_loss(name):
 
 def test_global_batch_scores_single_process():
     regions, words = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 2, 5).double()
-    rows, cols, offset = fd.global_batch_scores(
-        regions, None, words, None, fastalign.region_word_similarity
-    )
+    images, captions = Tokens.dense(regions), Tokens.dense(words)
+    rows, cols, offset = fd.global_batch_scores(images, captions, region_word_scores)
     assert rows is cols and offset == 0
     torch.testing.assert_close(rows, fastalign.region_word_similarity(regions, words))
     with pytest.raises(ValueError, match="same number of pairs"):
-        fd.global_batch_scores(regions, None, words[:2], None, fastalign.region_word_similarity)
+        fd.global_batch_scores(images, captions.rows(0, 2), region_word_scores)
 
 
 def test_global_batch_loss_without_image_index():
-    scores_fn = functools.partial(fastalign.region_word_similarity, direction="both")
+    scores_fn = functools.partial(region_word_scores, direction="both")
     g = torch.Generator().manual_seed(3)
-    regions = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
-    words = torch.randn(4, 5, 6, generator=g, dtype=torch.float64)
-    scores = scores_fn(regions, words)
+    regions = Tokens.dense(torch.randn(4, 3, 6, generator=g, dtype=torch.float64))
+    words = Tokens.dense(torch.randn(4, 5, 6, generator=g, dtype=torch.float64))
+    scores = fastalign.region_word_similarity(regions.embs, words.embs, direction="both")
     for loss, plain in (("hinge", hinge_triplet_loss(scores)), ("infonce", info_nce_loss(scores))):
-        got = fd.global_batch_loss(regions, None, words, None, None, scores_fn, loss=loss)
+        got = fd.global_batch_loss(regions, words, None, scores_fn, loss=loss)
         torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
 
 
 def test_global_batch_loss_argument_errors():
-    regions, words = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
-    fn = fastalign.region_word_similarity
+    regions, words = Tokens.dense(torch.randn(2, 3, 4)), Tokens.dense(torch.randn(2, 3, 4))
+    fn = region_word_scores
     with pytest.raises(ValueError, match="loss must be one of"):
-        fd.global_batch_loss(regions, None, words, None, None, fn, loss="triplet")
+        fd.global_batch_loss(regions, words, None, fn, loss="triplet")
     with pytest.raises(ValueError, match="temperature must be positive"):
-        fd.global_batch_loss(regions, None, words, None, None, fn, loss="infonce", temperature=0)
+        fd.global_batch_loss(regions, words, None, fn, loss="infonce", temperature=0)
     with pytest.raises(ValueError, match="image_index must have shape"):
-        fd.global_batch_loss(regions, None, words, None, torch.tensor([0, 1, 2]), fn)
+        fd.global_batch_loss(regions, words, torch.tensor([0, 1, 2]), fn)
 
 
 def test_setup_from_env_without_torchrun(monkeypatch):
@@ -437,12 +439,8 @@ def test_world_size_one_process_group(monkeypatch):
         scenario = SCENARIOS["hinge_max"]
         loss, _ = single_process_reference(scenario)
         model, batch = make_model(), make_batch()
-        regions, words = model(batch["region_feats"], batch["word_ids"])
         got = fd.global_batch_loss(
-            regions,
-            batch["region_lengths"],
-            words,
-            batch["word_lengths"],
+            *encode(model, batch),
             batch["image_index"],
             similarity(scenario),
             **loss_options(scenario),

@@ -20,6 +20,7 @@ from fastalign.evaluation import (
     format_results,
     similarity_matrix,
 )
+from fastalign.tokens import Tokens
 
 needs_cpu_kernel = pytest.mark.skipif(not extension_loaded(), reason="fastalign._C not built")
 
@@ -262,7 +263,9 @@ class RecordDtypes(TorchDispatchMode):
 def test_similarity_matrix_is_shard_invariant(blocks, options):
     regions, region_lengths, words, word_lengths = make_features()
     full = fastalign.region_word_similarity(regions, words, region_lengths, word_lengths, **options)
-    got = similarity_matrix(regions, region_lengths, words, word_lengths, **blocks, **options)
+    got = similarity_matrix(
+        Tokens(regions, region_lengths), Tokens(words, word_lengths), **blocks, **options
+    )
     assert got.dtype == torch.float32 and got.shape == (13, 29)
     if not blocks:  # the default plan: one call, the very same numbers
         assert torch.equal(got, full)
@@ -281,10 +284,8 @@ def test_similarity_matrix_recalls_do_not_depend_on_blocks():
     assert 0 < expected["r1_t2i"] < 100
     for block_images, block_captions in ((1, 1), (3, 7), (8, 40)):
         sims = similarity_matrix(
-            regions,
-            region_lengths,
-            words,
-            word_lengths,
+            Tokens(regions, region_lengths),
+            Tokens(words, word_lengths),
             block_images=block_images,
             block_captions=block_captions,
         )
@@ -316,10 +317,8 @@ def test_float16_memmap_stays_float16_and_float32(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "region_word_similarity", recording)
     with RecordDtypes() as mode:
         got = similarity_matrix(
-            region_memmap,
-            region_lengths.numpy(),
-            word_memmap,
-            word_lengths.tolist(),
+            Tokens(region_memmap, region_lengths.numpy()),
+            Tokens(word_memmap, word_lengths.tolist()),
             block_images=4,
             block_captions=6,
         )
@@ -342,7 +341,7 @@ def test_float16_memmap_stays_float16_and_float32(tmp_path, monkeypatch):
 @needs_cpu_kernel
 def test_no_float64_in_the_whole_evaluation(monkeypatch):
     regions, region_lengths, words, word_lengths = make_features(n_images=6, n_captions=30)
-    half = (regions.half(), region_lengths, words.half(), word_lengths)
+    half = (Tokens(regions.half(), region_lengths), Tokens(words.half(), word_lengths))
     with RecordDtypes() as mode:
         results = evaluate(similarity_matrix(*half, block_images=2, block_captions=4))
         evaluate_folds(similarity_matrix(*half), n_folds=3)
@@ -359,7 +358,9 @@ def test_no_float64_in_the_whole_evaluation(monkeypatch):
 
     monkeypatch.setattr(evaluation, "region_word_similarity", recording)
     got = similarity_matrix(
-        regions.double(), region_lengths, words.double(), word_lengths, block_captions=7
+        Tokens(regions.double(), region_lengths),
+        Tokens(words.double(), word_lengths),
+        block_captions=7,
     )
     assert got.dtype == torch.float32
     assert set(seen) == {(torch.float32, torch.float32)} and len(seen) == 5
@@ -371,37 +372,103 @@ def test_no_float64_in_the_whole_evaluation(monkeypatch):
 def test_similarity_matrix_progress(capsys):
     regions, region_lengths, words, word_lengths = make_features()
     similarity_matrix(
-        regions, region_lengths, words, word_lengths, block_captions=10, progress=True
+        Tokens(regions, region_lengths),
+        Tokens(words, word_lengths),
+        block_captions=10,
+        progress=True,
     )
     assert "similarity_matrix" in capsys.readouterr().err
 
 
 def test_similarity_matrix_errors():
     regions, region_lengths, words, word_lengths = make_features()
+    images, captions = Tokens(regions, region_lengths), Tokens(words, word_lengths)
     bad_lengths = word_lengths.clone()
     bad_lengths[3] = 0
-    with pytest.raises(ValueError, match=r"word_lengths\[3\] = 0, expected 1 <= length <= 9"):
-        similarity_matrix(regions, region_lengths, words, bad_lengths)
-    with pytest.raises(TypeError, match="region_lengths must hold integers"):
-        similarity_matrix(regions, region_lengths.float(), words, word_lengths)
-    with pytest.raises(ValueError, match=r"word_lengths must have shape \(29,\)"):
-        similarity_matrix(regions, region_lengths, words, word_lengths[:5])
+    with pytest.raises(ValueError, match=r"captions\.lengths\[3\] = 0, expected 1 <= length <= 9"):
+        similarity_matrix(images, Tokens(words, bad_lengths))
+    with pytest.raises(TypeError, match=r"images\.lengths must hold integers"):
+        similarity_matrix(Tokens(regions, region_lengths.float()), captions)
+    with pytest.raises(ValueError, match=r"captions\.lengths must have shape \(29,\)"):
+        similarity_matrix(images, Tokens(words, word_lengths[:5]))
     with pytest.raises(ValueError, match="share the feature size D"):
-        similarity_matrix(regions, region_lengths, words[..., :5], word_lengths)
-    with pytest.raises(ValueError, match="word_embs must be 3-D"):
-        similarity_matrix(regions, region_lengths, words[0], None)
-    with pytest.raises(TypeError, match="region_embs must be a torch.Tensor or numpy"):
-        similarity_matrix(regions.tolist(), region_lengths, words, word_lengths)
-    with pytest.raises(TypeError, match="word_embs must hold float16"):
-        similarity_matrix(regions, region_lengths, words.numpy().astype(np.int32), word_lengths)
+        similarity_matrix(images, Tokens(words[..., :5], word_lengths))
+    with pytest.raises(ValueError, match=r"captions\.embs must be 3-D"):
+        similarity_matrix(images, Tokens(words[0], None))
+    with pytest.raises(TypeError, match=r"images\.embs must be a torch\.Tensor or numpy"):
+        similarity_matrix(Tokens(regions.tolist(), region_lengths), captions)
+    with pytest.raises(TypeError, match=r"captions\.embs must hold float16"):
+        similarity_matrix(images, Tokens(words.numpy().astype(np.int32), word_lengths))
+    with pytest.raises(TypeError, match="images must be a Tokens"):
+        similarity_matrix(regions.tolist(), captions)
     with pytest.raises(ValueError, match="block_images must be >= 1"):
-        similarity_matrix(regions, region_lengths, words, word_lengths, block_images=0)
+        similarity_matrix(images, captions, block_images=0)
     with pytest.raises(TypeError, match="block_captions must be an int"):
-        similarity_matrix(regions, region_lengths, words, word_lengths, block_captions=2.5)
+        similarity_matrix(images, captions, block_captions=2.5)
     with pytest.raises(ValueError, match="memory_budget_mb must be positive"):
-        similarity_matrix(regions, region_lengths, words, word_lengths, memory_budget_mb=0)
+        similarity_matrix(images, captions, memory_budget_mb=0)
     with pytest.raises(TypeError, match="must not contain 'regions'"):
-        similarity_matrix(regions, region_lengths, words, None, regions=regions)
+        similarity_matrix(images, Tokens(words, None), regions=regions)
+
+
+def pooled_cosine(images: Tokens, captions: Tokens) -> torch.Tensor:
+    """A custom SimilarityFn: the cosine of the mean-pooled valid tokens."""
+    image = F.normalize(images.mean_pooled(), dim=-1)
+    text = F.normalize(captions.mean_pooled(), dim=-1)
+    return image @ text.T
+
+
+def test_similarity_matrix_with_a_custom_similarity(monkeypatch):
+    regions, region_lengths, words, word_lengths = make_features()
+    images, captions = Tokens(regions, region_lengths), Tokens(words, word_lengths)
+    full = pooled_cosine(images, captions)
+    assert full.shape == (13, 29)
+
+    def fused_operator(*args, **kwargs):
+        raise AssertionError("similarity= given: the fused operator must not be called")
+
+    monkeypatch.setattr(evaluation, "region_word_similarity", fused_operator)
+    calls = []
+
+    def recording(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        assert isinstance(block_images, Tokens) and isinstance(block_captions, Tokens)
+        calls.append((block_images.count, block_captions.count))
+        return pooled_cosine(block_images, block_captions)
+
+    for block_images, block_captions in ((1, 1), (3, 7), (5, None), (None, 4), (13, 29)):
+        calls.clear()
+        got = similarity_matrix(
+            images,
+            captions,
+            similarity=recording,
+            block_images=block_images,
+            block_captions=block_captions,
+        )
+        assert got.dtype == torch.float32 and got.shape == (13, 29)
+        torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+        if block_images is not None and block_captions is not None:
+            n_blocks = math.ceil(13 / block_images) * math.ceil(29 / block_captions)
+            assert len(calls) == n_blocks
+            assert sum(ni * nt for ni, nt in calls) == 13 * 29
+    # Converted inputs (float64 numpy, cropped to each block's longest item) and bare
+    # embeddings (every token valid) go through the same function.
+    got = similarity_matrix(
+        Tokens(regions.double().numpy(), region_lengths.numpy()),
+        Tokens(words.double(), word_lengths.tolist()),
+        similarity=pooled_cosine,
+        block_images=4,
+        block_captions=6,
+    )
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+    dense = pooled_cosine(Tokens.dense(regions), Tokens.dense(words))
+    got = similarity_matrix(regions, words, similarity=pooled_cosine, block_captions=5)
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-6)
+    assert not torch.allclose(dense, full, atol=1e-3)  # the lengths did matter above
+    # Options of the default score do not combine with a given similarity.
+    with pytest.raises(TypeError, match="apply to the default score only"):
+        similarity_matrix(images, captions, similarity=pooled_cosine, direction="both")
+    with pytest.raises(TypeError, match="align, backend"):
+        similarity_matrix(images, captions, similarity=pooled_cosine, backend="cpu", align="lse")
 
 
 def test_block_plan_respects_the_budget():

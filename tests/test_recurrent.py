@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fastalign.models import TextEncoder, l2_normalize
+from fastalign.encoders import TextEncoder, l2_normalize
 from fastalign.recurrent import bidirectional_gru_mean
 
 

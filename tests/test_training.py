@@ -1,59 +1,25 @@
-"""Training loop, checkpoints, resume, configuration and the command line, on a tiny
-synthetic dataset."""
+"""Training loop, checkpoints, run and data identity, configuration and the command line,
+on a tiny synthetic dataset (every method's own checks: test_methods.py)."""
 
+import csv
 import dataclasses
+import shutil
 
 import pytest
 import torch
 import yaml
 
-from fastalign import distributed
+from fastalign.checkpoint import load_checkpoint, save_atomic
 from fastalign.cli import main
-from fastalign.config import TrainConfig, load_config
-from fastalign.data import generate_synthetic
-from fastalign.training import Trainer, load_checkpoint
+from fastalign.config import bundled_configs, load_config
+from fastalign.evaluation import chance_results
+from fastalign.training import Trainer
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_synthetic(
-        root,
-        seed=3,
-        n_train=64,
-        n_val=12,
-        n_test=12,
-        n_regions=12,
-        word_dim=16,
-    )
-    return root
-
-
-def tiny_config(root, out, **changes) -> TrainConfig:
-    config = load_config(
-        None,
-        [
-            f"data_root={root}",
-            f"word_vectors={root / 'glove_synthetic.txt'}",
-            f"output_dir={out}",
-            "epochs=2",
-            "batch_size=16",
-            "lr=0.002",
-            "lr_decay_epochs=[1]",
-            "margin=0.1",
-            "model.word_dim=16",
-            "model.embed_dim=32",
-            "model.aggregate=lse",
-            "model.score_scale=10.0",
-        ],
-    )
-    return dataclasses.replace(config, **changes)
-
-
-def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
+def test_training_learns_and_writes_checkpoints(tiny_data, tiny_config, tmp_path):
     trainer = Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=3), progress=False)
     best = trainer.fit()
-    chance = fastalign_chance(12)  # 12 validation images: R@10 alone is ~80% by chance
+    chance = chance_results(12)  # 12 validation images: R@10 alone is ~80% by chance
     assert best["rsum"] > chance["rsum"] + 40, (best, chance)
     assert best["r1_i2t"] + best["r1_t2i"] > 2 * (chance["r1_i2t"] + chance["r1_t2i"])
     for name in ("best.pt", "last.pt", "log.csv"):
@@ -62,24 +28,7 @@ def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def fastalign_chance(n_images):
-    from fastalign.evaluation import chance_results
-
-    return chance_results(n_images)
-
-
-def test_resume_continues_exactly(tiny_data, tmp_path):
-    straight = Trainer(tiny_config(tiny_data, tmp_path / "a", epochs=2), progress=False)
-    straight.fit()
-    Trainer(tiny_config(tiny_data, tmp_path / "b", epochs=1), progress=False).fit()
-    resumed = Trainer(tiny_config(tiny_data, tmp_path / "b", epochs=2), resume=True, progress=False)
-    resumed.fit()
-    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
-    for key, value in straight.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[key]), key
-
-
-def test_corrupt_and_incompatible_checkpoints(tiny_data, tmp_path):
+def test_corrupt_and_incompatible_checkpoints(tiny_data, tiny_config, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "last.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
@@ -97,20 +46,23 @@ def test_corrupt_and_incompatible_checkpoints(tiny_data, tmp_path):
 
 
 def test_config_files_and_overrides(tmp_path):
-    config = load_config("configs/chan_f30k.yaml", ["model.embed_dim=256", "epochs=3"])
+    config = load_config("chan_f30k", ["model.embed_dim=256", "epochs=3"])
+    assert {"demo_synthetic", "chan_f30k", "vsepp_coco", "dias_synthetic"} <= set(bundled_configs())
+    for name in bundled_configs():  # every bundled config loads
+        load_config(name)
     assert config.model.embed_dim == 256 and config.epochs == 3
     assert config.model.aggregate == "lse" and config.margin == 0.05
     with pytest.raises(ValueError, match="unknown configuration keys: epoch, model.dim"):
         load_config(None, ["epoch=3", "model.dim=4"])
     with pytest.raises(ValueError, match="key=value"):
         load_config(None, ["epochs"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nor a bundled config"):
         load_config(tmp_path / "none.yaml")
     with pytest.raises(ValueError, match="optimizer must be one of"):
         Trainer(load_config(None, ["optimizer=sgd", "data_root=/nonexistent"]), progress=False)
 
 
-def test_command_line_train_and_eval(tiny_data, tmp_path, capsys):
+def test_command_line_train_and_eval(tiny_data, tiny_config, tmp_path, capsys):
     config = tiny_config(tiny_data, tmp_path / "cli", epochs=1)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
@@ -123,53 +75,104 @@ def test_command_line_train_and_eval(tiny_data, tmp_path, capsys):
     assert "fastalign demo" in capsys.readouterr().out
 
 
-def test_tensorboard_logging_when_installed(tiny_data, tmp_path):
+def test_tensorboard_logging_when_installed(tiny_data, tiny_config, tmp_path):
     pytest.importorskip("torch.utils.tensorboard")
     Trainer(tiny_config(tiny_data, tmp_path / "tb", epochs=1), progress=False).fit()
     assert any((tmp_path / "tb" / "tensorboard").iterdir())
 
 
-def _distributed_worker(rank, port, config, out):
-    import os
+def test_an_output_dir_holding_a_run_is_never_silently_replaced(
+    tiny_data, tiny_config, tmp_path, capsys
+):
+    config = tiny_config(tiny_data, tmp_path / "run", epochs=1)
+    Trainer(config, progress=False).fit()
+    with pytest.raises(FileExistsError, match="pass --resume to continue it or --overwrite"):
+        Trainer(config, progress=False)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    with pytest.raises(FileExistsError, match="holds a run"):
+        main(["train", "--no-progress", "--config", str(path)])
+    before = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
+    main(["train", "--no-progress", "--config", str(path), "--overwrite"])
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == before
+    # resuming a finished run says so and trains nothing
+    capsys.readouterr()
+    main(["train", "--no-progress", "--config", str(path), "--resume"])
+    assert "the run is finished (1 of 1 epochs)" in capsys.readouterr().err
 
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE="2",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    trainer = Trainer(config, progress=False)
-    trainer.fit()
-    if rank == 0:
-        torch.save([row["loss"] for row in trainer.history if "val_rsum" not in row], out)
-    distributed.cleanup()
+
+def test_console_shows_every_loss_term(tiny_data, tiny_config, tmp_path, capsys):
+    Trainer(tiny_config(tiny_data, tmp_path, "method=dias", epochs=1), progress=False).fit()
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("epoch 1:")][0]
+    for term in ("match", "dim", "inter", "intra", "val rSum"):
+        assert term in line, line
 
 
-@pytest.mark.parametrize("method", ["baseline", "dias"])
-def test_torchrun_training_matches_one_process(tiny_data, tmp_path, method):
-    """2 gloo processes, each with half of every batch, follow the one-process loss curve
-    (with DIAS: the regularizers of the gathered global batch on every rank)."""
-    import socket
+def test_runs_keep_their_data(tiny_data, tiny_config, tmp_path, capsys):
+    """A checkpoint records its data's fingerprint: resuming on other data is an error, so is
+    evaluating on other data by accident; on purpose (--data-root) it is a warning."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    captions = other / "dev_caps.txt"
+    captions.write_text(captions.read_text().replace("a ", "the ", 1))
+    Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=1), progress=False).fit()
+    moved = tiny_config(other, tmp_path / "run", epochs=2)
+    with pytest.raises(ValueError, match="not the data the checkpoint was trained on"):
+        Trainer(moved, resume=True, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    checkpoint["config"]["data_root"] = str(other)  # as if the data changed under the run
+    save_atomic(checkpoint, tmp_path / "moved.pt")
+    with pytest.raises(ValueError, match="not the data the checkpoint was trained on"):
+        main(["eval", str(tmp_path / "moved.pt"), "--split", "dev"])
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "run" / "best.pt"), "--data-root", str(other), "--split", "dev"])
+    err = capsys.readouterr().err
+    assert "warning: evaluating on" in err and str(tiny_data) in err and str(other) in err
 
-    import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tiny_config(tiny_data, tmp_path / "ddp", epochs=2, batch_size=16, method=method)
-    mp.spawn(_distributed_worker, args=(port, config, tmp_path / "losses.pt"), nprocs=2)
-    single = Trainer(
-        tiny_config(tiny_data, tmp_path / "one", epochs=2, batch_size=16, method=method),
-        progress=False,
-    )
-    single.fit()
-    # drop_last under DDP: compare the steps both runs took
-    want = [row["loss"] for row in single.history if "val_rsum" not in row]
-    got = torch.load(tmp_path / "losses.pt")
-    steps = min(len(got), len(want))
-    assert steps >= 6
-    torch.testing.assert_close(
-        torch.tensor(got[:steps]), torch.tensor(want[:steps]), rtol=1e-4, atol=1e-4
-    )
+def test_checkpoints_of_the_first_format_still_load(tiny_data, tiny_config, tmp_path, capsys):
+    """Format 1 (before method plug-ins): a ``dias`` section on every config, no method state
+    and no data fingerprint; it evaluates with a warning that its data cannot be checked."""
+    Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=1), progress=False).fit()
+    checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
+    old = dict(checkpoint, format="fastalign-checkpoint-1")
+    del old["method_state"], old["data"]
+    old["config"] = dict(old["config"], dias={"dim_weight": 10.0})
+    del old["config"]["baseline"], old["config"]["synthetic_preset"], old["config"]["data_seed"]
+    save_atomic(old, tmp_path / "old.pt")
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "old.pt"), "--split", "dev"])
+    captured = capsys.readouterr()
+    assert "predates data fingerprints" in captured.err
+    main(["eval", str(tmp_path / "run" / "best.pt"), "--split", "dev"])
+    assert captured.out == capsys.readouterr().out
+
+
+def test_compare_trains_every_config_on_the_same_data(tiny_data, tiny_config, tmp_path, capsys):
+    paths = []
+    for name, overrides in [("chan", []), ("vsepp", ["method=vsepp"])]:
+        config = tiny_config(tiny_data, tmp_path / name, *overrides, epochs=1)
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(config.to_dict()))
+    out = tmp_path / "compare"
+    argv = ["compare", *map(str, paths), "--seeds", "2", "--output", str(out)]
+    main(argv)
+    table = capsys.readouterr().out
+    assert "rSum" in table and "chan" in table and "vsepp" in table and "±" in table
+    with open(out / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert [(r["config"], r["seed"]) for r in runs] == [
+        ("chan", "0"),
+        ("chan", "1"),
+        ("vsepp", "0"),
+        ("vsepp", "1"),
+    ]
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    for row in summary:
+        mine = [float(r["rsum"]) for r in runs if r["config"] == row["config"]]
+        assert float(row["rsum_mean"]) == pytest.approx(sum(mine) / 2)
+        assert float(row["rsum_std"]) == pytest.approx(abs(mine[0] - mine[1]) / 2**0.5)
+        assert float(row["peak_mib"]) > 0 and float(row["epoch_seconds"]) > 0
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(argv)

@@ -1,0 +1,80 @@
+"""Checkpoint files: atomic writes, loading with clear errors, and the trained method they
+hold (its configuration, vocabulary, weights, method state and data fingerprint)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastalign.config import TrainConfig
+from fastalign.encoders import caption_tokenizer
+from fastalign.methods import Method, get_method
+
+CHECKPOINT_FORMAT = "fastalign-checkpoint-2"
+# Format 1 (before methods were plug-ins) had the same weights; its configuration carried a
+# ``dias`` section whatever the method, and its synthetic data were generated with the
+# training seed.
+_FORMAT_1 = "fastalign-checkpoint-1"
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def _upgrade_format_1(checkpoint: dict) -> dict:
+    config = dict(checkpoint["config"])
+    if config.get("method") != "dias":
+        config.pop("dias", None)
+    config.setdefault("data_seed", config.get("seed", 0))
+    return checkpoint | {
+        "format": CHECKPOINT_FORMAT,
+        "config": config,
+        "method_state": {},
+        "data": {"root": None, "fingerprint": None},
+    }
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by :class:`fastalign.training.Trainer` (older formats upgraded);
+    clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and torch errors alike
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {exc}") from exc
+    found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if found == _FORMAT_1:
+        return _upgrade_format_1(checkpoint)
+    if found != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint (format {found!r})"
+        )
+    return checkpoint
+
+
+def restore_trained(checkpoint: dict[str, Any]) -> tuple[Method, nn.Module, Any]:
+    """The method, its trained model and the caption tokenizer that a checkpoint holds."""
+    try:
+        config = TrainConfig.from_dict(checkpoint["config"])
+    except ValueError as exc:  # a method that is not installed here, or an unknown key
+        raise ValueError(f"checkpoint configuration cannot be loaded: {exc}") from exc
+    method = get_method(config.method)(config)
+    tokenizer = caption_tokenizer(config.model, checkpoint["vocab"])
+    model = method.build_model(len(tokenizer))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint weights do not fit its configuration: {exc}") from exc
+    method.load_state_dict(checkpoint["method_state"])
+    return method, model, tokenizer

@@ -1,0 +1,95 @@
+"""Evaluation of a trained method on a dataset: encode every image and caption, score them
+with the method's similarity in blocks, then rank (the one path of ``fastalign eval`` and
+of the trainer's validation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastalign.data import PrecompDataset
+from fastalign.evaluation import evaluate, evaluate_folds, similarity_matrix
+from fastalign.methods import Method
+from fastalign.tokens import Tokens
+
+PROTOCOLS = ("f30k", "coco1k", "coco5k")
+
+
+@torch.no_grad()
+def encode_dataset(
+    model: nn.Module, dataset: PrecompDataset, batch_size: int = 256
+) -> tuple[Tokens, Tokens]:
+    """Float32 embeddings of every image (n_images, R', D) and caption (n_captions, L', D)
+    of ``dataset`` with their lengths, on the model's device, as the model's encoders
+    return them: one embedding per input token (R' = R, L' = the longest caption) or a
+    fixed number per sequence (one for global-embedding models)."""
+    device = next(model.parameters()).device
+    model.eval()
+    images = dataset.images
+    n_images, n_regions = images.shape[0], images.shape[1]
+    image_tokens = _TokenStack(n_images, n_regions)
+    for start in range(0, n_images, batch_size):
+        block = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
+        lengths = torch.full((len(block),), n_regions, dtype=torch.long, device=device)
+        image_tokens.put(start, model.encode_images(block.to(device), lengths), n_regions)
+    captions = dataset.captions
+    caption_tokens = _TokenStack(len(captions), int(max(captions.lengths)))
+    for start in range(0, len(captions), batch_size):
+        ids, lengths = captions.padded(range(start, min(start + batch_size, len(captions))))
+        ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
+        caption_tokens.put(start, model.encode_captions(ids, lengths), ids.shape[1])
+    return image_tokens.tokens(), caption_tokens.tokens()
+
+
+class _TokenStack:
+    """Encoder outputs of consecutive blocks written into one zero-padded float32 Tensor,
+    allocated at the first block: as wide as the longest input when the encoder returns
+    one embedding per input token, else as wide as its fixed output."""
+
+    def __init__(self, count: int, longest_input: int) -> None:
+        self.count, self.longest_input = count, longest_input
+        self.embs: Tensor | None = None
+        self.lengths: Tensor | None = None
+
+    def put(self, start: int, part: Tokens, block_input_width: int) -> None:
+        if self.embs is None:
+            per_token = part.embs.shape[1] == block_input_width
+            width = self.longest_input if per_token else part.embs.shape[1]
+            self.embs = part.embs.new_zeros(
+                self.count, width, part.embs.shape[2], dtype=torch.float32
+            )
+            self.lengths = torch.empty(self.count, dtype=torch.int64, device=part.lengths.device)
+        stop = start + part.count
+        self.embs[start:stop, : part.embs.shape[1]] = part.embs
+        self.lengths[start:stop] = part.lengths
+
+    def tokens(self) -> Tokens:
+        return Tokens(self.embs, self.lengths)
+
+
+@torch.no_grad()
+def evaluate_trained(
+    method: Method,
+    model: nn.Module,
+    dataset: PrecompDataset,
+    protocol: str = "f30k",
+    progress: bool = False,
+) -> dict[str, float]:
+    """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``.
+
+    ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole matrix; ``"coco1k"`` is the
+    mean over 5 folds of 1000 images (:func:`fastalign.evaluation.evaluate_folds`).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    images, captions = encode_dataset(model, dataset)
+    sims = similarity_matrix(
+        images,
+        captions,
+        similarity=lambda i, t: method.similarity(model, i, t),
+        progress=progress,
+    )
+    if protocol == "coco1k":
+        return evaluate_folds(sims, n_folds=5, captions_per_image=dataset.captions_per_image)[0]
+    return evaluate(sims, captions_per_image=dataset.captions_per_image)
