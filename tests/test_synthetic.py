@@ -280,10 +280,10 @@ def test_hard_preset(hard):
         named = {synonyms[concept_of_word[w]][0] for w in caption if w in concept_of_word}
         assert named <= own[j // 5]
         named_counts.append(len(named) / len(own[j // 5]))
-    assert np.mean(named_counts) < 0.7
+    assert np.mean(named_counts) < 0.75 and min(named_counts) < 0.5
 
     # scenes: images share more of their concepts with their nearest other image than
-    # images whose concepts are drawn uniformly
+    # images whose concepts are drawn uniformly (few scenes, so that the tiny split shows it)
     def nearest_overlap(root):
         sets = [set(line) for line in words_of(root / "train_concepts.txt")]
         return np.mean(
@@ -293,8 +293,10 @@ def test_hard_preset(hard):
             ]
         )
 
+    scenes = generate_synthetic(hard.parent / "scenes", "hard", 2, n_scenes=4, **HARD_SMALL)
     uniform = generate_synthetic(hard.parent / "uniform", "hard", 2, n_scenes=0, **HARD_SMALL)
-    assert nearest_overlap(hard) > nearest_overlap(uniform) + 0.1
+    assert nearest_overlap(scenes) > nearest_overlap(uniform) + 0.1
+    assert len(meta["scenes"]) == PRESETS["hard"]["n_scenes"]
     # the image style lives in the recorded subset of columns
     columns = np.array(meta["style_columns"])
     assert len(columns) == round(PRESETS["hard"]["style_fraction"] * feature_dim)
