@@ -1,4 +1,4 @@
-"""fastalign.data: vocabulary, precomputed-feature datasets, loaders, word vectors, synthetic."""
+"""fastalign.data: vocabulary, precomputed-feature datasets, loaders, word vectors."""
 
 import json
 import pickle
@@ -15,22 +15,10 @@ from fastalign.data import (
     PrecompDataset,
     Vocabulary,
     collate_pairs,
-    ensure_synthetic,
-    generate_synthetic,
     load_word_vectors,
     make_loader,
     read_captions,
     tokenize,
-)
-
-SMALL = dict(
-    n_train=24,
-    n_val=6,
-    n_test=8,
-    n_concepts=12,
-    n_regions=10,
-    feature_dim=256,
-    word_dim=32,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -369,100 +357,3 @@ def test_word_vector_errors(tmp_path, content, dim, message):
 def test_word_vectors_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.txt"):
         load_word_vectors(tmp_path / "nothing.txt", Vocabulary(["a"]))
-
-
-# ---------------------------------------------------------------------------------------
-# synthetic data
-# ---------------------------------------------------------------------------------------
-
-
-def folder_bytes(root):
-    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
-
-
-def test_synthetic_is_deterministic_and_atomic(tmp_path):
-    a = generate_synthetic(tmp_path / "a", seed=5, **SMALL)
-    b = generate_synthetic(tmp_path / "b", seed=5, **SMALL)
-    c = generate_synthetic(tmp_path / "c", seed=6, **SMALL)
-    files_a = folder_bytes(a)
-    assert files_a == folder_bytes(b)
-    assert files_a["train_ims.npy"] != folder_bytes(c)["train_ims.npy"]
-    assert files_a["train_caps.txt"] != folder_bytes(c)["train_caps.txt"]
-    for split in ("train", "dev", "test"):
-        for suffix in ("_ims.npy", "_caps.txt", "_ids.txt"):
-            assert split + suffix in files_a
-    assert {"glove_synthetic.txt", "meta.json", "README.txt"} <= set(files_a)
-    meta = json.loads(files_a["meta.json"])
-    assert meta["seed"] == 5 and meta["params"]["n_train"] == 24
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders
-    ims = np.load(a / "train_ims.npy", mmap_mode="r")
-    assert ims.dtype == np.float32 and ims.shape == (24, 10, 256)
-    # regenerating over an existing synthetic folder replaces it with the same bytes
-    generate_synthetic(a, seed=5, **SMALL)
-    assert folder_bytes(a) == files_a
-
-
-def test_ensure_synthetic(tmp_path):
-    root = ensure_synthetic(tmp_path / "syn", seed=1, **SMALL)
-    stamp = (root / "train_ims.npy").stat().st_mtime_ns
-    assert ensure_synthetic(root, seed=1, **SMALL) == root
-    assert (root / "train_ims.npy").stat().st_mtime_ns == stamp  # not regenerated
-    (root / "dev_caps.txt").unlink()  # incomplete: regenerated
-    ensure_synthetic(root, seed=1, **SMALL)
-    assert folder_bytes(root) == folder_bytes(generate_synthetic(tmp_path / "ref", 1, **SMALL))
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "thesis.tex").write_text("precious")
-    with pytest.raises(FileExistsError, match="mine"):
-        ensure_synthetic(foreign, seed=1, **SMALL)
-    assert (foreign / "thesis.tex").read_text() == "precious"
-    with pytest.raises(TypeError, match="unknown"):
-        ensure_synthetic(root, n_images=3)
-
-
-def test_synthetic_planted_structure(tmp_path):
-    root = generate_synthetic(tmp_path / "syn", seed=0, **SMALL)
-    meta = json.loads((root / "meta.json").read_text())
-    words = meta["concept_words"]
-    index = {w: k for k, w in enumerate(words)}
-    directions = np.load(root / "concept_directions.npy")
-    ims = np.load(root / "train_ims.npy")
-    own = [[index[w] for w in line.split()] for line in (root / "train_concepts.txt").open()]
-    assert all(3 <= len(o) <= 6 for o in own)
-
-    # the mean region of an image leans towards its own concepts' directions
-    projection = ims.mean(axis=1) @ directions.T
-    aucs = []
-    for i, concepts in enumerate(own):
-        mask = np.zeros(len(words), dtype=bool)
-        mask[concepts] = True
-        assert projection[i, mask].mean() > projection[i, ~mask].mean()
-        aucs.append((projection[i, mask][:, None] > projection[i, ~mask][None, :]).mean())
-    assert np.mean(aucs) > 0.8  # ranking own concepts above the others (0.5 = chance)
-    # the regions labelled with a concept are the ones most aligned with its direction
-    labels = np.load(root / "train_region_concepts.npy")
-    assert labels.shape == ims.shape[:2] and labels.min() == -1
-    best = (ims @ directions.T).argmax(axis=2)
-    assert (best[labels >= 0] == labels[labels >= 0]).mean() > 0.9
-
-    # captions name >= 2 of their image's concepts, with filler words, 6-20 words
-    vocab = Vocabulary.build(read_captions(root / "train_caps.txt"))
-    ds = PrecompDataset(root, "train", vocab)
-    for j in range(len(ds)):
-        caption = vocab.decode(ds.captions[j]).split()
-        named = [w for w in caption if w in index]
-        assert 6 <= len(caption) <= 20 and len(named) >= 2
-        assert {index[w] for w in named} <= set(own[ds.image_of_caption(j)])
-
-    # word vectors cover every word, and their geometry follows the concept directions
-    vectors, n_found = load_word_vectors(root / "glove_synthetic.txt", vocab, dim=32)
-    assert n_found == len(vocab) - 2
-    concept_vectors = vectors[[vocab.token_to_id(w) for w in words]].numpy()
-    concept_vectors /= np.linalg.norm(concept_vectors, axis=1, keepdims=True)
-    upper = np.triu_indices(len(words), 1)
-    gram_words = (concept_vectors @ concept_vectors.T)[upper]
-    gram_directions = (directions @ directions.T)[upper]
-    assert np.corrcoef(gram_words, gram_directions)[0, 1] > 0.3
-    groups = np.array(meta["concept_groups"])
-    same_group = (groups[:, None] == groups[None, :])[upper]
-    assert gram_words[same_group].mean() > gram_words[~same_group].mean() + 0.1

@@ -1,5 +1,6 @@
 """Data: vocabulary, precomputed-feature datasets, word vectors, synthetic data."""
 
+from fastalign.data.fingerprint import data_fingerprint
 from fastalign.data.precomp import (
     COCO_1K_FOLD_SIZE,
     COCO_1K_FOLDS,
@@ -15,7 +16,14 @@ from fastalign.data.precomp import (
     open_image_features,
     read_captions,
 )
-from fastalign.data.synthetic import FILLER_WORDS, GLOVE_FILE, ensure_synthetic, generate_synthetic
+from fastalign.data.synthetic import (
+    FILLER_WORDS,
+    GLOVE_FILE,
+    PRESETS,
+    ensure_synthetic,
+    generate_synthetic,
+    synthetic_folder,
+)
 from fastalign.data.vocab import (
     PAD_ID,
     PAD_TOKEN,
@@ -34,6 +42,7 @@ __all__ = [
     "FILLER_WORDS",
     "GLOVE_FILE",
     "PAD_ID",
+    "PRESETS",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "UNK_ID",
@@ -44,6 +53,7 @@ __all__ = [
     "PrecompDataset",
     "Vocabulary",
     "collate_pairs",
+    "data_fingerprint",
     "encode_captions",
     "ensure_synthetic",
     "generate_synthetic",
@@ -52,5 +62,6 @@ __all__ = [
     "make_loader",
     "open_image_features",
     "read_captions",
+    "synthetic_folder",
     "tokenize",
 ]
