@@ -3,9 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench install cuda-compile-check cuda-link-check
+.PHONY: demo test bench install cuda-compile-check cuda-link-check sanitize
 
 install: $(VENV)/.installed
 
@@ -55,3 +55,24 @@ cuda-link-check:
 		TORCH_CUDA_ARCH_LIST="8.0;9.0" $(CUDA_VENV_ABS)/bin/python -m pip install -q \
 		--no-build-isolation .
 	cd /tmp && $(CUDA_VENV_ABS)/bin/python -m fastalign.kernels.cuda_link_check
+
+# The CPU operator tests against the C++ extension built with AddressSanitizer and UBSan
+# (FASTALIGN_SANITIZE=1): an out-of-bounds access or undefined behaviour in a kernel fails the
+# run. It builds from a copy of the sources in build/sanitize, so that its objects and _C module
+# never mix with the normal build's. Python itself is not instrumented, so gcc's libasan is
+# preloaded, with libstdc++ (ASan finds __cxa_throw there only if it is loaded first), and leak
+# detection is off (the interpreter keeps its memory by design). The Triton
+# tests of these files are deselected (the interpreter is slow under ASan, and runs no C++).
+SANITIZE_SRC = build/sanitize
+SANITIZE_TESTS = tests/test_op_entry_points.py tests/test_region_word.py \
+	tests/test_dimension_correlation.py tests/test_sparse_spatial.py tests/test_prototypes.py
+sanitize: install
+	rm -rf $(SANITIZE_SRC) && mkdir -p $(SANITIZE_SRC)
+	tar -c --exclude=./.venv --exclude=./.venv-cuda --exclude=./build --exclude=./.data \
+		--exclude=./runs --exclude='*.so' --exclude=.git . | tar -x -C $(SANITIZE_SRC)
+	cd $(SANITIZE_SRC) && FASTALIGN_SANITIZE=1 MAX_JOBS=2 $(abspath $(PY)) setup.py -q \
+		build_ext --inplace
+	cd $(SANITIZE_SRC) && PYTHONPATH=. \
+		LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+		$(abspath $(PY)) -m pytest -q -p no:cacheprovider -k "not triton" $(SANITIZE_TESTS)

@@ -18,6 +18,11 @@ def _want_cuda() -> bool:
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard: the one torch asks for (C++20 from 2.14)
+    link_flags = ["-fopenmp"]
+    if os.environ.get("FASTALIGN_SANITIZE", "0") == "1":  # make sanitize: ASan and UBSan
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx_flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp", *sanitize]
+        link_flags += sanitize
     if _want_cuda():
         # compile_check_driver.cu only instantiates the kernels for the nvcc check (no torch).
         sources += sorted(
@@ -27,10 +32,10 @@ def _extension():
             "fastalign._C",
             sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
         )
     return CppExtension(
-        "fastalign._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        "fastalign._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
     )
 
 

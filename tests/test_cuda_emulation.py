@@ -8,11 +8,11 @@ import cuda_emulation  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 import pytest
 import torch
 
+from fastalign.ops._options import CORRELATION_MODES as MODES
 from fastalign.ops.dimension_correlation import dimension_correlation_loss_reference
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
-MODES = ("barlow", "softmax")
 # (N, D): one row tile and several, D below, at and past the 32-column blocks and 64-wide tiles.
 SHAPES = [(3, 1), (4, 5), (17, 33), (70, 65), (129, 31), (40, 130)]
 
@@ -91,5 +91,12 @@ def test_dimension_correlation_names_the_non_finite_column(which):
 
 def test_dimension_correlation_rejects_the_gram_path():
     a, b = torch.randn(4, 8), torch.randn(4, 8)
-    with pytest.raises(RuntimeError, match="path must be 0 .auto. or 1, got 2"):
+    with pytest.raises(ValueError, match="path must be 0 .auto. or 1 .correlation., got 2"):
         emulated_loss(a, b, "barlow", 0.1, 0.1, 1e-5, path=2)
+
+
+def test_dimension_correlation_refuses_float64():
+    """The CUDA backend computes in float32: a float64 input is refused, not run in float64."""
+    a, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64 is refused.*, got Double"):
+        emulated_loss(a, b, "barlow", 0.1, 0.1, 1e-5)

@@ -233,22 +233,25 @@ def _forward_args(regions, words, rl, wl, direction=0, align=0, aggregate=0):
 
 
 @pytest.mark.parametrize(
-    "change,message",
+    "change,error,message",
     [
-        (lambda a: (a[0].double(), a[1].double(), *a[2:]), "take float32, float16 or bfloat16"),
-        (lambda a: (a[0], a[1][..., :-1], *a[2:]), "must share D"),
-        (lambda a: (a[0], a[1].half(), *a[2:]), "must share a dtype"),
-        (lambda a: (a[0][0], *a[1:]), "must be 3-D"),
-        (lambda a: (*a[:2], a[2][:-1], *a[3:]), r"must have shapes \(3,\) and \(4,\)"),
-        (lambda a: (*a[:2], a[2].float(), *a[3:]), "must hold integers"),
-        (lambda a: (*a[:4], 3, *a[5:]), "direction must be 0"),
-        (lambda a: (*a[:5], 2, *a[6:]), "align must be 0"),
-        (lambda a: (*a[:6], 4, *a[7:]), "aggregate must be 0"),
+        (lambda a: (a[0].double(), a[1].double(), *a[2:]), TypeError,
+         "CUDA kernels take float16, bfloat16 or float32 .*float64 is refused"),
+        (lambda a: (a[0], a[1][..., :-1], *a[2:]), ValueError, "must share the feature size D"),
+        (lambda a: (a[0], a[1].half(), *a[2:]), TypeError, "must share a dtype"),
+        (lambda a: (a[0][0], *a[1:]), ValueError, "must be 3-D"),
+        (lambda a: (*a[:2], a[2][:-1], *a[3:]), ValueError,
+         r"region_lengths must have shape \(3,\)"),
+        (lambda a: (*a[:2], a[2].float(), *a[3:]), TypeError, "must hold integers"),
+        (lambda a: (*a[:2], a[2] + 10, *a[3:]), ValueError, r"region_lengths\[0\] = 1\d"),
+        (lambda a: (*a[:4], 3, *a[5:]), ValueError, "direction = 3, expected one of"),
+        (lambda a: (*a[:5], 2, *a[6:]), ValueError, "align = 2, expected one of"),
+        (lambda a: (*a[:6], 4, *a[7:]), ValueError, "aggregate = 4, expected one of"),
     ],
-)
-def test_forward_rejects_bad_inputs(change, message):
+)  # fmt: skip
+def test_forward_rejects_bad_inputs(change, error, message):
     args = _forward_args(*make_inputs(3, 4, 5, 6, 7, dtype=torch.float32))
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(error, match=f"^region_word_forward: .*{message}"):
         emulated_ops().region_word_forward(*change(args))
 
 
@@ -257,9 +260,27 @@ def test_backward_rejects_mismatched_coefficients():
     coef, idx = torch.zeros(3, 4, 6), torch.zeros(3, 4, 6, dtype=torch.int32)
     empty = torch.empty(0)
     backward = emulated_ops().region_word_backward
-    with pytest.raises(RuntimeError, match=r"coef_t2i must be float32 of shape \[3, 4, 6\]"):
+    with pytest.raises(ValueError, match=r"coef_t2i must have shape \(Ni, Nt, L\) = \[3, 4, 6\]"):
         backward(coef[..., :5], idx, empty, empty, regions, words, rl, wl, 0, 0.1, False)
-    with pytest.raises(RuntimeError, match="aux_t2i must be Int .* arg-max indices"):
+    with pytest.raises(TypeError, match="aux_t2i must be int32 .* arg-max indices"):
         backward(coef, idx.float(), empty, empty, regions, words, rl, wl, 0, 0.1, False)
-    with pytest.raises(RuntimeError, match="aux_t2i must be Float .* aligned values"):
+    with pytest.raises(ValueError, match=r"aux_t2i\[0, 0, 0\] = 9, expected an arg-max index"):
+        backward(coef, idx + 9, empty, empty, regions, words, rl, wl, 0, 0.1, False)
+    with pytest.raises(TypeError, match="aux_t2i must be Float .* aligned values"):
         backward(coef, idx, empty, empty, regions, words, rl, wl, 1, 0.1, False)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max", "lse"])
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_nan_propagates_wherever_it_sits(direction, aggregate):
+    """The CUDA kernels look for no non-finite input (that would cost a sync); a NaN then flows
+    as in the reference, whichever token holds it."""
+    regions, words, rl, wl = make_inputs(2, 2, 5, 6, 4, dtype=torch.float32)
+    kw = dict(direction=direction, align="max", aggregate=aggregate, align_tau=0.1,
+              aggregate_tau=0.1, score_activation=None)  # fmt: skip
+    for token in range(int(wl[1])):
+        nan_words = words.clone()
+        nan_words[1, token, 0] = float("nan")
+        got = emulated_similarity(regions, nan_words, rl, wl, **kw)
+        want = region_word_similarity_reference(regions, nan_words, rl, wl, **kw)
+        torch.testing.assert_close(got, want, equal_nan=True)

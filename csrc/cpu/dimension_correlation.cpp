@@ -17,11 +17,11 @@
 #include <numeric>
 #include <vector>
 
+#include "../checks/dimension_correlation.h"
+#include "../option_codes.h"
+
 namespace fastalign {
 namespace {
-
-enum Mode : int64_t { kBarlow = 0, kSoftmax = 1 };
-enum Path : int64_t { kAuto = 0, kCorrelation = 1, kGram = 2 };
 
 // Column sums stream the rows in at most kMaxChunks chunks of at least kMinChunkRows rows (and
 // kGrainElements elements), one partial per chunk, added in a fixed order: the result does not
@@ -124,9 +124,9 @@ Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows,
   });
   for (const auto& [name, check] : {std::pair{"a", kCheckA}, std::pair{"b", kCheckB}}) {
     for (int64_t c = 0; c < cols; ++c)
-      TORCH_CHECK_VALUE(sums[check * cols + c] == 0.0, name, "[:, ", c,
-                        "] holds a NaN or an infinity: dimension_correlation_loss needs finite "
-                        "inputs");
+      TORCH_CHECK_VALUE(sums[check * cols + c] == 0.0, "dimension_correlation_loss_forward: ",
+                        name, "[:, ", c,
+                        "] holds a NaN or an infinity: the loss needs finite inputs");
   }
   Stats<scalar_t> s{std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),
                     std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),
@@ -504,7 +504,7 @@ double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Option
   }
   std::vector<double> sums(need_grad ? 4 * d : 0, 0.0);
   std::vector<double>* want = need_grad ? &sums : nullptr;
-  const double loss = o.mode == kSoftmax
+  const double loss = o.mode == CorrelationMode::kSoftmax
                           ? softmax_from_c<scalar_t>(c, n, o.tau, want)
                           : barlow_from_c<scalar_t>(c, n, o.off_diagonal_weight, want);
   if (need_grad) {
@@ -519,21 +519,14 @@ double loss_and_gradients(const at::Tensor& a, const at::Tensor& b, const Option
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss_forward_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, int64_t mode, double off_diagonal_weight,
     double tau, double eps, bool need_grad, int64_t path) {
-  TORCH_CHECK(a_in.dim() == 2 && a_in.sizes() == b_in.sizes(),
-              "a and b must be (N, D) matrices of one shape, got ", a_in.sizes(), " and ",
-              b_in.sizes());
-  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "a and b must share a dtype");
-  TORCH_CHECK_VALUE(a_in.size(0) >= 2 && a_in.size(1) >= 1,
-                    "dimension_correlation_loss needs N >= 2 rows and D >= 1 columns, got ",
-                    a_in.sizes());
-  TORCH_CHECK(mode == kBarlow || mode == kSoftmax, "mode must be 0 (barlow) or 1 (softmax)");
-  TORCH_CHECK(path == kAuto || path == kCorrelation || (path == kGram && mode == kBarlow),
-              "path must be 0 (auto), 1 (through C) or 2 (Gram, barlow only), got ", path);
+  checks::check_dimension_correlation_arguments(checks::Kernels::kCpu, a_in, b_in, mode,
+                                                off_diagonal_weight, tau, eps, path);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t n = a.size(0), d = a.size(1);
   // Multiply-adds: through C N D^2 (+ 2 N D^2 for the gradients); through the two symmetric
   // Gram matrices about N^2 D (+ 2 N^2 D): the Gram path wins when N < D.
-  const bool gram = mode == kBarlow && (path == kGram || (path == kAuto && n < d));
+  const bool gram = mode == CorrelationMode::kBarlow &&
+                    (path == CorrelationPath::kGram || (path == CorrelationPath::kAuto && n < d));
   at::Tensor grad_a = need_grad ? at::empty_like(a) : at::empty({0}, a.options());
   at::Tensor grad_b = need_grad ? at::empty_like(b) : at::empty({0}, b.options());
   const Options o{mode, off_diagonal_weight, tau, eps};

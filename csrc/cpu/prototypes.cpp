@@ -13,10 +13,14 @@
 #include <limits>
 #include <vector>
 
+#include "../checks/prototypes.h"
+#include "../option_codes.h"
+
 namespace fastalign {
 namespace {
 
-enum AssignMode : int64_t { kSoftmax = 0, kHard = 1, kSinkhorn = 2 };
+using checks::check_finite;
+using checks::Kernels;
 
 // F.normalize's eps: rows are divided by max(||row||, kNormEps).
 constexpr double kNormEps = 1e-12;
@@ -134,20 +138,18 @@ void sinkhorn_in_place(at::Tensor& log_q, int64_t iters) {
 
 at::Tensor prototype_assign_forward_cpu(const at::Tensor& x_in, const at::Tensor& p_in,
                                         int64_t mode, double tau, int64_t iters, bool normalize) {
-  TORCH_CHECK(x_in.dim() == 2 && p_in.dim() == 2 && x_in.size(1) == p_in.size(1),
-              "x (N, D) and prototypes (K, D) must share D, got ", x_in.sizes(), " and ",
-              p_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == p_in.scalar_type(), "x and prototypes must share a dtype");
-  TORCH_CHECK(mode == kSoftmax || mode == kHard || mode == kSinkhorn,
-              "mode must be 0 (softmax), 1 (hard) or 2 (sinkhorn), got ", mode);
-  TORCH_CHECK_VALUE(tau > 0 && iters >= 1, "need tau > 0 and iters >= 1");
+  checks::check_prototype_assign_forward(Kernels::kCpu, x_in, p_in, mode, tau, iters);
   const at::Tensor x = as_data(x_in), p = as_data(p_in);
+  constexpr const char* op = "prototype_assign_forward";
+  check_finite(op, "x", x);
+  check_finite(op, "prototypes", p);
   const int64_t n = x.size(0), k = p.size(0);
   // 1 / tau goes into the rows of x: the GEMM yields the logits (hard ignores the scale).
-  const at::Tensor x_scaled = scaled_rows(x, normalize, mode == kHard ? 1.0 : 1.0 / tau);
+  const at::Tensor x_scaled =
+      scaled_rows(x, normalize, mode == AssignMode::kHard ? 1.0 : 1.0 / tau);
   const at::Tensor p_unit = scaled_rows(p, normalize, 1.0);
   at::Tensor out = at::empty({n, k}, x.options());
-  if (mode == kSinkhorn) {
+  if (mode == AssignMode::kSinkhorn) {
     for (int64_t r0 = 0; r0 < n; r0 += kSinkhornRows) {  // the BLAS threads each block
       at::Tensor block = out.narrow(0, r0, std::min(kSinkhornRows, n - r0));
       logits_tile(x_scaled, p_unit, r0, block.size(0), block);
@@ -163,7 +165,7 @@ at::Tensor prototype_assign_forward_cpu(const at::Tensor& x_in, const at::Tensor
         at::Tensor tile = buffer.narrow(0, 0, rows);
         logits_tile(x_scaled, p_unit, r0, rows, tile);
         at::Tensor out_rows = out.narrow(0, r0, rows);
-        if (mode == kSoftmax) {
+        if (mode == AssignMode::kSoftmax) {
           at::_softmax_out(out_rows, tile, 1, false);
         } else {
           one_hot_rows<scalar_t>(tile, out_rows);
@@ -239,12 +241,14 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
 std::tuple<at::Tensor, at::Tensor> prototype_assign_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& assign_in, const at::Tensor& x_in,
     const at::Tensor& p_in, double tau, bool normalize) {
-  TORCH_CHECK(grad_in.sizes() == assign_in.sizes() && assign_in.dim() == 2 &&
-                  assign_in.size(0) == x_in.size(0) && assign_in.size(1) == p_in.size(0),
-              "grad and assignments must be (N, K), got ", grad_in.sizes(), " and ",
-              assign_in.sizes());
+  checks::check_prototype_assign_backward(Kernels::kCpu, grad_in, assign_in, x_in, p_in, tau);
   const at::Tensor g = as_data(grad_in).to(x_in.scalar_type());
   const at::Tensor assign = as_data(assign_in), x = as_data(x_in), p = as_data(p_in);
+  constexpr const char* op = "prototype_assign_backward";
+  check_finite(op, "grad", g);
+  check_finite(op, "assignments", assign);
+  check_finite(op, "x", x);
+  check_finite(op, "prototypes", p);
   const int64_t n = x.size(0), k = p.size(0), d = x.size(1);
   const at::Tensor x_unit = scaled_rows(x, normalize, 1.0);
   const at::Tensor p_unit = scaled_rows(p, normalize, 1.0);
@@ -291,13 +295,13 @@ void ema_rows(const at::Tensor& p, const at::Tensor& mass, double momentum, bool
 
 at::Tensor prototype_update_cpu(const at::Tensor& p_in, const at::Tensor& x_in,
                                 const at::Tensor& assign_in, double momentum, bool normalize) {
-  TORCH_CHECK(p_in.dim() == 2 && x_in.dim() == 2 && assign_in.dim() == 2 &&
-                  p_in.size(1) == x_in.size(1) && assign_in.size(0) == x_in.size(0) &&
-                  assign_in.size(1) == p_in.size(0),
-              "need prototypes (K, D), x (N, D), assignments (N, K), got ", p_in.sizes(), ", ",
-              x_in.sizes(), ", ", assign_in.sizes());
+  checks::check_prototype_update(Kernels::kCpu, p_in, x_in, assign_in, momentum);
   const at::Tensor p = as_data(p_in), x = as_data(x_in);
   const at::Tensor assign = as_data(assign_in);
+  constexpr const char* op = "prototype_update";
+  check_finite(op, "prototypes", p);
+  check_finite(op, "x", x);
+  check_finite(op, "assignments", assign);
   at::Tensor out = at::mm(assign.t(), x);  // (K, D) sums of assignment-weighted rows
   const at::Tensor mass = assign.sum(0, false, at::kDouble);
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "prototype_update_cpu", [&] {
@@ -401,13 +405,12 @@ void topk_mix_forward(const at::Tensor& q, const at::Tensor& keys, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t m,
     double tau) {
-  TORCH_CHECK(q_in.dim() == 2 && k_in.dim() == 2 && v_in.dim() == 2 &&
-                  q_in.size(1) == k_in.size(1) && k_in.size(0) == v_in.size(0),
-              "need queries (N, D), keys (K, D), values (K, Dv), got ", q_in.sizes(), ", ",
-              k_in.sizes(), ", ", v_in.sizes());
-  TORCH_CHECK_VALUE(m >= 1 && m <= k_in.size(0), "need 1 <= m <= K, got m = ", m);
-  TORCH_CHECK_VALUE(tau > 0, "need tau > 0");
+  checks::check_prototype_topk_mix_forward(Kernels::kCpu, q_in, k_in, v_in, m, tau);
   const at::Tensor q = as_data(q_in), keys = as_data(k_in), v = as_data(v_in);
+  constexpr const char* op = "prototype_topk_mix_forward";
+  check_finite(op, "queries", q);
+  check_finite(op, "keys", keys);
+  check_finite(op, "values", v);
   const int64_t n = q.size(0), dv = v.size(1);
   at::Tensor out = at::empty({n, dv}, q.options());
   at::Tensor indices = at::empty({n, m}, q.options().dtype(at::kLong));
@@ -490,13 +493,17 @@ void topk_mix_backward(const at::Tensor& g, const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& idx_in, const at::Tensor& w_in, double tau) {
-  TORCH_CHECK(idx_in.dim() == 2 && idx_in.sizes() == w_in.sizes() &&
-                  idx_in.size(0) == q_in.size(0) && grad_in.size(0) == q_in.size(0) &&
-                  grad_in.size(1) == v_in.size(1),
-              "indices and weights must be (N, m) and grad (N, Dv)");
-  const at::Tensor g = as_data(grad_in).to(q_in.scalar_type());
+  const at::Tensor indices = checks::check_prototype_topk_mix_backward(
+      Kernels::kCpu, grad_in, q_in, k_in, v_in, idx_in, w_in, tau);
+  const at::Tensor g = as_data(grad_in);
   const at::Tensor q = as_data(q_in), keys = as_data(k_in), v = as_data(v_in);
-  const at::Tensor indices = idx_in.contiguous().to(at::kLong), weights = as_data(w_in);
+  const at::Tensor weights = as_data(w_in);
+  constexpr const char* op = "prototype_topk_mix_backward";
+  check_finite(op, "grad", g);
+  check_finite(op, "queries", q);
+  check_finite(op, "keys", keys);
+  check_finite(op, "values", v);
+  check_finite(op, "weights", weights);
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::zeros_like(keys), grad_v = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "prototype_topk_mix_backward_cpu", [&] {

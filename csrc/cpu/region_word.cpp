@@ -13,12 +13,12 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks/region_word.h"
+#include "../option_codes.h"
+
 namespace fastalign {
 namespace {
 
-enum Direction : int64_t { kT2I = 0, kI2T = 1, kBoth = 2 };
-enum Align : int64_t { kAlignMax = 0, kAlignLse = 1 };
-enum Aggregate : int64_t { kMean = 0, kSum = 1, kAggregateMax = 2, kAggregateLse = 3 };
 constexpr double kLeakySlope = 0.1;
 
 // Valid tokens per tile side: a 256 x 512 float tile (512 KiB) stays in L2 while reduced.
@@ -83,6 +83,13 @@ std::vector<int64_t> group_by_tokens(const std::vector<int64_t>& offset, int64_t
   return bounds;
 }
 
+// a > b, or a is a NaN and b is not: a running max over it keeps the first NaN, as torch.max
+// does (the inputs are finite, but a dot product can still overflow to inf - inf).
+template <typename T>
+inline bool takes_over(T a, T b) {
+  return a > b || (a != a && b == b);
+}
+
 template <typename acc_t>
 inline acc_t activate(acc_t s, bool leaky) {
   return leaky && !(s > 0) ? s * static_cast<acc_t>(kLeakySlope) : s;
@@ -96,14 +103,14 @@ inline acc_t activation_slope(acc_t s, bool leaky) {
 // AGGREGATE of n aligned values a[0], a[stride], ...
 template <typename acc_t>
 acc_t aggregate_values(const acc_t* a, int64_t n, int64_t stride, const Options& o) {
-  if (o.aggregate == kMean || o.aggregate == kSum) {
+  if (o.aggregate == Aggregate::kMean || o.aggregate == Aggregate::kSum) {
     acc_t total = 0;
     for (int64_t j = 0; j < n; ++j) total += a[j * stride];
-    return o.aggregate == kMean ? total / static_cast<acc_t>(n) : total;
+    return o.aggregate == Aggregate::kMean ? total / static_cast<acc_t>(n) : total;
   }
   acc_t best = a[0];
-  for (int64_t j = 1; j < n; ++j) best = std::max(best, a[j * stride]);
-  if (o.aggregate == kAggregateMax) return best;
+  for (int64_t j = 1; j < n; ++j) best = takes_over(a[j * stride], best) ? a[j * stride] : best;
+  if (o.aggregate == Aggregate::kMax) return best;
   const acc_t tau = static_cast<acc_t>(o.aggregate_tau);
   acc_t total = 0;
   for (int64_t j = 0; j < n; ++j) total += std::exp((a[j * stride] - best) / tau);
@@ -148,13 +155,14 @@ void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64
       for (int64_t r = 1; r < n_rows; ++r) {
         const scalar_t* row = rows + r * ld;
         for (int64_t c = 0; c < n_cols; ++c) {
-          const bool better = row[c] > col_best[c];  // strict: ties keep the first region
+          // strict: ties keep the first region
+          const bool better = takes_over(static_cast<acc_t>(row[c]), col_best[c]);
           col_best[c] = better ? static_cast<acc_t>(row[c]) : col_best[c];
           col_arg[c] = better ? static_cast<int32_t>(r) : col_arg[c];
         }
       }
       for (int64_t c = 0; c < n_cols; ++c) col_best[c] = activate(col_best[c], o.leaky);
-      if (o.align == kAlignLse) {
+      if (o.align == Align::kLse) {
         acc_t* col_total = total.data();
         std::fill(col_total, col_total + n_cols, acc_t(0));
         for (int64_t r = 0; r < n_rows; ++r) {
@@ -180,9 +188,10 @@ void reduce_tile(const scalar_t* tile, int64_t ld, int64_t i0, int64_t i1, int64
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t c0 = captions.offset[t] - col0, c1 = captions.offset[t + 1] - col0;
           int64_t c_best = c0;
-          for (int64_t c = c0 + 1; c < c1; ++c) c_best = row[c] > row[c_best] ? c : c_best;
+          for (int64_t c = c0 + 1; c < c1; ++c)
+            c_best = takes_over(row[c], row[c_best]) ? c : c_best;
           acc_t a = activate<acc_t>(row[c_best], o.leaky);
-          if (o.align == kAlignLse) {
+          if (o.align == Align::kLse) {
             acc_t sum = 0;
             for (int64_t c = c0; c < c1; ++c)
               sum += std::exp((activate<acc_t>(row[c], o.leaky) - a) / align_tau);
@@ -206,17 +215,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
     const at::Tensor& regions_in, const at::Tensor& words_in, const at::Tensor& region_lengths_in,
     const at::Tensor& word_lengths_in, int64_t direction, int64_t align, int64_t aggregate,
     double align_tau, double aggregate_tau, bool leaky, bool need_indices, bool need_values) {
-  TORCH_CHECK(regions_in.dim() == 3 && words_in.dim() == 3, "regions and words must be 3-D");
-  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
-  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
+  constexpr const char* op = "region_word_forward";
+  const checks::RegionWordTokens in =
+      checks::check_region_word_tokens(op, checks::Kernels::kCpu, regions_in, words_in,
+                                       region_lengths_in, word_lengths_in);
+  checks::check_region_word_forward_options(op, direction, align, aggregate, align_tau,
+                                            aggregate_tau);
+  const at::Tensor &regions = in.regions, &words = in.words;
+  const at::Tensor &region_lengths = in.region_lengths, &word_lengths = in.word_lengths;
+  checks::check_finite(op, "regions", regions, region_lengths.data_ptr<int64_t>());
+  checks::check_finite(op, "words", words, word_lengths.data_ptr<int64_t>());
   const int64_t n_images = regions.size(0), max_regions = regions.size(1);
   const int64_t n_captions = words.size(0), max_words = words.size(1);
-  const Options o{direction != kI2T, direction != kT2I, leaky, align, aggregate, align_tau,
-                  aggregate_tau};
+  const Options o{direction != Direction::kI2T, direction != Direction::kT2I, leaky, align,
+                  aggregate, align_tau, aggregate_tau};
   const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
   const auto idx_options = regions.options().dtype(at::kInt);
-  const bool keep_indices = need_indices && align == kAlignMax;
+  const bool keep_indices = need_indices && align == Align::kMax;
   auto aux = [&](bool used, int64_t tokens, const at::TensorOptions& options) {
     return used ? at::zeros({n_images, n_captions, tokens}, options) : at::empty({0}, options);
   };
@@ -225,7 +240,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
   at::Tensor idx_t2i = aux(keep_indices && o.t2i, max_words, idx_options);
   at::Tensor a_i2t = aux(need_values && o.i2t, max_regions, acc_options);
   at::Tensor idx_i2t = aux(keep_indices && o.i2t, max_regions, idx_options);
-  if (n_images == 0 || n_captions == 0) return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
 
   const Tokens images = make_tokens(regions, region_lengths);
   const Tokens captions = make_tokens(words, word_lengths);
@@ -434,17 +448,27 @@ std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(
     const at::Tensor& aux_i2t_in, const at::Tensor& regions_in, const at::Tensor& words_in,
     const at::Tensor& region_lengths_in, const at::Tensor& word_lengths_in, int64_t align,
     double align_tau, bool leaky) {
-  const at::Tensor regions = regions_in.contiguous(), words = words_in.contiguous();
-  const at::Tensor region_lengths = region_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor word_lengths = word_lengths_in.to(at::kLong).contiguous();
-  const at::Tensor aux_t2i = aux_t2i_in.contiguous(), aux_i2t = aux_i2t_in.contiguous();
+  constexpr const char* op = "region_word_backward";
+  const checks::RegionWordTokens in =
+      checks::check_region_word_tokens(op, checks::Kernels::kCpu, regions_in, words_in,
+                                       region_lengths_in, word_lengths_in);
+  checks::check_option<Align>(op, "align", align);
+  checks::check_number(op, "align_tau", align_tau, 0.0, false);
+  const at::Tensor &regions = in.regions, &words = in.words;
+  const at::Tensor &region_lengths = in.region_lengths, &word_lengths = in.word_lengths;
+  checks::check_finite(op, "regions", regions, region_lengths.data_ptr<int64_t>());
+  checks::check_finite(op, "words", words, word_lengths.data_ptr<int64_t>());
   const at::Tensor& coef_t2i = coef_t2i_in;  // read through strides: see Coefficients
   const at::Tensor& coef_i2t = coef_i2t_in;
+  const at::Tensor aux_t2i = checks::check_region_word_saved(op, "coef_t2i", coef_t2i, "aux_t2i",
+                                                             aux_t2i_in, in, true, align);
+  const at::Tensor aux_i2t = checks::check_region_word_saved(op, "coef_i2t", coef_i2t, "aux_i2t",
+                                                             aux_i2t_in, in, false, align);
   const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
   at::Tensor grad_regions = at::zeros(regions.sizes(), acc_options);
   at::Tensor grad_words = at::zeros(words.sizes(), acc_options);
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_backward_cpu", [&] {
-    if (align == kAlignMax) {
+    if (align == Align::kMax) {
       backward_max<scalar_t>(coef_t2i, aux_t2i, coef_i2t, aux_i2t, regions, words,
                              region_lengths.data_ptr<int64_t>(), word_lengths.data_ptr<int64_t>(),
                              grad_regions, grad_words);

@@ -21,14 +21,12 @@
 #include <utility>
 #include <vector>
 
-#include "../sparse_spatial_checks.h"
+#include "../checks/sparse_spatial.h"
+#include "../option_codes.h"
 #include "sparse_rows_matmul.h"
 
 namespace fastalign {
 namespace {
-
-enum Kind : int64_t { kInter = 0, kIntra = 1 };
-enum Select : int64_t { kThreshold = 0, kSoft = 1, kTopk = 2 };
 
 // F.normalize's eps: a row of norm below it is divided by eps instead (a zero row gives
 // zeros, never NaN).
@@ -81,8 +79,9 @@ void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
     }
   });
   const auto bad = std::find(finite.begin(), finite.end(), 0);
-  TORCH_CHECK_VALUE(bad == finite.end(), name, "[", bad - finite.begin(),
-                    "] holds a NaN or an infinity: sparse_spatial_loss needs finite inputs");
+  TORCH_CHECK_VALUE(bad == finite.end(), "sparse_spatial_loss_forward: ", name, "[",
+                    bad - finite.begin(),
+                    "] holds a NaN or an infinity: the loss needs finite inputs");
 }
 
 // (G_ab, G_ba) = f(G_ab, G_ba) for every pair a < b of the n x n row-major g, by pairs of
@@ -204,7 +203,8 @@ struct RowPass {
     const double alpha_a = static_cast<double>(alpha[a]);
     const double threshold = mu + sign * alpha_a * sigma;
     const double inv_n = 1.0 / static_cast<double>(n);
-    if (o.select == kThreshold) {  // the selection, loss and G = 2 w E / N (sign(D) E = D) at once
+    // The selection, loss and G = 2 w E / N (sign(D) E = D) at once.
+    if (o.select == SpatialSelect::kThreshold) {
       if (grad_alpha) grad_alpha[a] = 0;
       const auto scale = static_cast<scalar_t>(gamma ? 2.0 * inv_n : 0.0);
       double loss = 0.0;
@@ -221,7 +221,7 @@ struct RowPass {
       return loss;
     }
     KthEntry<scalar_t> kth{0, 0};
-    if (o.select == kTopk) {
+    if (o.select == SpatialSelect::kTopk) {
       order.clear();
       for_off_diagonal(row, a, n,
                        [&](int64_t b, scalar_t dv) { order.emplace_back(std::abs(dv), b); });
@@ -240,7 +240,7 @@ struct RowPass {
     for_off_diagonal(row, a, n, [&](int64_t b, scalar_t dv) {
       const scalar_t e = std::abs(dv);
       double w;
-      if (o.select == kTopk) {
+      if (o.select == SpatialSelect::kTopk) {
         const bool before = o.largest ? e > kth.value : e < kth.value;
         w = before || (e == kth.value && b <= kth.last) ? 1.0 : 0.0;
       } else {
@@ -251,10 +251,11 @@ struct RowPass {
       loss += w * e * e;
     });
     c /= o.temperature;
+    const bool soft = o.select == SpatialSelect::kSoft;
     if (grad_alpha)  // dL/dalpha = dL/dthreshold * sign * sigma
-      grad_alpha[a] = static_cast<scalar_t>(o.select == kSoft ? -c * sigma * inv_n : 0.0);
+      grad_alpha[a] = static_cast<scalar_t>(soft ? -c * sigma * inv_n : 0.0);
     if (!gamma) return loss;
-    if (o.select == kTopk) {  // G = 2 w E / N and sign(D) E = D
+    if (o.select == SpatialSelect::kTopk) {  // G = 2 w E / N and sign(D) E = D
       const auto scale = static_cast<scalar_t>(2.0 * inv_n);
       for (int64_t b = 0; b < n; ++b) row[b] = scale * weights[b] * row[b];
       return loss;
@@ -321,9 +322,9 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
   std::vector<char> clamped_u(n), clamped_v(n);
   normalize_rows<scalar_t>(img, "img", u, rnorm_u, clamped_u);
   normalize_rows<scalar_t>(txt, "txt", v, rnorm_v, clamped_v);
-  const auto mirror = static_cast<scalar_t>(o.kind == kInter ? -1 : 1);
+  const auto mirror = static_cast<scalar_t>(o.kind == SpatialKind::kInter ? -1 : 1);
   at::Tensor d;
-  if (o.kind == kInter) {
+  if (o.kind == SpatialKind::kInter) {
     d = at::mm(v, u.t());  // P: one full product (strips would do 1.25 times its work)
     add_transpose_in_place<scalar_t>(d, mirror);
   } else {
@@ -337,7 +338,7 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
   at::parallel_for(0, n, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> weights(n);
     std::vector<std::pair<scalar_t, int64_t>> order;
-    if (o.select == kTopk) order.reserve(n);
+    if (o.select == SpatialSelect::kTopk) order.reserve(n);
     for (int64_t a = begin; a < end; ++a)
       row_loss[a] = row_pass(dp + a * n, a, need_grad, weights, order, ga);
   });
@@ -347,9 +348,10 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
   add_transpose_in_place<scalar_t>(d, mirror);
   // inter: dL/dU = -Omega V, dL/dV = Omega U; intra: dL/dU = -Omega U, dL/dV = Omega V.
   // A hard selection leaves Omega mostly zeros: its nonzeros alone then make both products.
-  const at::Tensor& x_img = o.kind == kInter ? v : u;
-  const at::Tensor& x_txt = o.kind == kInter ? u : v;
-  if (o.select == kSoft || !sparse_rows_matmul(d, x_img, x_txt, grad_img, grad_txt)) {
+  const at::Tensor& x_img = o.kind == SpatialKind::kInter ? v : u;
+  const at::Tensor& x_txt = o.kind == SpatialKind::kInter ? u : v;
+  const bool dense = o.select == SpatialSelect::kSoft;
+  if (dense || !sparse_rows_matmul(d, x_img, x_txt, grad_img, grad_txt)) {
     at::mm_out(grad_img, d, x_img);
     at::mm_out(grad_txt, d, x_txt);
   }
@@ -362,7 +364,8 @@ double loss_and_gradients(const at::Tensor& img, const at::Tensor& txt, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial_loss_forward_cpu(
     const at::Tensor& img_in, const at::Tensor& txt_in, const at::Tensor& alpha_in, int64_t kind,
     int64_t select, int64_t k, double temperature, bool largest, bool need_grad) {
-  check_sparse_spatial_arguments(img_in, txt_in, alpha_in, kind, select, k, temperature);
+  checks::check_sparse_spatial_arguments(checks::Kernels::kCpu, img_in, txt_in, alpha_in, kind,
+                                         select, k, temperature);
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous();
   const at::Tensor alpha = alpha_in.contiguous();
   const auto grad_shape = [&](const at::Tensor& x) {

@@ -8,29 +8,21 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../checks/dimension_correlation.h"
+#include "../option_codes.h"
 #include "dimension_correlation.cuh"
 #include "gemm_host.h"
 
 namespace fastalign_cuda {
 
-// The schema fastalign::dimension_correlation_loss_forward (csrc/ops.cpp); the CUDA kernels
-// always go through C (path 0 or 1).
+// The schema fastalign::dimension_correlation_loss_forward (csrc/schemas.h); the CUDA kernels
+// always go through C (path auto or correlation) and compute in float32 (float64 is refused).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss_forward(
     const at::Tensor& a_in, const at::Tensor& b_in, int64_t mode, double off_diagonal_weight,
     double tau, double eps, bool need_grad, int64_t path) {
-  TORCH_CHECK(a_in.dim() == 2 && a_in.sizes() == b_in.sizes(),
-              "a and b must be 2-D of one shape (N, D), got ", a_in.sizes(), " and ",
-              b_in.sizes());
-  TORCH_CHECK(a_in.scalar_type() == b_in.scalar_type(), "a and b must share a dtype");
-  TORCH_CHECK(a_in.device() == b_in.device(), "a and b must be on one device");
-  TORCH_CHECK_VALUE(a_in.size(0) >= 2 && a_in.size(1) >= 1,
-                    "a and b need N >= 2 rows and D >= 1 columns, got ", a_in.sizes());
-  TORCH_CHECK(mode == 0 || mode == 1, "mode must be 0 (barlow) or 1 (softmax), got ", mode);
-  TORCH_CHECK(path == 0 || path == 1,
-              "the CUDA kernels compute the loss through C: path must be 0 (auto) or 1, got ",
-              path);
-  TORCH_CHECK(a_in.size(0) < (1L << 31) / std::max<int64_t>(1, a_in.size(1)),
-              "N * D must stay below 2^31, got ", a_in.sizes());
+  fastalign::checks::check_dimension_correlation_arguments(fastalign::checks::Kernels::kCuda, a_in,
+                                                           b_in, mode, off_diagonal_weight, tau,
+                                                           eps, path);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int n = static_cast<int>(a.size(0)), d = static_cast<int>(a.size(1));
   const auto f32 = a.options().dtype(at::kFloat);
@@ -41,7 +33,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss
   const fa_dim3 column_grid(ceil_div(d, kColumns), 2), column_block(kColumns, kRowPhases);
   float* const a_hat = standardized.data_ptr<float>();
   float* const b_hat = a_hat + static_cast<long>(n) * d;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "column_stats", [&] {
+  FA_DISPATCH(a.scalar_type(), "column_stats", [&] {
     FA_LAUNCH(column_stats_kernel<scalar_t>, column_grid, column_block, a.data_ptr<scalar_t>(),
               b.data_ptr<scalar_t>(), n, d, static_cast<float>(eps), a_hat,
               rstd.data_ptr<float>(), nonfinite.data_ptr<int>());
@@ -49,16 +41,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss
   const at::Tensor bad = nonfinite.nonzero();  // one device sync, as in the Triton backend
   if (bad.size(0) > 0) {
     const auto first = bad[0];
-    TORCH_CHECK_VALUE(false, first[0].item<int64_t>() == 0 ? "a" : "b", "[:, ",
-                      first[1].item<int64_t>(),
-                      "] holds a NaN or an infinity: dimension_correlation_loss needs finite "
+    TORCH_CHECK_VALUE(false, "dimension_correlation_loss_forward: ",
+                      first[0].item<int64_t>() == 0 ? "a" : "b", "[:, ", first[1].item<int64_t>(),
+                      "] holds a NaN or an infinity: the loss needs finite "
                       "inputs");
   }
   // C = A_hat^T B_hat / N: A(k, i) = a_hat[i * d + k].
   strided_gemm(a_hat, b_hat, c.data_ptr<float>(), d, d, n, 1, d, d, 1, 1.0f / n);
   const int elementwise_blocks = std::min(1024, ceil_div(static_cast<long>(d) * d, kLineThreads));
   at::Tensor partials = at::empty({elementwise_blocks}, f32);
-  if (mode == 0) {
+  if (mode == fastalign::CorrelationMode::kBarlow) {
     FA_LAUNCH(barlow_kernel, fa_dim3(elementwise_blocks), fa_dim3(kLineThreads),
               c.data_ptr<float>(), d, static_cast<float>(off_diagonal_weight),
               partials.data_ptr<float>());
@@ -87,7 +79,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> dimension_correlation_loss
   strided_gemm(b_hat, g, grad_a_hat, n, d, d, d, 1, 1, d, 1.0f / n);
   strided_gemm(a_hat, g, grad_b_hat, n, d, d, d, 1, d, 1, 1.0f / n);
   at::Tensor grad_a = at::empty_like(a), grad_b = at::empty_like(b);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "std_backward", [&] {
+  FA_DISPATCH(a.scalar_type(), "std_backward", [&] {
     FA_LAUNCH(std_backward_kernel<scalar_t>, column_grid, column_block, grad_a_hat, a_hat,
               rstd.data_ptr<float>(), n, d, grad_a.data_ptr<scalar_t>(),
               grad_b.data_ptr<scalar_t>());

@@ -14,44 +14,15 @@
 #include <utility>
 #include <vector>
 
+#include "../checks/prototypes.h"
+#include "../option_codes.h"
 #include "gemm_host.h"
 #include "prototypes.cuh"
 
-// The dtypes the kernels take: float32, float16 and bfloat16, as the Triton backend's.
-#define FA_DISPATCH_PROTOTYPE_TYPES(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                       \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)         \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)          \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 namespace fastalign_cuda {
 
-enum PrototypeAssignMode : int64_t { kAssignSoftmax = 0, kAssignHard = 1, kAssignSinkhorn = 2 };
-
-// Non-empty 2-D tensors of one dtype the kernels take, on one device, sizes below 2^31.
-inline void check_prototype_matrices(
-    const std::vector<std::pair<const char*, const at::Tensor*>>& named) {
-  const auto& [first_name, first] = named.front();
-  const auto dtype = first->scalar_type();
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) >= 1 && t->size(1) >= 1, name,
-                      " must be a non-empty 2-D tensor, got shape ", t->sizes());
-    TORCH_CHECK_VALUE(t->size(0) < (1L << 31) && t->size(1) < (1L << 31), name,
-                      " must have fewer than 2^31 rows and columns, got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == dtype, first_name, " and ", name,
-                     " must share a dtype, got ", dtype, " and ", t->scalar_type());
-    TORCH_CHECK(t->device() == first->device(), first_name, " and ", name,
-                " must be on one device, got ", first->device(), " and ", t->device());
-  }
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "the CUDA prototype kernels take float32, float16 or bfloat16, got ", dtype);
-}
-
-inline void check_prototype_shape(const char* name, const at::Tensor& t, int64_t rows,
-                                  int64_t cols) {
-  TORCH_CHECK_VALUE(t.size(0) == rows && t.size(1) == cols, name, " must be (", rows, ", ", cols,
-                    "), got ", t.sizes());
-}
+using fastalign::AssignMode;
+using fastalign::checks::Kernels;
 
 inline fa_dim3 prototype_row_grid(int rows) { return fa_dim3(ceil_div(rows, kPrototypeRowWarps)); }
 
@@ -67,7 +38,7 @@ inline void prototype_scaled_rows(const at::Tensor& x, bool normalize, float sca
                                   const at::Tensor& out, float* norms) {
   const int rows = static_cast<int>(x.size(0)), cols = static_cast<int>(x.size(1));
   float* out_data = out.defined() ? out.data_ptr<float>() : nullptr;
-  FA_DISPATCH_PROTOTYPE_TYPES(x.scalar_type(), "prototype_scaled_rows", [&] {
+  FA_DISPATCH(x.scalar_type(), "prototype_scaled_rows", [&] {
     FA_LAUNCH(prototype_scaled_rows_kernel<scalar_t>, prototype_row_grid(rows),
               fa_dim3(kPrototypeRowThreads), x.data_ptr<scalar_t>(), rows, cols, normalize ? 1 : 0,
               scale, out_data, norms);
@@ -82,38 +53,32 @@ inline at::Tensor prototype_float32_copy(const at::Tensor& x) {
   return out;
 }
 
-// The schema fastalign::prototype_assign_forward (csrc/ops.cpp).
+// The schema fastalign::prototype_assign_forward (csrc/schemas.h).
 inline at::Tensor prototype_assign_forward(const at::Tensor& x_in, const at::Tensor& p_in,
                                            int64_t mode, double tau, int64_t iters,
                                            bool normalize) {
-  check_prototype_matrices({{"x", &x_in}, {"prototypes", &p_in}});
-  TORCH_CHECK_VALUE(x_in.size(1) == p_in.size(1),
-                    "x (N, D) and prototypes (K, D) must share D, got ", x_in.sizes(), " and ",
-                    p_in.sizes());
-  TORCH_CHECK_VALUE(mode == kAssignSoftmax || mode == kAssignHard || mode == kAssignSinkhorn,
-                    "mode must be 0 (softmax), 1 (hard) or 2 (sinkhorn), got ", mode);
-  TORCH_CHECK_VALUE(tau > 0 && iters >= 1, "need tau > 0 and iters >= 1, got tau = ", tau,
-                    ", iters = ", iters);
+  fastalign::checks::check_prototype_assign_forward(Kernels::kCuda, x_in, p_in, mode, tau,
+                                                    iters);
   const at::Tensor x = x_in.contiguous(), p = p_in.contiguous();
   const int n = static_cast<int>(x.size(0)), k = static_cast<int>(p.size(0));
   const int d = static_cast<int>(x.size(1));
   const auto f32 = x.options().dtype(at::kFloat);
   // 1 / tau goes into the rows of x, so the GEMM yields the logits (hard ignores the scale).
   at::Tensor x_scaled = at::empty({n, d}, f32), p_unit = at::empty({k, d}, f32);
-  prototype_scaled_rows(x, normalize, mode == kAssignHard ? 1.0f : static_cast<float>(1.0 / tau),
-                        x_scaled, nullptr);
+  const float scale = mode == AssignMode::kHard ? 1.0f : static_cast<float>(1.0 / tau);
+  prototype_scaled_rows(x, normalize, scale, x_scaled, nullptr);
   prototype_scaled_rows(p, normalize, 1.0f, p_unit, nullptr);
   at::Tensor out = at::empty({n, k}, x.options());
   // float32 results overwrite the logits in place (each lane reads an element, then writes it).
   const at::Tensor logits = x.scalar_type() == at::kFloat ? out : at::empty({n, k}, f32);
   float* const lg = logits.data_ptr<float>();
   strided_gemm(x_scaled.data_ptr<float>(), p_unit.data_ptr<float>(), lg, n, k, d, d, 1, 1, d, 1.0f);
-  FA_DISPATCH_PROTOTYPE_TYPES(x.scalar_type(), "prototype_assign_forward", [&] {
+  FA_DISPATCH(x.scalar_type(), "prototype_assign_forward", [&] {
     scalar_t* const o = out.data_ptr<scalar_t>();
-    if (mode == kAssignHard) {
+    if (mode == AssignMode::kHard) {
       FA_LAUNCH(prototype_row_argmax_kernel<scalar_t>, prototype_row_grid(n),
                 fa_dim3(kPrototypeRowThreads), lg, n, k, o);
-    } else if (mode == kAssignSoftmax) {
+    } else if (mode == AssignMode::kSoftmax) {
       FA_LAUNCH(prototype_row_normalize_kernel<scalar_t>, prototype_row_grid(n),
                 fa_dim3(kPrototypeRowThreads), lg, n, k, nullptr, nullptr, o);
     } else {
@@ -144,13 +109,9 @@ inline std::tuple<at::Tensor, at::Tensor> prototype_assign_backward(const at::Te
                                                                     const at::Tensor& x_in,
                                                                     const at::Tensor& p_in,
                                                                     double tau, bool normalize) {
-  check_prototype_matrices({{"x", &x_in}, {"prototypes", &p_in}, {"assignments", &assign_in}});
-  TORCH_CHECK_VALUE(grad_in.dim() == 2, "grad must be 2-D, got ", grad_in.sizes());
+  fastalign::checks::check_prototype_assign_backward(Kernels::kCuda, grad_in, assign_in, x_in,
+                                                     p_in, tau);
   const int64_t n = x_in.size(0), k = p_in.size(0);
-  check_prototype_shape("prototypes", p_in, k, x_in.size(1));
-  check_prototype_shape("assignments", assign_in, n, k);
-  check_prototype_shape("grad", grad_in, n, k);
-  TORCH_CHECK_VALUE(tau > 0, "need tau > 0, got ", tau);
   const at::Tensor grad = grad_in.to(x_in.scalar_type()).contiguous();
   const at::Tensor assign = assign_in.contiguous(), x = x_in.contiguous(), p = p_in.contiguous();
   const int rows = static_cast<int>(n), protos = static_cast<int>(k);
@@ -163,7 +124,7 @@ inline std::tuple<at::Tensor, at::Tensor> prototype_assign_backward(const at::Te
   prototype_scaled_rows(x, normalize, 1.0f, x_unit, x_norms);
   prototype_scaled_rows(p, normalize, 1.0f, p_unit, p_norms);
   at::Tensor ds = at::empty({n, k}, f32);
-  FA_DISPATCH_PROTOTYPE_TYPES(x.scalar_type(), "prototype_softmax_grad", [&] {
+  FA_DISPATCH(x.scalar_type(), "prototype_softmax_grad", [&] {
     FA_LAUNCH(prototype_softmax_grad_kernel<scalar_t>, prototype_row_grid(rows),
               fa_dim3(kPrototypeRowThreads), grad.data_ptr<scalar_t>(), assign.data_ptr<scalar_t>(),
               rows, protos, static_cast<float>(1.0 / tau), ds.data_ptr<float>());
@@ -175,7 +136,7 @@ inline std::tuple<at::Tensor, at::Tensor> prototype_assign_backward(const at::Te
   strided_gemm(ds.data_ptr<float>(), x_unit.data_ptr<float>(), grad_p_unit.data_ptr<float>(),
                protos, d, rows, 1, k, d, 1, 1.0f);
   at::Tensor grad_x = at::empty_like(x), grad_p = at::empty_like(p);
-  FA_DISPATCH_PROTOTYPE_TYPES(x.scalar_type(), "prototype_unit_rows_backward", [&] {
+  FA_DISPATCH(x.scalar_type(), "prototype_unit_rows_backward", [&] {
     FA_LAUNCH(prototype_unit_rows_backward_kernel<scalar_t>, prototype_row_grid(rows),
               fa_dim3(kPrototypeRowThreads), grad_x_unit.data_ptr<float>(),
               x_unit.data_ptr<float>(), x_norms, rows, d, normalize ? 1 : 0,
@@ -192,10 +153,8 @@ inline std::tuple<at::Tensor, at::Tensor> prototype_assign_backward(const at::Te
 // columns, then the EMA row by row.
 inline at::Tensor prototype_update(const at::Tensor& p_in, const at::Tensor& x_in,
                                    const at::Tensor& assign_in, double momentum, bool normalize) {
-  check_prototype_matrices({{"prototypes", &p_in}, {"x", &x_in}, {"assignments", &assign_in}});
+  fastalign::checks::check_prototype_update(Kernels::kCuda, p_in, x_in, assign_in, momentum);
   const int64_t n = x_in.size(0), k = p_in.size(0);
-  check_prototype_shape("x", x_in, n, p_in.size(1));
-  check_prototype_shape("assignments", assign_in, n, k);
   const at::Tensor p = p_in.contiguous();
   const at::Tensor x = prototype_float32_copy(x_in.contiguous());
   const at::Tensor assign = prototype_float32_copy(assign_in.contiguous());
@@ -209,7 +168,7 @@ inline at::Tensor prototype_update(const at::Tensor& p_in, const at::Tensor& x_i
   FA_LAUNCH(prototype_column_sums_kernel, prototype_column_grid(protos), prototype_column_block(),
             assign.data_ptr<float>(), rows, protos, mass.data_ptr<float>());
   at::Tensor out = at::empty_like(p);
-  FA_DISPATCH_PROTOTYPE_TYPES(p.scalar_type(), "prototype_ema", [&] {
+  FA_DISPATCH(p.scalar_type(), "prototype_ema", [&] {
     FA_LAUNCH(prototype_ema_kernel<scalar_t>, prototype_row_grid(protos),
               fa_dim3(kPrototypeRowThreads), p.data_ptr<scalar_t>(), sums.data_ptr<float>(),
               mass.data_ptr<float>(), protos, d, static_cast<float>(momentum), normalize ? 1 : 0,
@@ -223,13 +182,7 @@ inline at::Tensor prototype_update(const at::Tensor& p_in, const at::Tensor& x_i
 // (12 bytes an entry, splits <= 32), N x m float32 weights and the N + K norms.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, int64_t m, double tau) {
-  check_prototype_matrices({{"queries", &q_in}, {"keys", &k_in}, {"values", &v_in}});
-  TORCH_CHECK_VALUE(q_in.size(1) == k_in.size(1) && k_in.size(0) == v_in.size(0),
-                    "need queries (N, D), keys (K, D), values (K, Dv), got ", q_in.sizes(), ", ",
-                    k_in.sizes(), ", ", v_in.sizes());
-  TORCH_CHECK_VALUE(m >= 1 && m <= k_in.size(0), "need 1 <= m <= K = ", k_in.size(0),
-                    ", got m = ", m);
-  TORCH_CHECK_VALUE(tau > 0, "need tau > 0, got ", tau);
+  fastalign::checks::check_prototype_topk_mix_forward(Kernels::kCuda, q_in, k_in, v_in, m, tau);
   const at::Tensor q = q_in.contiguous(), keys = k_in.contiguous(), v = v_in.contiguous();
   const int n = static_cast<int>(q.size(0)), k = static_cast<int>(keys.size(0));
   const int d = static_cast<int>(q.size(1)), dv = static_cast<int>(v.size(1));
@@ -253,7 +206,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward
   at::Tensor weights = at::empty({n, top}, q.options());
   float* const top_cos = lists.data_ptr<float>();
   float* const top_dot = top_cos + static_cast<long>(splits) * n * top;
-  FA_DISPATCH_PROTOTYPE_TYPES(q.scalar_type(), "prototype_topk_mix_forward", [&] {
+  FA_DISPATCH(q.scalar_type(), "prototype_topk_mix_forward", [&] {
     FA_LAUNCH(prototype_topk_scan_kernel<scalar_t>, fa_dim3(query_blocks, splits),
               fa_dim3(kGemmThreads), q.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), q_norms,
               key_norms, n, k, d, top, keys_per_split, top_cos, top_dot,
@@ -269,23 +222,15 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_forward
 
 // The schema fastalign::prototype_topk_mix_backward: through the selected keys; dL/dkeys and
 // dL/dvalues accumulate in float32 with atomics (their rounding depends on the order). The
-// indices are the forward's, not range-checked here (that would cost a device sync).
+// range check of the indices costs one device synchronisation (csrc/checks/prototypes.h).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backward(
     const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& idx_in, const at::Tensor& w_in, double tau) {
-  check_prototype_matrices({{"queries", &q_in}, {"keys", &k_in}, {"values", &v_in}});
-  TORCH_CHECK_VALUE(grad_in.dim() == 2 && idx_in.dim() == 2 && w_in.dim() == 2,
-                    "grad, indices and weights must be 2-D");
+  const at::Tensor indices = fastalign::checks::check_prototype_topk_mix_backward(
+      Kernels::kCuda, grad_in, q_in, k_in, v_in, idx_in, w_in, tau);
   const int64_t n = q_in.size(0), m = idx_in.size(1);
-  check_prototype_shape("keys", k_in, v_in.size(0), q_in.size(1));
-  check_prototype_shape("grad", grad_in, n, v_in.size(1));
-  check_prototype_shape("indices", idx_in, n, m);
-  check_prototype_shape("weights", w_in, n, m);
-  TORCH_CHECK_VALUE(m >= 1 && m <= k_in.size(0), "need 1 <= m <= K, got m = ", m);
-  TORCH_CHECK_VALUE(tau > 0, "need tau > 0, got ", tau);
   const auto dtype = q_in.scalar_type();
-  const at::Tensor grad = grad_in.to(dtype).contiguous(), weights = w_in.to(dtype).contiguous();
-  const at::Tensor indices = idx_in.to(at::kLong).contiguous();
+  const at::Tensor grad = grad_in.contiguous(), weights = w_in.contiguous();
   const at::Tensor q = q_in.contiguous(), keys = k_in.contiguous(), v = v_in.contiguous();
   const int rows = static_cast<int>(n), d = static_cast<int>(q.size(1));
   const int dv = static_cast<int>(v.size(1));
@@ -293,7 +238,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backwar
   at::Tensor coef = at::empty({n, m}, f32);
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::zeros(keys.sizes(), f32), grad_v = at::zeros(v.sizes(), f32);
-  FA_DISPATCH_PROTOTYPE_TYPES(dtype, "prototype_topk_mix_backward", [&] {
+  FA_DISPATCH(dtype, "prototype_topk_mix_backward", [&] {
     FA_LAUNCH(prototype_topk_mix_backward_kernel<scalar_t>, prototype_row_grid(rows),
               fa_dim3(kPrototypeRowThreads), grad.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
               keys.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),

@@ -13,6 +13,7 @@
 // emulation, and ALIGN, AGGREGATE and the gradients accumulate in float32.
 #pragma once
 
+#include "../option_codes.h"
 #include "device_api.h"
 #include "tile_gemm.cuh"
 
@@ -21,8 +22,8 @@ namespace fastalign_cuda {
 constexpr int kPairTokens = 32;  // query / key tokens per warp and chunk in the forward
 constexpr float kLeakySlope = 0.1f;
 
-enum RegionWordAlign : int { kAlignMax = 0, kAlignLse = 1 };
-enum RegionWordAggregate : int { kAggregateMean = 0, kAggregateSum = 1, kAggregateMax = 2 };
+using fastalign::Aggregate;
+using fastalign::Align;
 
 struct RegionWordOptions {
   int align, aggregate;  // as the schema of fastalign::region_word_forward
@@ -41,6 +42,15 @@ struct PairOutputs {
 };
 
 FA_DEVICE float activate(float s, bool leaky) { return leaky && !(s > 0.0f) ? s * kLeakySlope : s; }
+
+// NaN propagates as in torch.max (fmaxf would drop it): a > b, or a is a NaN and b is not, so
+// a running max keeps the first NaN; nan_max is NaN when either is (a + b then is).
+FA_DEVICE bool takes_over(float a, float b) { return a > b || (a != a && b == b); }
+FA_DEVICE float nan_max(float a, float b) { return a != a || b != b ? a + b : fmaxf(a, b); }
+FA_DEVICE float warp_nan_max(float v) {
+  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) v = nan_max(v, fa_shfl_xor(v, mask));
+  return v;
+}
 
 // The count of valid leading tokens, clamped to 0..padded (an item past the last has none).
 FA_DEVICE int valid_length(const int64_t* lengths, int item, int items, int padded) {
@@ -95,7 +105,7 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
   const int my_key_len = warp % 2 == 0 ? key_len0 : key_len1;
   const int block_query_len = query_len0 > query_len1 ? query_len0 : query_len1;
   const int block_key_len = key_len0 > key_len1 ? key_len0 : key_len1;
-  const bool max_aggregate = options.aggregate >= kAggregateMax;
+  const bool max_aggregate = options.aggregate >= Aggregate::kMax;
   const float inv_align_tau = 1.0f / options.align_tau;
   const float inv_aggregate_tau = 1.0f / options.aggregate_tau;
   float aggregate = max_aggregate ? -INFINITY : 0.0f, aggregate_sum = 0.0f;
@@ -125,12 +135,14 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
       int chunk_key = 0;
       for (int j = 0; j < n_keys; ++j) {
         const float s = activate(row[j], options.leaky);
-        chunk_key = s > chunk_best ? j : chunk_key;  // strict: ties keep the first key
-        chunk_best = fmaxf(chunk_best, s);
+        const bool better = takes_over(s, chunk_best);  // strict: ties keep the first key
+        chunk_key = better ? j : chunk_key;
+        chunk_best = better ? s : chunk_best;
       }
-      if (options.align == kAlignMax) {
-        best_key = chunk_best > best ? k0 + chunk_key : best_key;
-        best = fmaxf(best, chunk_best);
+      if (options.align == Align::kMax) {
+        const bool better = takes_over(chunk_best, best);
+        best_key = better ? k0 + chunk_key : best_key;
+        best = better ? chunk_best : best;
       } else {  // online log-sum-exp: rescale the running sum to the new maximum once per chunk
         const float new_best = fmaxf(best, chunk_best);
         float chunk_sum = 0.0f;
@@ -145,16 +157,16 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
     const int token = q0 + lane;
     const bool valid = token < my_query_len;
     const float aligned =
-        options.align == kAlignMax ? best : best + options.align_tau * fa_log(exp_sum);
+        options.align == Align::kMax ? best : best + options.align_tau * fa_log(exp_sum);
     const long aux = query_item * out.aux_stride_query + key_item * out.aux_stride_key + token;
     if (valid && out.values != nullptr) out.values[aux] = aligned;
     if (valid && out.indices != nullptr) out.indices[aux] = best_key;
     if (!max_aggregate) {
       aggregate += fa_warp_sum(valid ? aligned : 0.0f);
     } else {
-      const float chunk_max = fa_warp_max(valid ? aligned : -INFINITY);  // row 0 is valid
-      const float new_max = fmaxf(aggregate, chunk_max);
-      if (options.aggregate != kAggregateMax) {  // lse
+      const float chunk_max = warp_nan_max(valid ? aligned : -INFINITY);  // row 0 is valid
+      const float new_max = nan_max(aggregate, chunk_max);
+      if (options.aggregate != Aggregate::kMax) {  // lse
         const float e = valid ? fa_exp((aligned - new_max) * inv_aggregate_tau) : 0.0f;
         aggregate_sum = aggregate_sum * fa_exp((aggregate - new_max) * inv_aggregate_tau) +
                         fa_warp_sum(e);
@@ -164,8 +176,8 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
   }
   if (lane != 0 || my_query_len == 0 || my_key_len == 0) return;
   float score = aggregate;
-  if (options.aggregate == kAggregateMean) score = aggregate / my_query_len;
-  if (options.aggregate > kAggregateMax) {  // lse
+  if (options.aggregate == Aggregate::kMean) score = aggregate / my_query_len;
+  if (options.aggregate > Aggregate::kMax) {  // lse
     score = aggregate + options.aggregate_tau * fa_log(aggregate_sum);
   }
   float* target =
@@ -238,7 +250,7 @@ FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __r
   const int d_end = d_begin + d_per_split < dim ? d_begin + d_per_split : dim;
   const int x_len = valid_length(x_lengths, x_item, fa_grid_x(), x_padded);
   if (u0 >= x_len || d_begin >= dim) return;  // whole block: padded rows keep their zeros
-  const bool align_max = options.align == kAlignMax;
+  const bool align_max = options.align == Align::kMax;
   const bool tile_in_registers = d_end - d_begin <= kTileN;
   const float inv_tau = 1.0f / options.align_tau;
   float* grad_rows = grad_x + (static_cast<long>(x_item) * x_padded + u0) * dim;

@@ -9,91 +9,45 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks/region_word.h"
+#include "../option_codes.h"
 #include "gemm_host.h"
 #include "region_word.cuh"
 
 namespace fastalign_cuda {
 
-enum RegionWordDirection : int64_t { kT2I = 0, kI2T = 1, kBoth = 2 };
-
-// The inputs of both ops, checked: contiguous tokens, int64 lengths, and their sizes.
-struct RegionWordTokens {
-  at::Tensor regions, words, region_lengths, word_lengths;
-  int n_images, max_regions, n_captions, max_words, dim;
-};
-
-inline RegionWordTokens region_word_tokens(const at::Tensor& regions, const at::Tensor& words,
-                                           const at::Tensor& region_lengths,
-                                           const at::Tensor& word_lengths, int64_t align,
-                                           double align_tau) {
-  TORCH_CHECK(regions.dim() == 3 && words.dim() == 3,
-              "regions and words must be 3-D (N, tokens, D), got ", regions.sizes(), " and ",
-              words.sizes());
-  TORCH_CHECK(regions.size(2) == words.size(2), "regions and words must share D, got ",
-              regions.size(2), " and ", words.size(2));
-  TORCH_CHECK(regions.scalar_type() == words.scalar_type(), "regions and words must share a dtype");
-  const auto dtype = regions.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "the CUDA region_word kernels take float32, float16 or bfloat16 (like the Triton "
-              "backend), got ",
-              dtype);
-  TORCH_CHECK(regions.device() == words.device() && region_lengths.device() == regions.device() &&
-                  word_lengths.device() == regions.device(),
-              "regions, words and their lengths must be on one device");
-  TORCH_CHECK(region_lengths.dim() == 1 && region_lengths.size(0) == regions.size(0) &&
-                  word_lengths.dim() == 1 && word_lengths.size(0) == words.size(0),
-              "region_lengths and word_lengths must have shapes (", regions.size(0), ",) and (",
-              words.size(0), ",), got ", region_lengths.sizes(), " and ", word_lengths.sizes());
-  TORCH_CHECK(!at::isFloatingType(region_lengths.scalar_type()) &&
-                  !at::isFloatingType(word_lengths.scalar_type()),
-              "region_lengths and word_lengths must hold integers");
-  for (const at::Tensor* x : {&regions, &words}) {  // the forward's grid.y is items / 2
-    TORCH_CHECK(x->size(0) <= 2 * 65535 && x->size(1) < (1L << 24) && x->size(2) < (1L << 24),
-                "too many items, tokens or features for the CUDA region_word kernels: ",
-                x->sizes());
-  }
-  TORCH_CHECK(align == kAlignMax || align == kAlignLse, "align must be 0 (max) or 1 (lse), got ",
-              align);
-  TORCH_CHECK(align_tau > 0, "align_tau must be > 0, got ", align_tau);
-  return {regions.contiguous(),
-          words.contiguous(),
-          region_lengths.to(at::kLong).contiguous(),
-          word_lengths.to(at::kLong).contiguous(),
-          static_cast<int>(regions.size(0)),
-          static_cast<int>(regions.size(1)),
-          static_cast<int>(words.size(0)),
-          static_cast<int>(words.size(1)),
-          static_cast<int>(regions.size(2))};
-}
+using fastalign::Direction;
+using fastalign::checks::Kernels;
+using fastalign::checks::RegionWordTokens;
 
 // Calls launch(regions, words, region_lengths, word_lengths) with typed pointers.
 template <typename Launch>
 void with_token_pointers(const RegionWordTokens& in, const Launch& launch) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.regions.scalar_type(), "region_word",
-                                  [&] {
+  FA_DISPATCH(in.regions.scalar_type(), "region_word", [&] {
     launch(in.regions.data_ptr<scalar_t>(), in.words.data_ptr<scalar_t>(),
            in.region_lengths.data_ptr<int64_t>(), in.word_lengths.data_ptr<int64_t>());
   });
 }
 
-// The schema fastalign::region_word_forward (csrc/ops.cpp); outputs as the CPU op's, padded
+// The schema fastalign::region_word_forward (csrc/schemas.h); outputs as the CPU op's, padded
 // tokens hold 0 in the aligned values and indices.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_word_forward(
     const at::Tensor& regions_in, const at::Tensor& words_in, const at::Tensor& region_lengths_in,
     const at::Tensor& word_lengths_in, int64_t direction, int64_t align, int64_t aggregate,
     double align_tau, double aggregate_tau, bool leaky, bool need_indices, bool need_values) {
-  const RegionWordTokens in = region_word_tokens(regions_in, words_in, region_lengths_in,
-                                                 word_lengths_in, align, align_tau);
-  TORCH_CHECK(direction >= kT2I && direction <= kBoth, "direction must be 0 (t2i), 1 (i2t) or 2 "
-              "(both), got ", direction);
-  TORCH_CHECK(aggregate >= 0 && aggregate <= 3,
-              "aggregate must be 0 (mean), 1 (sum), 2 (max) or 3 (lse), got ", aggregate);
-  TORCH_CHECK(aggregate_tau > 0, "aggregate_tau must be > 0, got ", aggregate_tau);
+  constexpr const char* op = "region_word_forward";
+  const RegionWordTokens in =
+      fastalign::checks::check_region_word_tokens(op, Kernels::kCuda, regions_in, words_in,
+                                                  region_lengths_in, word_lengths_in);
+  fastalign::checks::check_region_word_forward_options(op, direction, align, aggregate, align_tau,
+                                                       aggregate_tau);
   const at::Tensor& regions = in.regions;
-  const int n_images = in.n_images, max_regions = in.max_regions, n_captions = in.n_captions;
-  const int max_words = in.max_words, dim = in.dim;
-  const bool t2i = direction != kI2T, i2t = direction != kT2I;
-  const bool keep_indices = need_indices && align == kAlignMax;
+  const int n_images = static_cast<int>(regions.size(0));
+  const int max_regions = static_cast<int>(regions.size(1));
+  const int n_captions = static_cast<int>(in.words.size(0));
+  const int max_words = static_cast<int>(in.words.size(1)), dim = static_cast<int>(regions.size(2));
+  const bool t2i = direction != Direction::kI2T, i2t = direction != Direction::kT2I;
+  const bool keep_indices = need_indices && align == Align::kMax;
   const auto f32 = regions.options().dtype(at::kFloat);
   auto aux = [&](bool used, int64_t tokens, at::ScalarType dtype) {
     return used ? at::zeros({n_images, n_captions, tokens}, regions.options().dtype(dtype))
@@ -104,7 +58,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> re
   at::Tensor idx_t2i = aux(keep_indices && t2i, max_words, at::kInt);
   at::Tensor a_i2t = aux(need_values && i2t, max_regions, at::kFloat);
   at::Tensor idx_i2t = aux(keep_indices && i2t, max_regions, at::kInt);
-  if (n_images == 0 || n_captions == 0 || dim == 0) {
+  if (dim == 0) {
     return {scores.zero_().to(regions.scalar_type()), a_t2i, idx_t2i, a_i2t, idx_i2t};
   }
   const RegionWordOptions options{static_cast<int>(align), static_cast<int>(aggregate),
@@ -115,7 +69,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> re
   // t2i: queries are captions (scores column t, aux [i, t, w]); i2t: images (row i, [i, t, r]).
   const PairOutputs out_t2i{scores.data_ptr<float>(), 1, n_captions, false, values(a_t2i),
                             indices(idx_t2i), max_words, static_cast<long>(n_captions) * max_words};
-  const PairOutputs out_i2t{scores.data_ptr<float>(), n_captions, 1, direction == kBoth,
+  const PairOutputs out_i2t{scores.data_ptr<float>(), n_captions, 1, direction == Direction::kBoth,
                             values(a_i2t), indices(idx_i2t),
                             static_cast<long>(n_captions) * max_regions, max_regions};
   with_token_pointers(in, [&](const auto* region, const auto* word, const int64_t* region_len,
@@ -155,38 +109,29 @@ inline std::tuple<at::Tensor, at::Tensor> region_word_backward(
     const at::Tensor& aux_i2t_in, const at::Tensor& regions_in, const at::Tensor& words_in,
     const at::Tensor& region_lengths_in, const at::Tensor& word_lengths_in, int64_t align,
     double align_tau, bool leaky) {
-  const RegionWordTokens in = region_word_tokens(regions_in, words_in, region_lengths_in,
-                                                 word_lengths_in, align, align_tau);
+  constexpr const char* op = "region_word_backward";
+  const RegionWordTokens in =
+      fastalign::checks::check_region_word_tokens(op, Kernels::kCuda, regions_in, words_in,
+                                                  region_lengths_in, word_lengths_in);
+  fastalign::checks::check_option<Align>(op, "align", align);
+  fastalign::checks::check_number(op, "align_tau", align_tau, 0.0, false);
   const at::Tensor &regions = in.regions, &words = in.words;
-  const int n_images = in.n_images, max_regions = in.max_regions, n_captions = in.n_captions;
-  const int max_words = in.max_words, dim = in.dim;
-  const bool align_max = align == kAlignMax;
-  const auto aux_dtype = align_max ? at::kInt : at::kFloat;
+  const int n_images = static_cast<int>(regions.size(0));
+  const int max_regions = static_cast<int>(regions.size(1));
+  const int n_captions = static_cast<int>(words.size(0));
+  const int max_words = static_cast<int>(words.size(1)), dim = static_cast<int>(regions.size(2));
+  const bool align_max = align == Align::kMax;
   // The coefficients keep their strides (broadcast views stay views); aux is made contiguous.
   const at::Tensor& coef_t2i = coef_t2i_in;
   const at::Tensor& coef_i2t = coef_i2t_in;
-  const at::Tensor aux_t2i = aux_t2i_in.contiguous(), aux_i2t = aux_i2t_in.contiguous();
-  auto check_direction = [&](const at::Tensor& coef, const at::Tensor& aux, const char* name,
-                             int64_t tokens) {
-    if (coef.numel() == 0) return;
-    const std::vector<int64_t> shape{n_images, n_captions, tokens};
-    TORCH_CHECK(coef.sizes() == at::IntArrayRef(shape) && coef.scalar_type() == at::kFloat &&
-                    coef.device() == regions.device(),
-                "coef_", name, " must be float32 of shape ", at::IntArrayRef(shape),
-                " on the inputs' device, got ", coef.scalar_type(), " ", coef.sizes());
-    TORCH_CHECK(aux.sizes() == at::IntArrayRef(shape) && aux.scalar_type() == aux_dtype &&
-                    aux.device() == regions.device(),
-                "aux_", name, " must be ", aux_dtype, " of shape ", at::IntArrayRef(shape),
-                " (the forward's ", align_max ? "arg-max indices" : "aligned values", "), got ",
-                aux.scalar_type(), " ", aux.sizes());
-  };
-  check_direction(coef_t2i, aux_t2i, "t2i", max_words);
-  check_direction(coef_i2t, aux_i2t, "i2t", max_regions);
+  const at::Tensor aux_t2i = fastalign::checks::check_region_word_saved(
+      op, "coef_t2i", coef_t2i, "aux_t2i", aux_t2i_in, in, true, align);
+  const at::Tensor aux_i2t = fastalign::checks::check_region_word_saved(
+      op, "coef_i2t", coef_i2t, "aux_i2t", aux_i2t_in, in, false, align);
   const auto f32 = regions.options().dtype(at::kFloat);
   at::Tensor grad_regions = at::zeros(regions.sizes(), f32);
   at::Tensor grad_words = at::zeros(words.sizes(), f32);
-  if (n_images == 0 || n_captions == 0 || dim == 0 ||
-      (coef_t2i.numel() == 0 && coef_i2t.numel() == 0)) {
+  if (dim == 0 || (coef_t2i.numel() == 0 && coef_i2t.numel() == 0)) {
     return {grad_regions.to(regions.scalar_type()), grad_words.to(words.scalar_type())};
   }
   const RegionWordOptions options{static_cast<int>(align), 0, static_cast<float>(align_tau), 1.0f,

@@ -8,33 +8,28 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-#include <climits>
 #include <tuple>
 
-#include "../sparse_spatial_checks.h"
+#include "../checks/sparse_spatial.h"
+#include "../option_codes.h"
 #include "gemm_host.h"
 #include "sparse_spatial.cuh"
 
 namespace fastalign_cuda {
 
-// The schema fastalign::sparse_spatial_loss_forward (csrc/ops.cpp), with the checks of the CPU
+// The schema fastalign::sparse_spatial_loss_forward (csrc/schemas.h), with the checks of the CPU
 // op; the CUDA kernels take float32, float16 and bfloat16.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial_loss_forward(
     const at::Tensor& img_in, const at::Tensor& txt_in, const at::Tensor& alpha_in, int64_t kind,
     int64_t select, int64_t k, double temperature, bool largest, bool need_grad) {
-  fastalign::check_sparse_spatial_arguments(img_in, txt_in, alpha_in, kind, select, k,
-                                            temperature);
+  fastalign::checks::check_sparse_spatial_arguments(fastalign::checks::Kernels::kCuda, img_in,
+                                                    txt_in, alpha_in, kind, select, k,
+                                                    temperature);
   const auto dtype = img_in.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "the CUDA sparse_spatial_loss takes float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(img_in.device() == txt_in.device() && img_in.device() == alpha_in.device(),
-              "img, txt and alpha must be on one device");
   const int64_t rows = img_in.size(0);
-  TORCH_CHECK(rows <= INT_MAX && img_in.size(1) <= INT_MAX / 2,
-              "the CUDA sparse_spatial_loss needs N and 2 D below 2^31, got ", img_in.sizes());
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous();
   const int n = static_cast<int>(rows), d = static_cast<int>(img.size(1));
-  const bool inter = kind == 0;
+  const bool inter = kind == fastalign::SpatialKind::kInter;
   const auto f32 = img.options().dtype(at::kFloat);
 
   // [u, v] per row; for intra also [v - u, v + u], the operands of P.
@@ -44,21 +39,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial
   at::Tensor nonfinite = at::empty({2, n}, img.options().dtype(at::kInt));
   float* const w = normalized.data_ptr<float>();
   float* const sd = inter ? nullptr : sum_diff.data_ptr<float>();
-#define FA_SPARSE_SPATIAL_TYPES(...)         \
-  AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-  AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES(__VA_ARGS__)
-  AT_DISPATCH_SWITCH(dtype, "normalize_rows", FA_SPARSE_SPATIAL_TYPES([&] {
-                       FA_LAUNCH(normalize_rows_kernel<scalar_t>, fa_dim3(n),
-                                 fa_dim3(kRowThreads), img.data_ptr<scalar_t>(),
-                                 txt.data_ptr<scalar_t>(), n, d, w, sd, norms.data_ptr<float>(),
-                                 nonfinite.data_ptr<int>());
-                     }));
+  FA_DISPATCH(dtype, "normalize_rows", [&] {
+    FA_LAUNCH(normalize_rows_kernel<scalar_t>, fa_dim3(n), fa_dim3(kRowThreads),
+              img.data_ptr<scalar_t>(), txt.data_ptr<scalar_t>(), n, d, w, sd,
+              norms.data_ptr<float>(), nonfinite.data_ptr<int>());
+  });
   const at::Tensor bad = nonfinite.nonzero();  // one device sync, as in the Triton backend
   if (bad.size(0) > 0) {
     const auto first = bad[0];
-    TORCH_CHECK_VALUE(false, first[0].item<int64_t>() == 0 ? "img" : "txt", "[",
-                      first[1].item<int64_t>(),
-                      "] holds a NaN or an infinity: sparse_spatial_loss needs finite inputs");
+    TORCH_CHECK_VALUE(false, "sparse_spatial_loss_forward: ",
+                      first[0].item<int64_t>() == 0 ? "img" : "txt", "[", first[1].item<int64_t>(),
+                      "] holds a NaN or an infinity: the loss needs finite inputs");
   }
 
   // D (n x n), later Gamma and Omega in place.
@@ -94,13 +85,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_spatial
   strided_gemm(dp, w, grad_normalized.data_ptr<float>(), n, 2 * d, n, n, 1, ld, 1, 1.0f);
   discrepancy.reset();
   at::Tensor grad_img = at::empty_like(img), grad_txt = at::empty_like(txt);
-  AT_DISPATCH_SWITCH(dtype, "normalize_backward", FA_SPARSE_SPATIAL_TYPES([&] {
-                       FA_LAUNCH(normalize_backward_kernel<scalar_t>, fa_dim3(n, 2),
-                                 fa_dim3(kRowThreads), w, norms.data_ptr<float>(),
-                                 grad_normalized.data_ptr<float>(), n, d, inter ? 1 : 0,
-                                 grad_img.data_ptr<scalar_t>(), grad_txt.data_ptr<scalar_t>());
-                     }));
-#undef FA_SPARSE_SPATIAL_TYPES
+  FA_DISPATCH(dtype, "normalize_backward", [&] {
+    FA_LAUNCH(normalize_backward_kernel<scalar_t>, fa_dim3(n, 2), fa_dim3(kRowThreads), w,
+              norms.data_ptr<float>(), grad_normalized.data_ptr<float>(), n, d, inter ? 1 : 0,
+              grad_img.data_ptr<scalar_t>(), grad_txt.data_ptr<scalar_t>());
+  });
   return {loss, grad_img, grad_txt, grad_alpha.to(dtype)};
 }
 

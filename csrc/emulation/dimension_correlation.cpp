@@ -4,11 +4,9 @@
 #include <torch/library.h>
 
 #include "../cuda/dimension_correlation_host.h"
+#include "../schemas.h"
 
 TORCH_LIBRARY_FRAGMENT(fastalign_emulated, m) {
-  m.def(
-      "dimension_correlation_loss_forward(Tensor a, Tensor b, int mode, "
-      "float off_diagonal_weight, float tau, float eps, bool need_grad, int path) "
-      "-> (Tensor, Tensor, Tensor)",
-      &fastalign_cuda::dimension_correlation_loss_forward);
+  m.def(fastalign::schemas::kDimensionCorrelationLossForward,
+        &fastalign_cuda::dimension_correlation_loss_forward);
 }

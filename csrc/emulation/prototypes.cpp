@@ -4,26 +4,13 @@
 #include <torch/library.h>
 
 #include "../cuda/prototypes_host.h"
+#include "../schemas.h"
 
 TORCH_LIBRARY_FRAGMENT(fastalign_emulated, m) {
-  m.def(
-      "prototype_assign_forward(Tensor x, Tensor prototypes, int mode, float tau, int iters, "
-      "bool normalize) -> Tensor",
-      &fastalign_cuda::prototype_assign_forward);
-  m.def(
-      "prototype_assign_backward(Tensor grad, Tensor assignments, Tensor x, "
-      "Tensor prototypes, float tau, bool normalize) -> (Tensor, Tensor)",
-      &fastalign_cuda::prototype_assign_backward);
-  m.def(
-      "prototype_update(Tensor prototypes, Tensor x, Tensor assignments, float momentum, "
-      "bool normalize) -> Tensor",
-      &fastalign_cuda::prototype_update);
-  m.def(
-      "prototype_topk_mix_forward(Tensor queries, Tensor keys, Tensor values, int m, "
-      "float tau) -> (Tensor, Tensor, Tensor)",
-      &fastalign_cuda::prototype_topk_mix_forward);
-  m.def(
-      "prototype_topk_mix_backward(Tensor grad, Tensor queries, Tensor keys, Tensor values, "
-      "Tensor indices, Tensor weights, float tau) -> (Tensor, Tensor, Tensor)",
-      &fastalign_cuda::prototype_topk_mix_backward);
+  using namespace fastalign::schemas;
+  m.def(kPrototypeAssignForward, &fastalign_cuda::prototype_assign_forward);
+  m.def(kPrototypeAssignBackward, &fastalign_cuda::prototype_assign_backward);
+  m.def(kPrototypeUpdate, &fastalign_cuda::prototype_update);
+  m.def(kPrototypeTopkMixForward, &fastalign_cuda::prototype_topk_mix_forward);
+  m.def(kPrototypeTopkMixBackward, &fastalign_cuda::prototype_topk_mix_backward);
 }

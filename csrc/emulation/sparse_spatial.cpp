@@ -4,11 +4,9 @@
 #include <torch/library.h>
 
 #include "../cuda/sparse_spatial_host.h"
+#include "../schemas.h"
 
 TORCH_LIBRARY_FRAGMENT(fastalign_emulated, m) {
-  m.def(
-      "sparse_spatial_loss_forward(Tensor img, Tensor txt, Tensor alpha, int kind, int select, "
-      "int k, float temperature, bool largest, bool need_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)",
-      &fastalign_cuda::sparse_spatial_loss_forward);
+  m.def(fastalign::schemas::kSparseSpatialLossForward,
+        &fastalign_cuda::sparse_spatial_loss_forward);
 }

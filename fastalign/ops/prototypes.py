@@ -22,8 +22,8 @@ from torch import Tensor
 
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_floating_tensor, check_number
+from fastalign.ops._options import ASSIGN_MODES as MODES
 
-MODES = ("softmax", "hard", "sinkhorn")
 MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
 
 

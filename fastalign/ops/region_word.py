@@ -15,10 +15,11 @@ from torch import Tensor
 
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_floating_tensor
+from fastalign.ops._options import AGGREGATES, ALIGNS, DIRECTIONS
 
-DIRECTIONS = ("t2i", "i2t", "both")
-ALIGNS = ("max", "lse")
-AGGREGATES = ("mean", "sum", "max", "lse")
+T2I, I2T = DIRECTIONS.index("t2i"), DIRECTIONS.index("i2t")
+ALIGN_MAX = ALIGNS.index("max")
+MEAN, SUM, AGGREGATE_MAX = (AGGREGATES.index(a) for a in ("mean", "sum", "max"))
 SCORE_ACTIVATIONS = (None, "leaky_relu")
 LEAKY_SLOPE = 0.1
 
@@ -178,10 +179,10 @@ def _forward_fake(
     n_captions, n_words, _ = words.shape
     acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
     aux = []  # fresh tensors each: outputs must not alias one another
-    for used, tokens in ((direction != 1, n_words), (direction != 0, n_regions)):
+    for used, tokens in ((direction != I2T, n_words), (direction != T2I, n_regions)):
         shape = (n_images, n_captions, tokens)
         aux.append(regions.new_empty(shape if need_values and used else (0,), dtype=acc))
-        keep_idx = need_indices and used and align == 0
+        keep_idx = need_indices and used and align == ALIGN_MAX
         aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
     return (regions.new_empty((n_images, n_captions)), *aux)
 
@@ -276,12 +277,12 @@ def _query_coefficients(
     broadcast view that costs no memory.
     """
     shape = torch.broadcast_shapes(grad.shape + (1,), query_mask.shape)
-    if aggregate == 0:
+    if aggregate == MEAN:
         return (grad / query_mask.sum(-1))[..., None].expand(shape)
-    if aggregate == 1:
+    if aggregate == SUM:
         return grad[..., None].expand(shape)
     masked = aligned.masked_fill(~query_mask, float("-inf"))
-    if aggregate == 2:  # the first arg-max query token takes it all, like torch.max(dim)
+    if aggregate == AGGREGATE_MAX:  # the first arg-max query token takes it all, like .max(dim)
         weights = F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)
     else:
         weights = torch.softmax(masked / aggregate_tau, dim=-1)
@@ -312,10 +313,10 @@ def _make_backward(backward_op):
         word_mask = torch.arange(words.shape[1], device=words.device) < word_lengths[:, None]
         coefs, auxes = [], []
         for used, aligned, idx, mask in (
-            (direction != 1, a_t2i, idx_t2i, word_mask[None, :, :]),
-            (direction != 0, a_i2t, idx_i2t, region_mask[:, None, :]),
+            (direction != I2T, a_t2i, idx_t2i, word_mask[None, :, :]),
+            (direction != T2I, a_i2t, idx_i2t, region_mask[:, None, :]),
         ):
-            aux = idx if align == 0 else aligned
+            aux = idx if align == ALIGN_MAX else aligned
             if not used:
                 coefs.append(grad.new_empty(0))
                 auxes.append(aux)
@@ -325,7 +326,7 @@ def _make_backward(backward_op):
                     "region_word_forward ran without keeping what its backward needs"
                 )
             coef = _query_coefficients(grad, aligned, mask, aggregate, aggregate_tau)
-            if align == 0 and leaky:  # sign of the aligned value = sign of the max score
+            if align == ALIGN_MAX and leaky:  # sign of the aligned value = sign of the max score
                 coef = torch.where(aligned > 0, coef, coef * LEAKY_SLOPE)
             coefs.append(coef)
             auxes.append(aux)

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_number, check_paired_rows
+from fastalign.ops._options import SPATIAL_KINDS as KINDS
+from fastalign.ops._options import SPATIAL_SELECTS as SELECTS
 
-KINDS = ("inter", "intra")
-SELECTS = ("threshold", "soft", "topk")
 # F.normalize's default: a row of norm below it is divided by it instead (zeros stay zeros).
 NORM_EPS = 1e-12
 

@@ -16,9 +16,12 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton.region_word import _precision
+from fastalign.ops._options import CORRELATION_MODES, CORRELATION_PATHS
 
-_MODE_BARLOW, _MODE_SOFTMAX = 0, 1
-_PATH_AUTO, _PATH_CORRELATION, _PATH_GRAM = 0, 1, 2
+_MODE_BARLOW, _MODE_SOFTMAX = (CORRELATION_MODES.index(m) for m in ("barlow", "softmax"))
+_PATH_AUTO, _PATH_CORRELATION, _PATH_GRAM = (
+    CORRELATION_PATHS.index(p) for p in ("auto", "correlation", "gram")
+)
 # Register cap of every launch, as for the region-word kernels: ptxas stays spill-free at it.
 _MAXNREG = 128
 # The Gram matrices enter tl.dot in the inputs' dtype, and their diagonal is about D: float16

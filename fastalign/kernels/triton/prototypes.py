@@ -21,9 +21,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton.region_word import _precision
+from fastalign.ops._options import ASSIGN_MODES
 
 _STATS_NONE, _STATS_LSE, _STATS_ARGMAX = 0, 1, 2
-_MODE_SOFTMAX, _MODE_HARD, _MODE_SINKHORN = 0, 1, 2
+_MODE_SOFTMAX, _MODE_HARD, _MODE_SINKHORN = (ASSIGN_MODES.index(m) for m in ASSIGN_MODES)
 _NORM_EPS = 1e-12  # F.normalize's
 # Register cap of every launch, as for the other kernels: ptxas stays spill-free at it.
 _MAXNREG = 128
