@@ -39,7 +39,7 @@ from fastalign.losses import hinge_triplet_loss  # noqa: E402
 from fastalign.methods.dias import DiasConfig, dias_loss  # noqa: E402
 from fastalign.training import train_and_test  # noqa: E402
 
-DIAS = DiasConfig()  # SPEC's defaults: weights 10 / 0.05 / 0.1, barlow, threshold alpha 1
+DIAS = DiasConfig()  # the defaults: weights 10 / 0.05 / 0.1, barlow, threshold alpha 1
 
 
 # --------------------------------------------------------------------------- 1. recalls

@@ -109,6 +109,17 @@ def build_case(key: str):
     return forward_backward
 
 
+def suite(device: str) -> list[str]:
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): the training
+    shape both ways, and fastalign against the CHAN loop on the 200 x 1000 evaluation."""
+    keys = [
+        f"train:{impl}:{mode}:quick:{device}:uniform"
+        for mode in ("forward", "forward+backward")
+        for impl in ("plain", "fastalign")
+    ]
+    return keys + [f"eval:{impl}:forward:quick:{device}:flickr" for impl in ("plain", "fastalign")]
+
+
 def _no_grad(fn, *args):
     with torch.no_grad():
         return fn(*args)
