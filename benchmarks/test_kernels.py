@@ -8,6 +8,10 @@ fastalign alike: when both slow down together the machine did, not the kernel. T
 warm-up call, then about TARGET_S of calls (at least MIN_ROUNDS). Memory: the scripts' probe
 (benchmarks/_runner.py: peak rise of one call in a fresh process on CPU), kept in each
 benchmark's extra_info and printed after the timing table.
+
+Compare runs made with the same thread count (extra_info "threads"). On a machine shared with
+other jobs, two threads that wait for each other at every parallel region make medians swing
+by 10x: run both sides with OMP_NUM_THREADS=1 there.
 """
 
 from __future__ import annotations
@@ -53,5 +57,5 @@ def test_kernel(benchmark, memory_rows, module, key):
     case = module.build_case(key) if DEVICE.type == "cuda" else None
     peak, outputs = peak_memory_mib(key, case, DEVICE, script=module.__file__)
     memory = {"peak_MiB": peak, "outputs_MiB": outputs, "working_MiB": max(peak - outputs, 0.0)}
-    benchmark.extra_info.update(memory)
+    benchmark.extra_info.update(memory, threads=torch.get_num_threads())
     memory_rows.append({"group": benchmark.group, "case": key, **memory})
