@@ -92,9 +92,10 @@ class Step:
 
 
 def detect_gpu() -> str | None:
-    """The first NVIDIA GPU's name according to nvidia-smi, or None."""
+    """The first NVIDIA GPU's name according to nvidia-smi (or, in a container without it, to
+    python3's torch), or None."""
     if shutil.which("nvidia-smi") is None:
-        return None
+        return probe(sys.executable).get("gpu")
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -139,17 +140,21 @@ def run_step(name, cmd, log: Path, timeout: float, env=None) -> Step:
 
 
 def probe(python: str, env=None) -> dict:
-    out = subprocess.run(
-        [python, "-c", PROBE, *REQUIRED],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if out.returncode != 0:
-        return {"error": out.stderr.strip()[-2000:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """What ``python`` has: versions, the GPU, missing modules, fastalign's backends."""
+    try:
+        out = subprocess.run(
+            [python, "-c", PROBE, *REQUIRED],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if out.returncode != 0:
+            return {"error": out.stderr.strip()[-2000:]}
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, IndexError, ValueError) as exc:
+        return {"error": repr(exc)}
 
 
 def fits(info: dict) -> bool:
@@ -318,7 +323,9 @@ def main() -> int:
     steps.append(run_step("build", build_cmd, out / "build.log", min(240.0, left(180)), build_env))
     info = probe(python, run_env)  # again: now with the extension
     if steps[-1].status == "passed" and not info.get("extension_cuda"):
-        steps[-1].status, steps[-1].detail = "failed", "built without CUDA kernels (no CUDA_HOME?)"
+        backends = info.get("backends", {})
+        why = backends.get("cpu") if backends.get("cpu") != "available" else backends.get("cuda")
+        steps[-1].status, steps[-1].detail = "failed", f"no CUDA kernels: {why} (CUDA_HOME?)"
     print(f"{steps[-1].name}: {steps[-1].status}", flush=True)
     junit = out / "junit.xml"
     test_cmd = [python, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rfE", f"--junitxml={junit}"]
