@@ -110,14 +110,15 @@ def build_case(key: str):
 
 
 def suite(device: str) -> list[str]:
-    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): the training
-    shape both ways, and fastalign against the CHAN loop on the 200 x 1000 evaluation."""
-    keys = [
-        f"train:{impl}:{mode}:quick:{device}:uniform"
-        for mode in ("forward", "forward+backward")
-        for impl in ("plain", "fastalign")
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): fastalign at the
+    training shape both ways and on the 200 x 1000 evaluation; the plain forward (BLAS-bound)
+    as the suite's control of the machine's speed."""
+    return [
+        f"train:plain:forward:quick:{device}:uniform",
+        f"train:fastalign:forward:quick:{device}:uniform",
+        f"train:fastalign:forward+backward:quick:{device}:uniform",
+        f"eval:fastalign:forward:quick:{device}:flickr",
     ]
-    return keys + [f"eval:{impl}:forward:quick:{device}:flickr" for impl in ("plain", "fastalign")]
 
 
 def _no_grad(fn, *args):

@@ -102,11 +102,7 @@ def suite(device: str) -> list[str]:
         for mode in ("forward", "forward+backward")
     ]
     cases += [("inter", "forward+backward", select) for select in ("soft", "topk")]
-    return [
-        f"1024:{DIM}:{impl}:{mode}:{kind}:{select}:{device}"
-        for kind, mode, select in cases
-        for impl in ("plain", "fastalign")
-    ]
+    return [f"1024:{DIM}:fastalign:{mode}:{kind}:{select}:{device}" for kind, mode, select in cases]
 
 
 def warmup_key(key: str) -> str:

@@ -2,9 +2,9 @@
 
     pytest benchmarks --benchmark-only
 
-Each case is a key of one benchmark script's ``build_case`` (the scripts' ``suite`` functions
-pick moderate shapes: the whole suite takes a few minutes on 2 cores), plain PyTorch and
-fastalign alike: when both slow down together the machine did, not the kernel. Time: one
+Each case is a key of one benchmark script's ``build_case``: the scripts' ``suite`` functions
+pick fastalign at moderate shapes, and one plain-PyTorch case (region_word's BLAS-bound
+forward) is the control: when it slows down too, the machine did, not the kernels. Time: one
 warm-up call, then about TARGET_S of calls (at least MIN_ROUNDS). Memory: the scripts' probe
 (benchmarks/_runner.py: peak rise of one call in a fresh process on CPU), kept in each
 benchmark's extra_info and printed after the timing table.
