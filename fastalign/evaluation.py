@@ -1,4 +1,4 @@
-"""Image-text retrieval evaluation (SPEC section 3): similarity matrix, ranks and recalls.
+"""Image-text retrieval evaluation: similarity matrix, ranks and recalls.
 
 The protocol of VSE++ / SCAN / CHAN, on an (n_images, n_captions) score matrix ``sims``
 in which caption j belongs to image ``j // captions_per_image``:

@@ -1,4 +1,4 @@
-"""The shared matching backbone (VSE++ / SCAN / CHAN protocol, SPEC section 2).
+"""The shared matching backbone (VSE++ / SCAN / CHAN protocol).
 
 Images: precomputed region features -> Linear (optionally one self-attention layer) ->
 L2-normalised region embeddings. Captions: word embedding (optionally initialised from

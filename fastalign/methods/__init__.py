@@ -1,4 +1,4 @@
-"""Alignment methods built on the fused operators (SPEC section 2).
+"""Alignment methods built on the fused operators.
 
 The baselines (VSE++ hinge, CHAN, LAPS) are configurations of the shared backbone
 (``configs/``); the methods here add their own losses to it.

@@ -1,14 +1,14 @@
 """DIAS (ACM MM 2024): dimension information alignment and sparse spatial constraint.
 
 "Bridging the Modality Gap: Dimension Information Alignment and Sparse Spatial Constraint"
-adds three regularizers to a fine-grained matching loss (SPEC section 2):
+adds three regularizers to a fine-grained matching loss:
 
     L = L_loc + w_dim L_dim + w_inter L_inter + w_intra L_intra
 
 - L_loc: the matching loss on the fine-grained (CHAN-style) score matrix, the trainer's
   hinge or InfoNCE [inferred: the paper's base model].
 - Global embeddings: the masked mean of each image's region embeddings and of each
-  caption's word embeddings [inferred: SPEC's "mean-pooled local embeddings"].
+  caption's word embeddings [inferred: the paper's "mean-pooled local embeddings"].
 - L_dim: :func:`fastalign.dimension_correlation_loss` of the paired global embeddings,
   barlow mode by default [inferred: the paper aligns each dimension with its counterpart and
   decorrelates the others].
@@ -41,7 +41,8 @@ TERMS = ("dim", "inter", "intra")
 
 @dataclass
 class DiasConfig:
-    """Weights and options of the DIAS regularizers (defaults: SPEC section 2).
+    """Weights and options of the DIAS regularizers (default weights: those a third-party
+    reproduction reports, unverified).
 
     ``dim_*`` go to :func:`fastalign.dimension_correlation_loss`; ``select``, ``alpha``,
     ``k`` and ``temperature`` to :func:`fastalign.sparse_spatial_loss` (both kinds).
