@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from test_training import tiny_config, tiny_data  # noqa: F401  (fixture)
+from _helpers.training import tiny_config
 
 from fastalign.data import read_captions, tokenize
 from fastalign.training import Trainer, build_model, evaluate_model, load_checkpoint
@@ -34,7 +34,7 @@ def write_tiny_bert(folder, words) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tiny_data, tmp_path_factory):  # noqa: F811
+def tiny_bert(tiny_data, tmp_path_factory):
     words = [w for line in read_captions(tiny_data, "train") for w in tokenize(line)]
     folder = tmp_path_factory.mktemp("bert") / "tiny-bert"
     write_tiny_bert(folder, words)
@@ -93,7 +93,7 @@ def test_clear_errors(tiny_bert, tmp_path, monkeypatch):
         BertTextEncoder(tiny_bert, 8)
 
 
-def test_trains_saves_and_evaluates(tiny_data, tiny_bert, tmp_path):  # noqa: F811
+def test_trains_saves_and_evaluates(tiny_data, tiny_bert, tmp_path):
     trainer = Trainer(bert_config(tiny_data, tmp_path / "run", tiny_bert, epochs=1), progress=False)
     trainer.fit()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trainer.history)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import fastalign_chance, tiny_config, tiny_data  # noqa: F401  (fixture)
+from _helpers.training import fastalign_chance, tiny_config
 
 import fastalign.methods.dias as dias
 from fastalign.config import load_config
@@ -137,7 +137,7 @@ def test_config_values_and_errors():
 
 
 # --------------------------------------------------------------------------- training
-def test_dias_training_learns_and_logs_every_term(tiny_data, tmp_path):  # noqa: F811
+def test_dias_training_learns_and_logs_every_term(tiny_data, tmp_path):
     config = tiny_config(tiny_data, tmp_path / "dias", epochs=3, method="dias")
     trainer = Trainer(config, progress=False)
     best = trainer.fit()
@@ -160,7 +160,7 @@ def test_dias_training_learns_and_logs_every_term(tiny_data, tmp_path):  # noqa:
     assert {"loss_dim", "loss_inter", "loss_intra"} <= set(header.split(","))
 
 
-def test_all_weights_zero_is_the_baseline(tiny_data, tmp_path):  # noqa: F811
+def test_all_weights_zero_is_the_baseline(tiny_data, tmp_path):
     """The ablation with every regularizer off trains exactly like the baseline."""
     off = DiasConfig(dim_weight=0, inter_weight=0, intra_weight=0)
     runs = {}

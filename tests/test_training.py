@@ -6,48 +6,12 @@ import dataclasses
 import pytest
 import torch
 import yaml
+from _helpers.training import fastalign_chance, tiny_config
 
 from fastalign import distributed
 from fastalign.cli import main
-from fastalign.config import TrainConfig, load_config
-from fastalign.data import generate_synthetic
+from fastalign.config import load_config
 from fastalign.training import Trainer, load_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "synthetic"
-    generate_synthetic(
-        root,
-        seed=3,
-        n_train=64,
-        n_val=12,
-        n_test=12,
-        n_regions=12,
-        word_dim=16,
-    )
-    return root
-
-
-def tiny_config(root, out, **changes) -> TrainConfig:
-    config = load_config(
-        None,
-        [
-            f"data_root={root}",
-            f"word_vectors={root / 'glove_synthetic.txt'}",
-            f"output_dir={out}",
-            "epochs=2",
-            "batch_size=16",
-            "lr=0.002",
-            "lr_decay_epochs=[1]",
-            "margin=0.1",
-            "model.word_dim=16",
-            "model.embed_dim=32",
-            "model.aggregate=lse",
-            "model.score_scale=10.0",
-        ],
-    )
-    return dataclasses.replace(config, **changes)
 
 
 def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
@@ -60,12 +24,6 @@ def test_training_learns_and_writes_checkpoints(tiny_data, tmp_path):
         assert (tmp_path / "run" / name).is_file()
     losses = [row["loss"] for row in trainer.history if "val_rsum" not in row]
     assert losses[-1] < losses[0]
-
-
-def fastalign_chance(n_images):
-    from fastalign.evaluation import chance_results
-
-    return chance_results(n_images)
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):
