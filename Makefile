@@ -5,14 +5,15 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench install cuda-compile-check cuda-link-check sanitize
+.PHONY: demo test bench install cuda-compile-check cuda-link-check sanitize bench-baseline \
+	bench-compare gpu-check
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: $(SOURCES)
+$(VENV)/.installed: $(SOURCES) Makefile  # Makefile: its package list
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" "triton>=3.2" numpy pyyaml tqdm pytest ruff ninja setuptools wheel transformers tensorboard
+	$(PY) -m pip install -q "$(TORCH)" "triton>=3.2" numpy pyyaml tqdm pytest pytest-benchmark ruff ninja setuptools wheel transformers tensorboard
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -24,6 +25,25 @@ demo: install
 bench: install
 	$(PY) benchmarks/bench_region_word.py
 	$(PY) benchmarks/bench_eval.py
+
+# The kernel suite under pytest-benchmark (benchmarks/test_kernels.py, a few minutes on 2 cores).
+# bench-baseline saves a run as BENCH_BASELINE; bench-compare times the working tree against it
+# and fails when a case's median is more than BENCH_FAIL slower. Load on a shared machine moves
+# medians by more than that: compare on a quiet machine, or baseline and compare back to back.
+BENCH_BASELINE ?= benchmarks/results/baseline.json
+BENCH_FAIL ?= median:25%
+bench-baseline: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_BASELINE)
+
+bench-compare: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-compare=$(BENCH_BASELINE) \
+		--benchmark-compare-fail=$(BENCH_FAIL)
+
+# Everything that needs an NVIDIA GPU, from a clean checkout in under 8 minutes (builds its own
+# environment: see benchmarks/gpu_check.py); results in gpu-results/<time>/. Without a GPU it
+# says so and exits 0 at once.
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 test: install
 	$(PY) -m ruff check .

@@ -139,13 +139,17 @@ def _output_mib(result: object) -> float:
 
 
 def peak_memory_mib(
-    case_key: str, fn: Callable[[], object] | None, device: torch.device
+    case_key: str,
+    fn: Callable[[], object] | None,
+    device: torch.device,
+    script: str | None = None,
 ) -> tuple[float, float]:
     """(peak rise, size of the returned tensors) of one call of a case, in MiB.
 
     The rise is over what existed before the call, so inputs are not counted; what the
     call returns (scores, gradients) is, and ``peak - outputs`` is the working memory.
-    CPU: runs this script again as ``--measure-memory-of case_key`` in a fresh process.
+    CPU: runs ``script`` (by default the running script; under pytest, the benchmark script
+    that defines the case) again as ``--measure-memory-of case_key`` in a fresh process.
     """
     if device.type == "cuda":
         fn()
@@ -162,7 +166,7 @@ def peak_memory_mib(
         MKL_DISABLE_FAST_MM="1",
     )
     out = subprocess.run(
-        [sys.executable, sys.argv[0], _MEMORY_FLAG, case_key],
+        [sys.executable, script or sys.argv[0], _MEMORY_FLAG, case_key],
         env=env,
         capture_output=True,
         text=True,
@@ -204,16 +208,28 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def report(rows: list[dict], name: str, title: str) -> Path:
-    """Prints ``rows`` as an aligned table and writes them to benchmarks/results/<name>.csv."""
+def table_lines(rows: list[dict]) -> list[str]:
+    """``rows`` as the lines of an aligned table, header first."""
     columns = list(rows[0])
     cells = [[_format(row[c]) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[k]) for r in cells)) for k, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    return lines + ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+
+
+def report(rows: list[dict], name: str, title: str) -> Path:
+    """Prints ``rows`` as an aligned table and writes them to benchmarks/results/<name>.csv."""
     print(f"\n{title}")
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    print("\n".join(table_lines(rows)))
+    path = write_csv(rows, name)
+    print(f"written to {path}")
+    return path
+
+
+def write_csv(rows: list[dict], name: str) -> Path:
+    """Writes ``rows`` to benchmarks/results/<name>.csv."""
+    columns = list(rows[0])
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.csv"
     partial = path.with_suffix(".csv.tmp")
@@ -222,7 +238,6 @@ def report(rows: list[dict], name: str, title: str) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     partial.replace(path)
-    print(f"written to {path}")
     return path
 
 

@@ -1,15 +1,18 @@
 """Times the three GPU backends of every operator: reference (plain PyTorch), triton and cuda
-(csrc/cuda), forward + backward, on CUDA tensors; "-" where a backend is unavailable for that
-operator (the reason is in fastalign.backends()). Needs a GPU.
+(csrc/cuda), forward + backward, on CUDA tensors, and the peak memory one call allocates beyond
+its inputs; "-" where a backend is unavailable for that operator (the reason is in
+fastalign.backends()), "error" where it raised (the message goes to the CSV). Needs a GPU.
 
-    python benchmarks/bench_cuda_backends.py [--quick]
+    python benchmarks/bench_cuda_backends.py [--quick] [--csv PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -30,6 +33,27 @@ def time_ms(fn, repeats: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def peak_mib(fn) -> float:
+    """Peak memory one call allocates beyond what existed before it (inputs, warm caches)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure(build) -> dict:
+    """time_ms and peak_MiB of one backend's case, or its error (a failing backend must not stop
+    the others)."""
+    try:
+        fn = build()
+        return {"time_ms": time_ms(fn), "peak_MiB": peak_mib(fn), "error": ""}
+    except Exception as exc:  # reported in the table and the CSV
+        torch.cuda.synchronize()
+        return {"time_ms": None, "peak_MiB": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def dimension_correlation_case(backend: str, n: int, d: int, mode: str):
@@ -75,6 +99,8 @@ def region_word_case(backend: str, n: int, d: int, mode: tuple[str, str, str, st
             backend=backend,
         )
         scores.sum().backward()
+
+    return step
 
 
 def sparse_spatial_case(backend: str, n: int, d: int, kind: str, select: str):
@@ -147,21 +173,38 @@ def benchmark_rows(quick: bool):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--csv", type=Path, help="also write every cell to this CSV file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda_backends: no CUDA device here; this benchmark needs a GPU.")
         return 2
     names = ("reference", "triton", "cuda")
     print(f"device: {torch.cuda.get_device_name()}")
-    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':9} " + " ".join(f"{n + ' ms':>12}" for n in names))
+    header = " ".join(f"{n + ' ms':>12} {'MiB':>8}" for n in names)
+    print(f"{'op':28} {'N':>5} {'D':>5} {'mode':9} {header}")
+    rows = []
     for label, n, d, mode, op, build in benchmark_rows(args.quick):
         available = backends(op)
-        cells = [
-            f"{time_ms(build(name)):12.3f}" if available[name] == "available" else f"{'-':>12}"
-            for name in names
-        ]
+        cells = []
+        for name in names:
+            if available[name] != "available":
+                cells.append(f"{'-':>12} {'-':>8}")
+                continue
+            result = measure(partial(build, name))
+            rows.append({"op": label, "N": n, "D": d, "mode": mode, "backend": name, **result})
+            if result["error"]:
+                cells.append(f"{'error':>12} {'-':>8}")
+            else:
+                cells.append(f"{result['time_ms']:12.3f} {result['peak_MiB']:8.1f}")
         print(f"{label:28} {n:5d} {d:5d} {mode:9} {' '.join(cells)}", flush=True)
-    return 0
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"written to {args.csv}")
+    return 1 if any(row["error"] for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -90,6 +90,14 @@ def warmup_key(key: str) -> str:
     return f"64:96:{rest}"
 
 
+def suite(device: str) -> list[str]:
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): D = 1024 through
+    the Gram matrices (N = 256) and through C (N = 4096), barlow; softmax at N = 256."""
+    cases = [(n, mode, "barlow") for n in (256, 4096) for mode in ("forward", "forward+backward")]
+    cases.append((256, "forward+backward", "softmax"))
+    return [f"{n}:1024:fastalign:{mode}:{loss}:{device}" for n, mode, loss in cases]
+
+
 def path_of(n: int, d: int, loss: str) -> str:
     """The fast backends' route: the Gram matrices for barlow with N < D, else through C."""
     return "Gram" if loss == "barlow" and n < d else "C"

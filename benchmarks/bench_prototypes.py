@@ -1,4 +1,4 @@
-"""Prototype operators: plain PyTorch versus fastalign (SPEC 1.4).
+"""Prototype operators: plain PyTorch versus fastalign.
 
 prototype_assign (softmax, cosine scores, tau 0.1): plain = F.normalize both, matmul, softmax,
 autograd; N = 4096, K in {256, 4096, 12385}, D in {300, 1024}; forward, and forward + backward
@@ -112,6 +112,14 @@ def build_case(key: str):
 
 
 IMPLS = ("plain", "fastalign")
+MODES = ("forward", "forward+backward")
+
+
+def suite(device: str) -> list[str]:
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): assign at
+    N = K = 4096, D = 300, and the top-m mixture of 2000 queries over the MASK vocabulary."""
+    shapes = (f"assign:{ASSIGN_ROWS}:4096:300", f"topk:2000:{TOPK_KEYS}:{TOPK_DIM}")
+    return [f"{shape}:fastalign:{mode}:{device}" for shape in shapes for mode in MODES]
 
 
 def warmup_key(key: str) -> str:
@@ -148,7 +156,7 @@ def main() -> None:
             want = plain_fn(*inputs)
             gaps.append(float((fast_fn(*inputs) - want).abs().max() / want.abs().max()))
         del inputs, want
-        for mode in ("forward", "forward+backward"):
+        for mode in MODES:
             impls = IMPLS + (("gemm_floor",) if op == "assign" else ())
             keys = {impl: f"{op}:{n}:{k}:{d}:{impl}:{mode}:{device.type}" for impl in impls}
             labels = {"op": op, "N": n, "K": k, "D": d, "mode": mode}

@@ -109,6 +109,18 @@ def build_case(key: str):
     return forward_backward
 
 
+def suite(device: str) -> list[str]:
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): fastalign at the
+    training shape both ways and on the 200 x 1000 evaluation; the plain forward (BLAS-bound)
+    as the suite's control of the machine's speed."""
+    return [
+        f"train:plain:forward:quick:{device}:uniform",
+        f"train:fastalign:forward:quick:{device}:uniform",
+        f"train:fastalign:forward+backward:quick:{device}:uniform",
+        f"eval:fastalign:forward:quick:{device}:flickr",
+    ]
+
+
 def _no_grad(fn, *args):
     with torch.no_grad():
         return fn(*args)

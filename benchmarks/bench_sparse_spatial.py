@@ -40,7 +40,7 @@ TOPK = 10
 
 
 def plain_loss(img, txt, kind, select):
-    """The obvious PyTorch composition of SPEC 1.3."""
+    """The obvious PyTorch composition of the loss (README, sparse_spatial_loss)."""
     n = img.shape[0]
     u = F.normalize(img, dim=1)
     v = F.normalize(txt, dim=1)
@@ -91,6 +91,18 @@ def build_case(key: str):
     img, txt = make_inputs(int(n), int(d), device)
     fn = plain_loss if impl == "plain" else fastalign_loss
     return operator_case(lambda img, txt: fn(img, txt, kind, select), (img, txt), mode)
+
+
+def suite(device: str) -> list[str]:
+    """The case keys of the pytest-benchmark suite (benchmarks/test_kernels.py): N = 1024,
+    both kinds with the threshold rule, and soft and topk (inter) forward + backward."""
+    cases = [
+        (kind, mode, "threshold")
+        for kind in ("inter", "intra")
+        for mode in ("forward", "forward+backward")
+    ]
+    cases += [("inter", "forward+backward", select) for select in ("soft", "topk")]
+    return [f"1024:{DIM}:fastalign:{mode}:{kind}:{select}:{device}" for kind, mode, select in cases]
 
 
 def warmup_key(key: str) -> str:

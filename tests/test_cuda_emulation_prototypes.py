@@ -7,10 +7,10 @@ temperature, float16 / bfloat16 inputs and the inputs the host code rejects."""
 import shutil
 import zlib
 
-import cuda_emulation  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import cuda_emulation
 
 import fastalign
 from fastalign._backends import extension_has_cuda

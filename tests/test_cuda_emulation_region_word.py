@@ -7,12 +7,11 @@ feature steps."""
 
 import functools
 import shutil
-import zlib
 
-import cuda_emulation  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 import pytest
 import torch
-from test_region_word import COMBOS, make_inputs, options
+from _helpers import cuda_emulation, seed_of
+from _helpers.region_word import COMBOS, make_inputs, options
 
 from fastalign.ops.region_word import (
     AGGREGATES,
@@ -98,10 +97,6 @@ def check_against_reference(inputs, kw, seed, tol):
     for g, w in zip(got, want):
         scale = max(w.abs().max().item(), 1.0)
         torch.testing.assert_close(g.double() / scale, w / scale, rtol=0, atol=tol)
-
-
-def seed_of(*key):
-    return zlib.crc32(repr(key).encode())
 
 
 @pytest.mark.parametrize("direction,align,aggregate,activation", COMBOS)

@@ -3,16 +3,16 @@ emulation against the plain-PyTorch reference (float64): loss, gradients for img
 per-row alpha, every kind x select x largest, shapes across the 32-wide row chunks and pair
 tiles and the 64-wide GEMM tiles, exact top-k ties, rows of equal entries, zero rows, float16 /
 bfloat16 inputs and the host code's argument checks. Hard selections use inputs with no entry
-near a selection boundary (test_sparse_spatial.separated_inputs)."""
+near a selection boundary (_helpers.sparse_spatial.separated_inputs)."""
 
 import itertools
 import math
 import shutil
 
-import cuda_emulation  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 import pytest
 import torch
-from test_sparse_spatial import (
+from _helpers import cuda_emulation, seed_of
+from _helpers.sparse_spatial import (
     COMBOS,
     TEMPERATURE,
     assert_matches,
@@ -22,7 +22,6 @@ from test_sparse_spatial import (
     options_for,
     per_row_alpha,
     reference_loss_and_grads,
-    seed_of,
     separated_inputs,
 )
 

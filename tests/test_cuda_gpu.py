@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from test_sparse_spatial import (
+from _helpers import seed_of
+from _helpers.region_word import make_inputs, options
+from _helpers.sparse_spatial import (
     COMBOS,
     assert_matches,
     loss_and_grads,
     options_for,
     per_row_alpha,
     reference_loss_and_grads,
-    seed_of,
     separated_inputs,
 )
 
@@ -129,8 +130,6 @@ REGION_WORD_COMBOS = [
 @pytest.mark.parametrize("direction,align,aggregate,activation", REGION_WORD_COMBOS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_region_word_cuda_vs_reference_and_triton(direction, align, aggregate, activation, dtype):
-    from test_region_word import make_inputs, options
-
     from fastalign.ops.region_word import region_word_similarity_reference
 
     if backends("region_word_similarity")["cuda"] != "available":
@@ -160,7 +159,7 @@ def test_region_word_cuda_vs_reference_and_triton(direction, align, aggregate, a
 
 
 # Hard selections (threshold, topk) only on inputs with no entry within 3e-6 of a selection
-# boundary (test_sparse_spatial.separated_inputs), so rounding cannot flip one; N = 1000 soft.
+# boundary (_helpers.sparse_spatial.separated_inputs), so rounding cannot flip one; N = 1000 soft.
 SPARSE_SPATIAL_CASES = [
     (shape, kind, select, largest)
     for shape in [(2, 3), (70, 33), (150, 96)]

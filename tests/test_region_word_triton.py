@@ -1,18 +1,14 @@
 """Triton region-word kernels under the interpreter (CPU tensors) against the reference."""
 
-import os
-import zlib
-
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import seed_of
 
 pytest.importorskip("triton")
 
-from fastalign.kernels.triton import region_word as rw  # noqa: E402
-from fastalign.ops.region_word import (  # noqa: E402
+from fastalign.kernels.triton import region_word as rw
+from fastalign.ops.region_word import (
     AGGREGATES,
     ALIGNS,
     DIRECTIONS,
@@ -20,12 +16,9 @@ from fastalign.ops.region_word import (  # noqa: E402
     region_word_similarity_reference,
 )
 
+pytestmark = pytest.mark.triton_interpreter
 N_IMAGES, N_CAPTIONS = 3, 5
 ALIGN_TAU, AGGREGATE_TAU = 0.1, 0.2
-
-
-def seed_of(*parts) -> int:
-    return zlib.crc32(repr(parts).encode())
 
 
 def make_inputs(n_regions, n_words, dim, seed, dtype=torch.float32, integer=False):

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile checks of the Triton kernels for sm_80 / sm_90 (SPEC 5), no GPU.
+"""Ahead-of-time compile checks of the Triton kernels for sm_80 / sm_90, no GPU.
 
 The checker itself is tested on small kernels defined here (one that must pass, one that
 spills, one without mma); then every kernel the package declares through ``aot_specs()``

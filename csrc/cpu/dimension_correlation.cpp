@@ -1,4 +1,4 @@
-// CPU dimension-correlation loss (SPEC 1.2): the loss and its gradients w.r.t. a and b in
+// CPU dimension-correlation loss: the loss and its gradients w.r.t. a and b in
 // one call. One pass over the rows of a and b gives every column's statistics (in double)
 // and C's diagonal, and catches NaN and infinity. Every product runs on the BLAS. Without a
 // gradient, C comes from one product of the raw a with standardised b (blocks of up to 4096

@@ -1,4 +1,4 @@
-// CPU prototype operators (SPEC 1.4): assignment of rows to prototypes (softmax, hard arg-max,
+// CPU prototype operators: assignment of rows to prototypes (softmax, hard arg-max,
 // log-domain Sinkhorn) with the softmax backward, the EMA update of the prototypes, and MASK's
 // top-m mixture with its backward. Every product runs on the BLAS in tiles that one thread
 // owns, and each tile is consumed while it is in cache: softmax / arg-max of a block of rows,

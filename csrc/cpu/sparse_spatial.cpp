@@ -1,4 +1,4 @@
-// CPU sparse spatial loss (SPEC 1.3, DIAS L_inter / L_intra): the loss and, when asked, its
+// CPU sparse spatial loss (DIAS L_inter / L_intra): the loss and, when asked, its
 // gradients w.r.t. img, txt and alpha in one call, in O(N^2) memory (one N x N buffer).
 // Both kinds are one signed discrepancy D with E = |D|: inter D = V U^T - U V^T (= X - X^T,
 // antisymmetric), intra D = V V^T - U U^T (= Y - Z, symmetric), for the row-normalised U, V.

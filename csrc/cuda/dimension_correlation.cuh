@@ -1,4 +1,4 @@
-// CUDA kernels of the dimension-correlation loss (SPEC 1.2). column_stats standardises the
+// CUDA kernels of the dimension-correlation loss. column_stats standardises the
 // columns of a and b into float32 workspaces (one block per 32 columns of one input, 8 row
 // phases); C = A^T B / N, dL/dA = B G^T / N and dL/dB = A G / N run through the tensor-core
 // strided_gemm_kernel; the loss and G = dL/dC come from C elementwise (barlow) or with the

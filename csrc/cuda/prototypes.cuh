@@ -1,4 +1,4 @@
-// CUDA kernels of the prototype operators (SPEC 1.4). Row-wise passes give one warp to a row
+// CUDA kernels of the prototype operators. Row-wise passes give one warp to a row
 // (kPrototypeRowWarps rows per block): normalisation, the row log-sum-exp of softmax and of
 // Sinkhorn's row step, the first arg-max, the softmax backward's dS = P (G - <G, P>) / tau, the EMA
 // step; Sinkhorn's column step and the assignment mass reduce columns with (32, 8) blocks. The N x

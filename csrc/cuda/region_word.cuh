@@ -1,4 +1,4 @@
-// CUDA kernels of the fused region-word similarity (SPEC 1.1), one direction per launch:
+// CUDA kernels of the fused region-word similarity, one direction per launch:
 // "queries" align over "keys" (t2i: words over regions, i2t: regions over words).
 // Forward: a block of 4 warps owns a 2 x 2 tile of (query item, key item) pairs, warp w the pair
 // (w / 2, w % 2); per 32-token query chunk x 32-token key chunk the warps form their 32 x 32

@@ -1,4 +1,4 @@
-// CUDA kernels of the sparse spatial loss (SPEC 1.3, DIAS L_inter / L_intra). normalize_rows
+// CUDA kernels of the sparse spatial loss (DIAS L_inter / L_intra). normalize_rows
 // writes the normalised rows [u_r, v_r] (and, for intra, [v_r - u_r, v_r + u_r]) into float32
 // workspaces, one block per row pair; the N x N products run through strided_gemm_kernel, and
 // add_transpose turns P into D (inter P - P^T, intra P + P^T) and later Gamma into Omega,

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check for the CUDA kernels of csrc/cuda (SPEC 5), no GPU needed.
+"""Ahead-of-time compile check for the CUDA kernels of csrc/cuda, no GPU needed.
 
 The kernels live in torch-free ``.cuh`` headers; ``csrc/cuda/compile_check_driver.cu``
 instantiates all of them. For each architecture (sm_80 and sm_90 by default) nvcc writes the

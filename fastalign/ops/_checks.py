@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-# What each backend's kernels take (SPEC section 1).
+# What each backend's kernels take (README, "Operators").
 BACKEND_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "triton": (torch.float16, torch.bfloat16, torch.float32),

@@ -1,4 +1,4 @@
-"""Dimension-correlation regularizer (SPEC 1.2, DIAS L_dim): reference, checks, dispatch, autograd.
+"""Dimension-correlation regularizer (DIAS L_dim): reference, checks, dispatch, autograd.
 
 Each column ("dimension vector") of the paired (N, D) features a and b is standardised over the
 N rows, and C = A^T B / N is the cross-modal dimension-correlation matrix. The barlow loss pulls

@@ -1,4 +1,4 @@
-"""Prototype operators (SPEC 1.4, PICO prototypes, MASK knowledge): reference, checks, dispatch,
+"""Prototype operators (PICO prototypes, MASK knowledge): reference, checks, dispatch,
 autograd.
 
 - ``prototype_assign``: rows of x (N, D) to K prototypes by their (cosine) scores: softmax,
@@ -359,7 +359,7 @@ def prototype_update(
         assignments: (N, K) non-negative weights (e.g. from :func:`prototype_assign`).
         momentum: in [0, 1]; 1 keeps the prototypes, 0 replaces them by the means.
         normalize: L2-normalise every updated prototype (for cosine assignment); off by
-            default, which is the plain EMA of SPEC 1.4.
+            default: the plain EMA.
         backend: as for :func:`prototype_assign`.
 
     Returns:

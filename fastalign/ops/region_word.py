@@ -1,4 +1,4 @@
-"""Fused region-word similarity (SPEC 1.1): reference, argument checks, dispatch, autograd.
+"""Fused region-word similarity: reference, argument checks, dispatch, autograd.
 
 S[i, t] = AGGREGATE over query tokens of (ALIGN over key tokens of s(r, w)), where for
 ``direction="t2i"`` the queries are caption t's words and the keys image i's regions,

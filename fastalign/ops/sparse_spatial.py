@@ -1,4 +1,4 @@
-"""Sparse spatial loss (SPEC 1.3, DIAS L_inter / L_intra): reference, checks, dispatch, autograd.
+"""Sparse spatial loss (DIAS L_inter / L_intra): reference, checks, dispatch, autograd.
 
 For paired global embeddings img, txt (N, D), with cosine distances X_ij = 1 - cos(img_i, txt_j),
 Y_ij = 1 - cos(img_i, img_j), Z_ij = 1 - cos(txt_i, txt_j), the discrepancy is E = |X - X^T|

@@ -1,4 +1,4 @@
-"""Triton kernels of the dimension-correlation loss (SPEC 1.2): loss and gradients in one call.
+"""Triton kernels of the dimension-correlation loss: loss and gradients in one call.
 
 A column pass gives each column's mean, 1/std and C's diagonal; the matrix kernels load raw
 tiles, standardise them on the fly and tl.dot them: C = A^T B / N in (D x D) tiles reducing

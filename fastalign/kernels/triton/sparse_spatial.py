@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse spatial loss (SPEC 1.3): loss and gradients in one call.
+"""Triton kernels of the sparse spatial loss: loss and gradients in one call.
 
 A row pass gives every row's norm (and a NaN / inf flag). The discrepancy kernel normalises raw
 tiles on the fly and tl.dots them into D (inter V U^T - U V^T, intra V V^T - U U^T) in

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "csrc" / "emulation").glob("*.cpp"))
 BUILD_DIR = ROOT / "build" / "cuda_emulation"
 
