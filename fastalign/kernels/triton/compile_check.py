@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check for the package's Triton kernels (SPEC 5), no GPU needed.
+"""Ahead-of-time compile check for the package's Triton kernels (no GPU needed).
 
 Each kernel module in ``fastalign.kernels.triton`` exposes ``aot_specs()``; every spec is
 compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for

@@ -1,4 +1,4 @@
-"""Triton kernels of the prototype operators (SPEC 1.4).
+"""Triton kernels of the prototype operators.
 
 Assignment: one program per block of rows streams over the prototypes, tl.dot-ing raw tiles
 (row scaling by 1 / |x| |p| after the product) into logits with a running row statistic (log-sum-

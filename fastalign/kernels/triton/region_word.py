@@ -1,4 +1,4 @@
-"""Triton kernels of the fused region-word similarity (SPEC 1.1), forward and backward.
+"""Triton kernels of the fused region-word similarity, forward and backward.
 
 Forward: a program per (query item, key item) streams tl.dot score tiles over D chunks, aligns
 online over keys, aggregates over queries. Backward: a program per (item, token block, D chunk)
@@ -22,7 +22,7 @@ _MAXNREG = 128
 
 @triton.jit
 def _activate(s, LEAKY: tl.constexpr):
-    """leaky_relu with slope 0.1 (SPEC 1.1) when LEAKY, else identity."""
+    """leaky_relu with slope 0.1 when LEAKY, else identity."""
     if LEAKY:
         s = tl.where(s > 0, s, s * 0.1)
     return s
