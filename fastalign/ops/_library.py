@@ -137,3 +137,12 @@ def define_ops(
     if "cpu" in table:
         table["cuda"] = table["cpu"]
     return table
+
+
+def define_loss_ops(
+    operator: str, triton_module: str, fake: Callable
+) -> dict[str, dict[str, Callable]]:
+    """:func:`define_ops` for a loss operator of one forward op with the saved gradient
+    (:func:`saved_gradient`); ``fake`` is that op's fake kernel."""
+    (forward,) = OPERATOR_OPS[operator]
+    return define_ops(operator, triton_module, {forward: fake}, {forward: saved_gradient(forward)})

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_finite, check_number, check_paired_rows
-from fastalign.ops._library import define_ops, saved_gradient
+from fastalign.ops._library import define_loss_ops
 
 MODES = ("barlow", "softmax")
 # Barlow Twins' lambda (Zbontar et al., 2021): the off-diagonal sum has D (D - 1) terms against
@@ -80,12 +80,8 @@ def _forward_fake(
     return a.new_empty(()), a.new_empty(grad_shape), b.new_empty(grad_shape)
 
 
-_FORWARD = "dimension_correlation_loss_forward"
-_OPS = define_ops(
-    "dimension_correlation_loss",
-    "fastalign.kernels.triton.dimension_correlation",
-    fakes={_FORWARD: _forward_fake},
-    gradients={_FORWARD: saved_gradient(_FORWARD)},
+_OPS = define_loss_ops(
+    "dimension_correlation_loss", "fastalign.kernels.triton.dimension_correlation", _forward_fake
 )
 
 
@@ -161,7 +157,7 @@ def dimension_correlation_loss(
     if backend == "reference":
         return dimension_correlation_loss_reference(a, b, mode, off_diagonal_weight, tau, eps)
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    loss, _, _ = _OPS[backend][_FORWARD](
+    loss, _, _ = _OPS[backend]["dimension_correlation_loss_forward"](
         a.contiguous(),
         b.contiguous(),
         MODES.index(mode),

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_finite, check_number, check_paired_rows
-from fastalign.ops._library import define_ops, saved_gradient
+from fastalign.ops._library import define_loss_ops
 
 KINDS = ("inter", "intra")
 SELECTS = ("threshold", "soft", "topk")
@@ -165,12 +165,8 @@ def _forward_fake(
     )
 
 
-_FORWARD = "sparse_spatial_loss_forward"
-_OPS = define_ops(
-    "sparse_spatial_loss",
-    "fastalign.kernels.triton.sparse_spatial",
-    fakes={_FORWARD: _forward_fake},
-    gradients={_FORWARD: saved_gradient(_FORWARD)},
+_OPS = define_loss_ops(
+    "sparse_spatial_loss", "fastalign.kernels.triton.sparse_spatial", _forward_fake
 )
 
 
@@ -292,7 +288,7 @@ def sparse_spatial_loss(
     need_grad = torch.is_grad_enabled() and (
         img.requires_grad or txt.requires_grad or alpha_rows.requires_grad
     )
-    loss, _, _, _ = _OPS[backend][_FORWARD](
+    loss, _, _, _ = _OPS[backend]["sparse_spatial_loss_forward"](
         img.contiguous(),
         txt.contiguous(),
         alpha_rows,
