@@ -413,9 +413,10 @@ def test_triton_matches_reference(shape):
 @needs_triton
 def test_triton_multiple_tiles(monkeypatch):
     """Tiles of 16 and 32 rows and columns, so several programs meet along every side."""
+    from fastalign.kernels.triton import _common
     from fastalign.kernels.triton import dimension_correlation as dc
 
-    monkeypatch.setattr(dc, "_tile", lambda dtype: 16)
+    monkeypatch.setattr(_common, "matrix_tile", lambda dtype: 16)
     monkeypatch.setattr(dc, "_COLUMN_BLOCK", 16)
     monkeypatch.setattr(dc, "_ROW_BLOCK", 16)
     a, b = make_inputs(37, 35, seed=14, dtype=torch.float32)

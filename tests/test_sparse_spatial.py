@@ -641,9 +641,10 @@ def test_triton_matches_reference(shape, kind, select, largest):
 @pytest.mark.parametrize("kind,select,largest", COMBOS)
 def test_triton_multiple_tiles(monkeypatch, kind, select, largest):
     """Tiles of 16 and row blocks of 8 x 16, so several programs meet along every side."""
+    from fastalign.kernels.triton import _common
     from fastalign.kernels.triton import sparse_spatial as ss
 
-    monkeypatch.setattr(ss, "_tile", lambda dtype: 16)
+    monkeypatch.setattr(_common, "matrix_tile", lambda dtype: 16)
     monkeypatch.setattr(ss, "_ROW_BLOCK", 8)
     monkeypatch.setattr(ss, "_COLUMN_BLOCK", 16)
     monkeypatch.setattr(ss, "_SELECT_COLUMNS", 16)

@@ -82,6 +82,7 @@ def set_finite_checks(enabled: bool) -> None:
     so it is off by default; the environment variable ``FASTALIGN_CHECK_FINITE=1`` turns it on
     at import. With it off, a non-finite CUDA input gives whatever the kernels compute from it
     (for instance a Triton max-align may pass over a NaN that ``torch.max`` would return).
+    Under torch.compile no input is checked: the check depends on the data.
     """
     global _check_finite_on_device
     if not isinstance(enabled, bool):
