@@ -3,6 +3,7 @@
 from fastalign import nn
 from fastalign._backends import backends
 from fastalign.evaluation import evaluate
+from fastalign.ops._checks import set_finite_checks
 from fastalign.ops.dimension_correlation import (
     dimension_correlation,
     dimension_correlation_loss,
@@ -24,4 +25,5 @@ __all__ = [
     "prototype_assign",
     "prototype_update",
     "prototype_topk_mix",
+    "set_finite_checks",
 ]

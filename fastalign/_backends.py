@@ -25,22 +25,26 @@ def extension_loaded() -> bool:
     return _EXTENSION_ERROR is None
 
 
-# The compiled op behind each public operator's CUDA backend (see csrc/cuda/*.cu).
-CUDA_KERNEL_OPS = {
-    "region_word_similarity": "fastalign::region_word_forward",
-    "dimension_correlation_loss": "fastalign::dimension_correlation_loss_forward",
-    "sparse_spatial_loss": "fastalign::sparse_spatial_loss_forward",
-    "prototype_assign": "fastalign::prototype_assign_forward",
-    "prototype_update": "fastalign::prototype_update",
-    "prototype_topk_mix": "fastalign::prototype_topk_mix_forward",
+# Every public operator and its ops, the forward first: "fastalign::<op>" is the compiled op
+# (csrc/ops.cpp, kernels in csrc/cpu and csrc/cuda), "fastalign::<op>_triton" the Triton one
+# (fastalign/kernels/triton/<module>.py); fastalign/ops/<module>.py registers both through
+# fastalign/ops/_library.py. A new operator adds its line here.
+OPERATOR_OPS: dict[str, tuple[str, ...]] = {
+    "region_word_similarity": ("region_word_forward", "region_word_backward"),
+    "dimension_correlation_loss": ("dimension_correlation_loss_forward",),
+    "sparse_spatial_loss": ("sparse_spatial_loss_forward",),
+    "prototype_assign": ("prototype_assign_forward", "prototype_assign_backward"),
+    "prototype_update": ("prototype_update",),
+    "prototype_topk_mix": ("prototype_topk_mix_forward", "prototype_topk_mix_backward"),
 }
 
 
 # Asked of the dispatcher once, at import (when fastalign._C has registered its kernels): the
 # query cannot be traced, and torch.compile(fullgraph=True) must get through resolve_backend.
 _HAS_CUDA_KERNEL = {
-    op: extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
-    for op, name in CUDA_KERNEL_OPS.items()
+    op: extension_loaded()
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastalign::{names[0]}", "CUDA")
+    for op, names in OPERATOR_OPS.items()
 }
 
 

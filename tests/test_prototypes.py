@@ -507,8 +507,13 @@ def with_nan(shape, at):
 BAD = [
     ("assign", dict(prototypes=torch.randn(0, 5)), ValueError, "prototypes must hold at least"),
     ("assign", dict(prototypes=torch.randn(4, 3)), ValueError, "share the feature dimension"),
-    ("assign", dict(x=with_nan((6, 5), (2, 3))), ValueError, r"x\[2, 3\] holds a NaN"),
-    ("assign", dict(prototypes=torch.full((4, 5), math.inf)), ValueError, r"prototypes\[0, 0\]"),
+    ("assign", dict(x=with_nan((6, 5), (2, 3))), ValueError, r"x holds .* \(nan\) at \[2, 3\]"),
+    (
+        "assign",
+        dict(prototypes=torch.full((4, 5), math.inf)),
+        ValueError,
+        r"prototypes holds .* \(inf\) at \[0, 0\]",
+    ),
     ("assign", dict(x=torch.randn(6)), ValueError, "x must be 2-D"),
     ("assign", dict(x=torch.zeros(6, 5, dtype=torch.int64)), TypeError, "x must be a floating"),
     ("assign", dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
@@ -526,7 +531,12 @@ BAD = [
     ("topk", dict(keys=torch.randn(0, 5), values=torch.randn(0, 3)), ValueError, "keys must hold"),
     ("topk", dict(keys=torch.randn(4, 6)), ValueError, "share the feature dimension"),
     ("topk", dict(values=torch.randn(5, 3)), ValueError, "one row per key"),
-    ("topk", dict(values=with_nan((4, 3), (1, 2))), ValueError, r"values\[1, 2\] holds a NaN"),
+    (
+        "topk",
+        dict(values=with_nan((4, 3), (1, 2))),
+        ValueError,
+        r"values holds .* \(nan\) at \[1, 2\]",
+    ),
     ("topk", dict(queries=torch.randn(2, 6, 5)), ValueError, "queries must be 2-D"),
     ("topk", dict(tau=math.nan), ValueError, "tau"),
     ("update", dict(momentum=1.5), ValueError, "momentum must be in"),
@@ -534,7 +544,7 @@ BAD = [
     ("update", dict(assignments=torch.rand(6, 3)), ValueError, r"assignments must be \(N, K\)"),
     ("update", dict(assignments=-torch.rand(6, 4)), ValueError, "non-negative"),
     ("update", dict(x=torch.randn(6, 4)), ValueError, "share the feature dimension"),
-    ("update", dict(x=with_nan((6, 5), (0, 1))), ValueError, r"x\[0, 1\] holds a NaN"),
+    ("update", dict(x=with_nan((6, 5), (0, 1))), ValueError, r"x holds .* \(nan\) at \[0, 1\]"),
 ]
 FUNCTIONS = {
     "assign": (fastalign.prototype_assign, good_assign),

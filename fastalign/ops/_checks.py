@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
 
-# What each backend's kernels take (README, "Operators").
+# What each backend's kernels take.
 BACKEND_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "triton": (torch.float16, torch.bfloat16, torch.float32),
@@ -64,3 +65,62 @@ def check_paired_rows(x: Tensor, y: Tensor, names: tuple[str, str], backend: str
     if x.device != y.device:
         raise ValueError(f"{both} must be on one device, got {x.device} and {y.device}")
     check_backend_dtype(x.dtype, backend)
+
+
+# --------------------------------------------------------------------------- finite values
+# Checking a CUDA tensor for NaN / inf reads a flag back from the device: one synchronisation
+# per operator call, which a GPU training loop should not pay unless asked to. CPU tensors are
+# always checked (a pass over memory, no synchronisation).
+_check_finite_on_device = os.environ.get("FASTALIGN_CHECK_FINITE", "0") == "1"
+
+
+def set_finite_checks(enabled: bool) -> None:
+    """Turn the NaN / infinity check of every operator's inputs on or off for tensors that are
+    not on the CPU (CUDA).
+
+    CPU inputs are always checked. On CUDA the check costs one device synchronisation per call,
+    so it is off by default; the environment variable ``FASTALIGN_CHECK_FINITE=1`` turns it on
+    at import. With it off, a non-finite CUDA input gives whatever the kernels compute from it
+    (for instance a Triton max-align may pass over a NaN that ``torch.max`` would return).
+    Under torch.compile no input is checked: the check depends on the data.
+    """
+    global _check_finite_on_device
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _check_finite_on_device = enabled
+
+
+def finite_checks_enabled() -> bool:
+    """Whether non-CPU (CUDA) inputs are checked for NaN / infinity (CPU inputs always are)."""
+    return _check_finite_on_device
+
+
+def finite_check_applies(device: torch.device) -> bool:
+    """The policy: inputs on ``device`` are checked for NaN / inf (always on the CPU, elsewhere
+    when :func:`set_finite_checks` or FASTALIGN_CHECK_FINITE=1 asked for it)."""
+    return device.type == "cpu" or _check_finite_on_device
+
+
+def check_finite(name: str, x: Tensor, lengths: Tensor | None = None) -> None:
+    """Raise ValueError naming ``x`` and the index of its first NaN / inf (row-major order),
+    where the policy of :func:`finite_check_applies` applies to x's device.
+
+    ``lengths`` (N,): only the first lengths[n] rows of x[n] (N, tokens, ...) are read by the
+    kernels, so only those are checked. Skipped while torch.compile traces (data-dependent).
+    """
+    if torch.compiler.is_compiling() or not finite_check_applies(x.device):
+        return
+    x = x.detach()
+    if bool(torch.isfinite(x.sum())):  # one reduction; an overflowing sum looks closer below
+        return
+    bad = ~torch.isfinite(x)
+    if lengths is not None:
+        padded = torch.arange(x.shape[1], device=x.device) >= lengths[:, None]
+        bad &= ~padded.view(*padded.shape, *([1] * (x.dim() - 2)))
+    where = bad.nonzero()
+    if len(where):
+        index = tuple(int(i) for i in where[0])
+        raise ValueError(
+            f"{name} holds a non-finite value ({float(x[index])}) at "
+            f"[{', '.join(map(str, index))}]: the operators need finite inputs"
+        )

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops._checks import check_number, check_paired_rows
+from fastalign.ops._checks import check_finite, check_number, check_paired_rows
+from fastalign.ops._library import define_loss_ops
 from fastalign.ops._options import CORRELATION_MODES as MODES
 from fastalign.ops._options import CORRELATION_PATHS
 
@@ -62,29 +63,12 @@ def dimension_correlation_loss_reference(
 # --------------------------------------------------------------------------- checks
 def _check_inputs(a, b, backend: str) -> None:
     check_paired_rows(a, b, ("a", "b"), backend, "to standardise their columns")
-
-
-def _check_finite(a: Tensor, b: Tensor) -> None:
-    """The reference's check; the fast backends find non-finite columns in their own pass."""
-    if torch.compiler.is_compiling():
-        return  # data-dependent: the fast backends still raise from inside their op
-    for name, x in (("a", a), ("b", b)):
-        bad = (~torch.isfinite(x)).any(dim=0).nonzero()
-        if len(bad):
-            raise ValueError(
-                f"{name}[:, {int(bad[0, 0])}] holds a NaN or an infinity: "
-                "dimension_correlation_loss needs finite inputs"
-            )
+    check_finite("a", a)
+    check_finite("b", b)
 
 
 # --------------------------------------------------------------------------- custom ops
-def _forward_fake(a, b, mode, off_diagonal_weight, tau, eps, need_grad, path):
-    grad_shape = a.shape if need_grad else (0,)
-    return a.new_empty(()), a.new_empty(grad_shape), b.new_empty(grad_shape)
-
-
-@torch.library.custom_op("fastalign::dimension_correlation_loss_forward_triton", mutates_args=())
-def _forward_triton(
+def _forward_fake(
     a: Tensor,
     b: Tensor,
     mode: int,
@@ -94,61 +78,14 @@ def _forward_triton(
     need_grad: bool,
     path: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastalign.kernels.triton.dimension_correlation import dimension_correlation_loss_forward
-
-    return dimension_correlation_loss_forward(
-        a, b, mode, off_diagonal_weight, tau, eps, need_grad, path
-    )
+    """(loss (), dloss/da (N, D), dloss/db (N, D)); the gradients empty without need_grad."""
+    grad_shape = a.shape if need_grad else (0,)
+    return a.new_empty(()), a.new_empty(grad_shape), b.new_empty(grad_shape)
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad_a, grad_b = output
-    ctx.mark_non_differentiable(grad_a, grad_b)
-    ctx.save_for_backward(grad_a, grad_b)
-    # Unused outputs get None, not zeros: the gradient outputs would cost two N x D zero fills.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, _grad_grad_a, _grad_grad_b):
-    """The gradients were computed in the forward for an upstream gradient of 1: they are
-    returned as they are when grad_loss is exactly 1 (no second N x D pair in memory), else
-    scaled. The check reads grad_loss, so it runs only eagerly on a CPU tensor (exact type: not
-    under tracing, where tensors are fake or functional subclasses; no device sync)."""
-    grad_a, grad_b = ctx.saved_tensors
-    if grad_loss is None:
-        return None, None, *([None] * 6)
-    if grad_a.numel() == 0:
-        raise RuntimeError("dimension_correlation_loss_forward ran without need_grad")
-    if (
-        type(grad_loss) is Tensor
-        and grad_loss.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and grad_loss.item() == 1.0
-    ):
-        return grad_a, grad_b, *([None] * 6)  # autograd copies them if the graph keeps them
-    return grad_loss * grad_a, grad_loss * grad_b, *([None] * 6)
-
-
-_FORWARD_OPS: dict[str, object] = {
-    "triton": torch.ops.fastalign.dimension_correlation_loss_forward_triton
-}
-torch.library.register_fake("fastalign::dimension_correlation_loss_forward_triton")(_forward_fake)
-torch.library.register_autograd(
-    "fastalign::dimension_correlation_loss_forward_triton",
-    _backward,
-    setup_context=_setup_context,
+_OPS = define_loss_ops(
+    "dimension_correlation_loss", "fastalign.kernels.triton.dimension_correlation", _forward_fake
 )
-if hasattr(torch.ops.fastalign, "dimension_correlation_loss_forward"):  # the extension is loaded
-    _FORWARD_OPS["cpu"] = torch.ops.fastalign.dimension_correlation_loss_forward
-    torch.library.register_fake("fastalign::dimension_correlation_loss_forward")(_forward_fake)
-    torch.library.register_autograd(
-        "fastalign::dimension_correlation_loss_forward",
-        _backward,
-        setup_context=_setup_context,
-    )
-    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
-    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
-    _FORWARD_OPS["cuda"] = torch.ops.fastalign.dimension_correlation_loss_forward
 
 
 # --------------------------------------------------------------------------- public API
@@ -167,7 +104,6 @@ def dimension_correlation(a: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
     """
     check_number("eps", eps, 0.0, low_ok=False)
     _check_inputs(a, b, "reference")
-    _check_finite(a, b)
     return dimension_correlation_reference(a, b, eps)
 
 
@@ -207,9 +143,10 @@ def dimension_correlation_loss(
         (no double backward).
 
     Raises:
-        ValueError: when ``a`` or ``b`` holds a NaN or an infinity, on every backend (the
-            fast ones find it in their standardisation pass; under ``torch.compile`` the
-            reference skips this data-dependent check and propagates NaN).
+        ValueError: when ``a`` or ``b`` holds a NaN or an infinity, naming the tensor and the
+            index. CPU inputs are always checked; CUDA inputs only after
+            ``fastalign.set_finite_checks(True)`` (or with FASTALIGN_CHECK_FINITE=1), as the
+            check costs a device synchronisation.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -221,10 +158,9 @@ def dimension_correlation_loss(
     backend = resolve_backend(backend, a.device, "dimension_correlation_loss")
     _check_inputs(a, b, backend)
     if backend == "reference":
-        _check_finite(a, b)
         return dimension_correlation_loss_reference(a, b, mode, off_diagonal_weight, tau, eps)
     need_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    loss, _, _ = _FORWARD_OPS[backend](
+    loss, _, _ = _OPS[backend]["dimension_correlation_loss_forward"](
         a.contiguous(),
         b.contiguous(),
         MODES.index(mode),

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops._checks import check_backend_dtype, check_floating_tensor, check_number
+from fastalign.ops._checks import (
+    check_backend_dtype,
+    check_finite,
+    check_floating_tensor,
+    check_number,
+)
+from fastalign.ops._library import Gradient, define_ops
 from fastalign.ops._options import ASSIGN_MODES as MODES
 
 MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
@@ -106,15 +112,8 @@ def _check_inputs(named: dict[str, Tensor], backend: str) -> None:
                 f"{first} and {name} must be on one device, got {x0.device} and {x.device}"
             )
     check_backend_dtype(x0.dtype, backend)
-    if torch.compiler.is_compiling():
-        return  # data-dependent: skipped while tracing
     for name, x in named.items():
-        if bool(torch.isfinite(x.sum())):  # one pass, no mask; an overflowing sum looks below
-            continue
-        bad = (~torch.isfinite(x)).nonzero()
-        if len(bad):
-            where = ", ".join(str(int(i)) for i in bad[0])
-            raise ValueError(f"{name}[{where}] holds a NaN or an infinity: finite inputs needed")
+        check_finite(name, x)
 
 
 def _check_rows(name: str, x: Tensor, what: str) -> None:
@@ -139,19 +138,31 @@ def _check_same_dim(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- custom ops
-def _assign_forward_fake(x, prototypes, mode, tau, iters, normalize):
+def _assign_forward_fake(
+    x: Tensor, prototypes: Tensor, mode: int, tau: float, iters: int, normalize: bool
+) -> Tensor:
+    """(N, K) assignments."""
     return x.new_empty((x.shape[0], prototypes.shape[0]))
 
 
-def _assign_backward_fake(grad, assignments, x, prototypes, tau, normalize):
+def _assign_backward_fake(
+    grad: Tensor, assignments: Tensor, x: Tensor, prototypes: Tensor, tau: float, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """(grad_x (N, D), grad_prototypes (K, D)) of the softmax assignment."""
     return torch.empty_like(x), torch.empty_like(prototypes)
 
 
-def _update_fake(prototypes, x, assignments, momentum, normalize):
+def _update_fake(
+    prototypes: Tensor, x: Tensor, assignments: Tensor, momentum: float, normalize: bool
+) -> Tensor:
+    """(K, D) updated prototypes."""
     return torch.empty_like(prototypes)
 
 
-def _topk_mix_forward_fake(queries, keys, values, m, tau):
+def _topk_mix_forward_fake(
+    queries: Tensor, keys: Tensor, values: Tensor, m: int, tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (N, Dv), indices (N, m) int64, weights (N, m)) of the m selected keys."""
     n = queries.shape[0]
     return (
         values.new_empty((n, values.shape[1])),
@@ -160,48 +171,7 @@ def _topk_mix_forward_fake(queries, keys, values, m, tau):
     )
 
 
-def _topk_mix_backward_fake(grad, queries, keys, values, indices, weights, tau):
-    return torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
-
-
-@torch.library.custom_op("fastalign::prototype_assign_forward_triton", mutates_args=())
-def _assign_forward_triton(
-    x: Tensor, prototypes: Tensor, mode: int, tau: float, iters: int, normalize: bool
-) -> Tensor:
-    from fastalign.kernels.triton.prototypes import prototype_assign_forward
-
-    return prototype_assign_forward(x, prototypes, mode, tau, iters, normalize)
-
-
-@torch.library.custom_op("fastalign::prototype_assign_backward_triton", mutates_args=())
-def _assign_backward_triton(
-    grad: Tensor, assignments: Tensor, x: Tensor, prototypes: Tensor, tau: float, normalize: bool
-) -> tuple[Tensor, Tensor]:
-    from fastalign.kernels.triton.prototypes import prototype_assign_backward
-
-    return prototype_assign_backward(grad, assignments, x, prototypes, tau, normalize)
-
-
-@torch.library.custom_op("fastalign::prototype_update_triton", mutates_args=())
-def _update_triton(
-    prototypes: Tensor, x: Tensor, assignments: Tensor, momentum: float, normalize: bool
-) -> Tensor:
-    from fastalign.kernels.triton.prototypes import prototype_update
-
-    return prototype_update(prototypes, x, assignments, momentum, normalize)
-
-
-@torch.library.custom_op("fastalign::prototype_topk_mix_forward_triton", mutates_args=())
-def _topk_mix_forward_triton(
-    queries: Tensor, keys: Tensor, values: Tensor, m: int, tau: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    from fastalign.kernels.triton.prototypes import prototype_topk_mix_forward
-
-    return prototype_topk_mix_forward(queries, keys, values, m, tau)
-
-
-@torch.library.custom_op("fastalign::prototype_topk_mix_backward_triton", mutates_args=())
-def _topk_mix_backward_triton(
+def _topk_mix_backward_fake(
     grad: Tensor,
     queries: Tensor,
     keys: Tensor,
@@ -210,9 +180,8 @@ def _topk_mix_backward_triton(
     weights: Tensor,
     tau: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from fastalign.kernels.triton.prototypes import prototype_topk_mix_backward
-
-    return prototype_topk_mix_backward(grad, queries, keys, values, indices, weights, tau)
+    """(grad_queries, grad_keys, grad_values) through the m selected keys."""
+    return torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
 
 
 def _assign_setup_context(ctx, inputs, output):
@@ -250,37 +219,36 @@ def _make_topk_mix_backward(backward_op):
     return backward
 
 
-def _register(suffix: str) -> dict:
-    """Fake kernels and autograd of the five ops ``fastalign::prototype_*{suffix}``."""
-    fakes = {
-        "assign_forward": _assign_forward_fake,
-        "assign_backward": _assign_backward_fake,
-        "update": _update_fake,
-        "topk_mix_forward": _topk_mix_forward_fake,
-        "topk_mix_backward": _topk_mix_backward_fake,
-    }
-    table = {name: getattr(torch.ops.fastalign, f"prototype_{name}{suffix}") for name in fakes}
-    for name, fake in fakes.items():
-        torch.library.register_fake(f"fastalign::prototype_{name}{suffix}")(fake)
-    torch.library.register_autograd(
-        f"fastalign::prototype_assign_forward{suffix}",
-        _make_assign_backward(table["assign_backward"]),
-        setup_context=_assign_setup_context,
-    )
-    torch.library.register_autograd(
-        f"fastalign::prototype_topk_mix_forward{suffix}",
-        _make_topk_mix_backward(table["topk_mix_backward"]),
-        setup_context=_topk_mix_setup_context,
-    )
-    return table
-
-
-_OPS: dict[str, dict] = {"triton": _register("_triton")}
-if hasattr(torch.ops.fastalign, "prototype_assign_forward"):  # the extension is loaded
-    _OPS["cpu"] = _register("")
-    # The same ops: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
-    # (resolve_backend allows "cuda" only where the build holds the operator's CUDA kernels).
-    _OPS["cuda"] = _OPS["cpu"]
+_TRITON_MODULE = "fastalign.kernels.triton.prototypes"
+_ASSIGN_OPS = define_ops(
+    "prototype_assign",
+    _TRITON_MODULE,
+    fakes={
+        "prototype_assign_forward": _assign_forward_fake,
+        "prototype_assign_backward": _assign_backward_fake,
+    },
+    gradients={
+        "prototype_assign_forward": Gradient(
+            _assign_setup_context, _make_assign_backward, "prototype_assign_backward"
+        )
+    },
+)
+_UPDATE_OPS = define_ops(
+    "prototype_update", _TRITON_MODULE, fakes={"prototype_update": _update_fake}
+)
+_TOPK_MIX_OPS = define_ops(
+    "prototype_topk_mix",
+    _TRITON_MODULE,
+    fakes={
+        "prototype_topk_mix_forward": _topk_mix_forward_fake,
+        "prototype_topk_mix_backward": _topk_mix_backward_fake,
+    },
+    gradients={
+        "prototype_topk_mix_forward": Gradient(
+            _topk_mix_setup_context, _make_topk_mix_backward, "prototype_topk_mix_backward"
+        )
+    },
+)
 
 
 # --------------------------------------------------------------------------- public API
@@ -318,8 +286,11 @@ def prototype_assign(
         (N, K) assignments in the inputs' dtype, every row summing to 1.
 
     Raises:
-        ValueError: K = 0, mismatched D, a NaN or an infinity in an input, tau <= 0,
-            iters < 1, an unknown mode. TypeError: a wrong type or dtype.
+        ValueError: K = 0, mismatched D, tau <= 0, iters < 1, an unknown mode; a NaN or an
+            infinity in an input, naming the tensor and the index (CPU inputs are always
+            checked, CUDA inputs only after ``fastalign.set_finite_checks(True)`` or with
+            FASTALIGN_CHECK_FINITE=1: the check costs a device synchronisation).
+        TypeError: a wrong type or dtype.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -335,7 +306,7 @@ def prototype_assign(
         x, prototypes = x.detach(), prototypes.detach()
     if backend == "reference":
         return prototype_assign_reference(x, prototypes, mode, tau, iters, normalize)
-    forward = _OPS[backend]["assign_forward"]
+    forward = _ASSIGN_OPS[backend]["prototype_assign_forward"]
     return forward(
         x.contiguous(), prototypes.contiguous(), MODES.index(mode), float(tau), iters, normalize
     )
@@ -365,6 +336,9 @@ def prototype_update(
     Returns:
         A new (K, D) tensor, never requiring grad. A prototype whose assignments sum to 0
         keeps its value (and is not re-normalised).
+
+    Raises:
+        ValueError: as for :func:`prototype_assign` (non-finite inputs included).
     """
     check_number("momentum", momentum, 0.0, low_ok=True)
     if momentum > 1:
@@ -386,7 +360,7 @@ def prototype_update(
     prototypes, x, assignments = prototypes.detach(), x.detach(), assignments.detach()
     if backend == "reference":
         return prototype_update_reference(prototypes, x, assignments, momentum, normalize)
-    update = _OPS[backend]["update"]
+    update = _UPDATE_OPS[backend]["prototype_update"]
     inputs = (t.contiguous() for t in (prototypes, x, assignments))
     return update(*inputs, float(momentum), normalize)
 
@@ -421,6 +395,9 @@ def prototype_topk_mix(
     Returns:
         (N, Dv) in the inputs' dtype, differentiable in queries, keys and values through the
         m selected keys (the selection itself carries no gradient).
+
+    Raises:
+        ValueError: as for :func:`prototype_assign` (non-finite inputs included).
     """
     _check_int("m", m, 1)
     check_number("tau", tau, 0.0, low_ok=False)
@@ -438,6 +415,6 @@ def prototype_topk_mix(
     _check_int("m", m, 1, keys.shape[0])
     if backend == "reference":
         return prototype_topk_mix_reference(queries, keys, values, m, tau)
-    forward = _OPS[backend]["topk_mix_forward"]
+    forward = _TOPK_MIX_OPS[backend]["prototype_topk_mix_forward"]
     out, _, _ = forward(queries.contiguous(), keys.contiguous(), values.contiguous(), m, float(tau))
     return out

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops._checks import check_backend_dtype, check_floating_tensor
+from fastalign.ops._checks import check_backend_dtype, check_finite, check_floating_tensor
+from fastalign.ops._library import Gradient, define_ops
 from fastalign.ops._options import AGGREGATES, ALIGNS, DIRECTIONS
 
 T2I, I2T = DIRECTIONS.index("t2i"), DIRECTIONS.index("i2t")
@@ -41,10 +42,9 @@ def _align_aggregate_reference(
         aligned = masked.max(dim=key_dim).values
     else:
         aligned = align_tau * torch.logsumexp(masked / align_tau, dim=key_dim)
-    if aggregate == "mean":
-        return (aligned * query_mask).sum(-1) / query_mask.sum(-1)
-    if aggregate == "sum":
-        return (aligned * query_mask).sum(-1)
+    if aggregate in ("mean", "sum"):
+        total = aligned.masked_fill(~query_mask, 0).sum(-1)
+        return total / query_mask.sum(-1) if aggregate == "mean" else total
     aligned = aligned.masked_fill(~query_mask, float("-inf"))
     if aggregate == "max":
         return aligned.max(dim=-1).values
@@ -72,6 +72,10 @@ def region_word_similarity_reference(
         word_lengths = torch.full((n_captions,), n_words, device=words.device)
     region_mask = torch.arange(n_regions, device=regions.device) < region_lengths[:, None]
     word_mask = torch.arange(n_words, device=words.device) < word_lengths[:, None]
+    # Padded tokens are zeroed first (not multiplied by 0): whatever they hold, NaN included,
+    # reaches neither the scores nor the gradients, as in the kernels that never read them.
+    regions = regions.masked_fill(~region_mask[:, :, None], 0)
+    words = words.masked_fill(~word_mask[:, :, None], 0)
     scores = torch.einsum("ird,twd->itrw", regions, words)  # (Ni, Nt, R, L)
     if score_activation == "leaky_relu":
         scores = F.leaky_relu(scores, LEAKY_SLOPE)
@@ -162,49 +166,6 @@ def _check_inputs(regions, words, backend: str) -> None:
 
 # --------------------------------------------------------------------------- custom ops
 def _forward_fake(
-    regions,
-    words,
-    region_lengths,
-    word_lengths,
-    direction,
-    align,
-    aggregate,
-    align_tau,
-    aggregate_tau,
-    leaky,
-    need_indices,
-    need_values,
-):
-    n_images, n_regions, _ = regions.shape
-    n_captions, n_words, _ = words.shape
-    acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
-    aux = []  # fresh tensors each: outputs must not alias one another
-    for used, tokens in ((direction != I2T, n_words), (direction != T2I, n_regions)):
-        shape = (n_images, n_captions, tokens)
-        aux.append(regions.new_empty(shape if need_values and used else (0,), dtype=acc))
-        keep_idx = need_indices and used and align == ALIGN_MAX
-        aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
-    return (regions.new_empty((n_images, n_captions)), *aux)
-
-
-def _backward_fake(
-    coef_t2i,
-    aux_t2i,
-    coef_i2t,
-    aux_i2t,
-    regions,
-    words,
-    region_lengths,
-    word_lengths,
-    align,
-    align_tau,
-    leaky,
-):
-    return torch.empty_like(regions), torch.empty_like(words)
-
-
-@torch.library.custom_op("fastalign::region_word_forward_triton", mutates_args=())
-def _forward_triton(
     regions: Tensor,
     words: Tensor,
     region_lengths: Tensor,
@@ -218,26 +179,21 @@ def _forward_triton(
     need_indices: bool,
     need_values: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from fastalign.kernels.triton.region_word import region_word_forward
-
-    return region_word_forward(
-        regions,
-        words,
-        region_lengths,
-        word_lengths,
-        direction,
-        align,
-        aggregate,
-        align_tau,
-        aggregate_tau,
-        leaky,
-        need_indices,
-        need_values,
-    )
+    """(scores (Ni, Nt), a_t2i, idx_t2i, a_i2t, idx_i2t): aligned values and arg-max key tokens
+    of each direction, (Ni, Nt, tokens) where kept, else empty."""
+    n_images, n_regions, _ = regions.shape
+    n_captions, n_words, _ = words.shape
+    acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
+    aux = []  # fresh tensors each: outputs must not alias one another
+    for used, tokens in ((direction != 1, n_words), (direction != 0, n_regions)):
+        shape = (n_images, n_captions, tokens)
+        aux.append(regions.new_empty(shape if need_values and used else (0,), dtype=acc))
+        keep_idx = need_indices and used and align == 0
+        aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
+    return (regions.new_empty((n_images, n_captions)), *aux)
 
 
-@torch.library.custom_op("fastalign::region_word_backward_triton", mutates_args=())
-def _backward_triton(
+def _backward_fake(
     coef_t2i: Tensor,
     aux_t2i: Tensor,
     coef_i2t: Tensor,
@@ -250,21 +206,8 @@ def _backward_triton(
     align_tau: float,
     leaky: bool,
 ) -> tuple[Tensor, Tensor]:
-    from fastalign.kernels.triton.region_word import region_word_backward
-
-    return region_word_backward(
-        coef_t2i,
-        aux_t2i,
-        coef_i2t,
-        aux_i2t,
-        regions,
-        words,
-        region_lengths,
-        word_lengths,
-        align,
-        align_tau,
-        leaky,
-    )
+    """(grad_regions, grad_words) from dL/da of each direction and its arg-max or aligned values."""
+    return torch.empty_like(regions), torch.empty_like(words)
 
 
 def _query_coefficients(
@@ -348,26 +291,14 @@ def _make_backward(backward_op):
     return backward
 
 
-_FORWARD_OPS: dict[str, object] = {"triton": torch.ops.fastalign.region_word_forward_triton}
-torch.library.register_fake("fastalign::region_word_backward_triton")(_backward_fake)
-torch.library.register_fake("fastalign::region_word_forward_triton")(_forward_fake)
-torch.library.register_autograd(
-    "fastalign::region_word_forward_triton",
-    _make_backward(torch.ops.fastalign.region_word_backward_triton),
-    setup_context=_setup_context,
+_OPS = define_ops(
+    "region_word_similarity",
+    "fastalign.kernels.triton.region_word",
+    fakes={"region_word_forward": _forward_fake, "region_word_backward": _backward_fake},
+    gradients={
+        "region_word_forward": Gradient(_setup_context, _make_backward, "region_word_backward")
+    },
 )
-if hasattr(torch.ops.fastalign, "region_word_forward"):  # the compiled extension is loaded
-    _FORWARD_OPS["cpu"] = torch.ops.fastalign.region_word_forward
-    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the device
-    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
-    _FORWARD_OPS["cuda"] = torch.ops.fastalign.region_word_forward
-    torch.library.register_fake("fastalign::region_word_forward")(_forward_fake)
-    torch.library.register_fake("fastalign::region_word_backward")(_backward_fake)
-    torch.library.register_autograd(
-        "fastalign::region_word_forward",
-        _make_backward(torch.ops.fastalign.region_word_backward),
-        setup_context=_setup_context,
-    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -405,6 +336,12 @@ def region_word_similarity(
     Returns:
         (Ni, Nt) scores in the inputs' dtype. With ``align="max"`` gradients go to the first
         arg-max key token, like ``torch.max(dim)``.
+
+    Raises:
+        ValueError: when a valid token of ``regions`` or ``words`` holds a NaN or an infinity,
+            naming the tensor and the index (padded tokens are not read). CPU inputs are always
+            checked; CUDA inputs only after ``fastalign.set_finite_checks(True)`` (or with
+            FASTALIGN_CHECK_FINITE=1), as the check costs a device synchronisation.
     """
     _check_choice("direction", direction, DIRECTIONS)
     _check_choice("align", align, ALIGNS)
@@ -422,6 +359,8 @@ def region_word_similarity(
     word_lengths = check_lengths(
         "word_lengths", word_lengths, words.shape[0], words.shape[1], words.device
     )
+    check_finite("regions", regions, region_lengths)
+    check_finite("words", words, word_lengths)
     if backend == "reference":
         return region_word_similarity_reference(
             regions,
@@ -441,7 +380,7 @@ def region_word_similarity(
     # aggregate max / lse, or the sign for the leaky-ReLU slope).
     need_indices = need_grad and align == "max"
     need_values = need_grad and (align == "lse" or aggregate in ("max", "lse") or leaky)
-    scores, *_ = _FORWARD_OPS[backend](
+    scores, *_ = _OPS[backend]["region_word_forward"](
         regions.contiguous(),
         words.contiguous(),
         region_lengths,

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastalign._backends import resolve_backend
-from fastalign.ops._checks import check_number, check_paired_rows
+from fastalign.ops._checks import check_finite, check_number, check_paired_rows
+from fastalign.ops._library import define_loss_ops
 from fastalign.ops._options import SPATIAL_KINDS as KINDS
 from fastalign.ops._options import SPATIAL_SELECTS as SELECTS
 
@@ -126,41 +127,22 @@ def _check_selection(
         check_number("alpha", alpha, -math.inf, low_ok=False)
 
 
-def _check_finite(name: str, x: Tensor) -> None:
-    """The reference's check; the fast backends find non-finite rows in their own pass."""
-    if torch.compiler.is_compiling():
-        return  # data-dependent: the fast backends still raise from inside their op
-    bad = (~torch.isfinite(x)).any(dim=1).nonzero()
-    if len(bad):
-        raise ValueError(
-            f"{name}[{int(bad[0, 0])}] holds a NaN or an infinity: sparse_spatial_loss needs "
-            "finite inputs"
-        )
-
-
 def _check_inputs(img, txt, backend: str) -> None:
     check_paired_rows(img, txt, ("img", "txt"), backend, "(pairs)")
+    check_finite("img", img)
+    check_finite("txt", txt)
 
 
-def _check_alpha_device(alpha, device: torch.device) -> None:
-    if isinstance(alpha, Tensor) and alpha.device != device:
-        raise ValueError(f"alpha must be on the inputs' device {device}, got {alpha.device}")
+def _check_alpha_tensor(alpha, device: torch.device) -> None:
+    """A tensor alpha is on the inputs' device and finite (a float one is checked already)."""
+    if isinstance(alpha, Tensor):
+        if alpha.device != device:
+            raise ValueError(f"alpha must be on the inputs' device {device}, got {alpha.device}")
+        check_finite("alpha", alpha)
 
 
 # --------------------------------------------------------------------------- custom ops
-def _forward_fake(img, txt, alpha, kind, select, k, temperature, largest, need_grad):
-    shape = img.shape if need_grad else (0,)
-    alpha_shape = alpha.shape if need_grad else (0,)
-    return (
-        img.new_empty(()),
-        img.new_empty(shape),
-        txt.new_empty(shape),
-        alpha.new_empty(alpha_shape),
-    )
-
-
-@torch.library.custom_op("fastalign::sparse_spatial_loss_forward_triton", mutates_args=())
-def _forward_triton(
+def _forward_fake(
     img: Tensor,
     txt: Tensor,
     alpha: Tensor,
@@ -171,54 +153,21 @@ def _forward_triton(
     largest: bool,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastalign.kernels.triton.sparse_spatial import sparse_spatial_loss_forward
-
-    return sparse_spatial_loss_forward(
-        img, txt, alpha, kind, select, k, temperature, largest, need_grad
+    """(loss (), dloss/dimg (N, D), dloss/dtxt (N, D), dloss/dalpha (N,)); the gradients empty
+    without need_grad."""
+    shape = img.shape if need_grad else (0,)
+    alpha_shape = alpha.shape if need_grad else (0,)
+    return (
+        img.new_empty(()),
+        img.new_empty(shape),
+        txt.new_empty(shape),
+        alpha.new_empty(alpha_shape),
     )
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad_img, grad_txt, grad_alpha = output
-    ctx.mark_non_differentiable(grad_img, grad_txt, grad_alpha)
-    ctx.save_for_backward(grad_img, grad_txt, grad_alpha)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_loss, _grad_grad_img, _grad_grad_txt, _grad_grad_alpha):
-    """The gradients were computed in the forward for an upstream gradient of 1: returned as
-    they are when grad_loss is exactly 1 (read only eagerly on a CPU tensor, as in
-    dimension_correlation_loss), else scaled."""
-    grad_img, grad_txt, grad_alpha = ctx.saved_tensors
-    no_grad = [None] * 6
-    if grad_loss is None:
-        return None, None, None, *no_grad
-    if grad_img.numel() == 0:
-        raise RuntimeError("sparse_spatial_loss_forward ran without need_grad")
-    if (
-        type(grad_loss) is Tensor
-        and grad_loss.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and grad_loss.item() == 1.0
-    ):
-        return grad_img, grad_txt, grad_alpha, *no_grad
-    return grad_loss * grad_img, grad_loss * grad_txt, grad_loss * grad_alpha, *no_grad
-
-
-_FORWARD_OPS: dict[str, object] = {"triton": torch.ops.fastalign.sparse_spatial_loss_forward_triton}
-torch.library.register_fake("fastalign::sparse_spatial_loss_forward_triton")(_forward_fake)
-torch.library.register_autograd(
-    "fastalign::sparse_spatial_loss_forward_triton", _backward, setup_context=_setup_context
+_OPS = define_loss_ops(
+    "sparse_spatial_loss", "fastalign.kernels.triton.sparse_spatial", _forward_fake
 )
-if hasattr(torch.ops.fastalign, "sparse_spatial_loss_forward"):  # the extension is loaded
-    _FORWARD_OPS["cpu"] = torch.ops.fastalign.sparse_spatial_loss_forward
-    torch.library.register_fake("fastalign::sparse_spatial_loss_forward")(_forward_fake)
-    torch.library.register_autograd(
-        "fastalign::sparse_spatial_loss_forward", _backward, setup_context=_setup_context
-    )
-    # One op for both: the dispatcher picks the CPU or the CUDA kernel by the inputs' device
-    # (resolve_backend allows "cuda" only where the build holds the CUDA kernel).
-    _FORWARD_OPS["cuda"] = torch.ops.fastalign.sparse_spatial_loss_forward
 
 
 # --------------------------------------------------------------------------- public API
@@ -266,9 +215,8 @@ def sparse_select(
     if entries < 1:
         raise ValueError(f"E needs at least one candidate per row, got shape {tuple(E.shape)}")
     _check_selection(select, alpha, k, temperature, largest, entries, n)
-    _check_alpha_device(alpha, E.device)
-    if not torch.compiler.is_compiling() and not torch.isfinite(E).all():
-        raise ValueError("E holds a NaN or an infinity: sparse_select needs finite scores")
+    _check_alpha_tensor(alpha, E.device)
+    check_finite("E", E)
     return _select_weights(E, select, alpha, k, temperature, largest, exclude_diagonal)
 
 
@@ -315,8 +263,10 @@ def sparse_spatial_loss(
         needed and the backward only scales them (no double backward).
 
     Raises:
-        ValueError: when img or txt holds a NaN or an infinity, on every backend (under
-            ``torch.compile`` the reference skips this data-dependent check).
+        ValueError: when img, txt or a tensor alpha holds a NaN or an infinity, naming the
+            tensor and the index. CPU inputs are always checked; CUDA inputs only after
+            ``fastalign.set_finite_checks(True)`` (or with FASTALIGN_CHECK_FINITE=1), as the
+            check costs a device synchronisation.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -326,10 +276,8 @@ def sparse_spatial_loss(
     _check_inputs(img, txt, backend)
     n = img.shape[0]
     _check_selection(select, alpha, k, temperature, largest, n - 1, n)
-    _check_alpha_device(alpha, img.device)
+    _check_alpha_tensor(alpha, img.device)
     if backend == "reference":
-        _check_finite("img", img)
-        _check_finite("txt", txt)
         return sparse_spatial_loss_reference(img, txt, kind, select, alpha, k, temperature, largest)
     if isinstance(alpha, Tensor):
         # Only the soft weights depend smoothly on alpha: elsewhere it takes no gradient.
@@ -340,7 +288,7 @@ def sparse_spatial_loss(
     need_grad = torch.is_grad_enabled() and (
         img.requires_grad or txt.requires_grad or alpha_rows.requires_grad
     )
-    loss, _, _, _ = _FORWARD_OPS[backend](
+    loss, _, _, _ = _OPS[backend]["sparse_spatial_loss_forward"](
         img.contiguous(),
         txt.contiguous(),
         alpha_rows,

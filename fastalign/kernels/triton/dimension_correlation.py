@@ -15,18 +15,26 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastalign.kernels.triton.region_word import _precision
+from fastalign.kernels.triton import _common
+from fastalign.kernels.triton._common import load_tile, load_tile_t
 from fastalign.ops._options import CORRELATION_MODES, CORRELATION_PATHS
 
 _MODE_BARLOW, _MODE_SOFTMAX = (CORRELATION_MODES.index(m) for m in ("barlow", "softmax"))
 _PATH_AUTO, _PATH_CORRELATION, _PATH_GRAM = (
     CORRELATION_PATHS.index(p) for p in ("auto", "correlation", "gram")
 )
-# Register cap of every launch, as for the region-word kernels: ptxas stays spill-free at it.
-_MAXNREG = 128
 # The Gram matrices enter tl.dot in the inputs' dtype, and their diagonal is about D: float16
 # takes the path through C beyond this D.
 _GRAM_MAX_D_FLOAT16 = 16384
+
+
+@triton.jit
+def _column_pair_rows(x_ptr, y_ptr, rows, N, cols, col_ok, stride_x, stride_y):
+    """Rows ``rows`` (int64) of x and of y in the columns ``cols``, as float32 (0 outside), and
+    the mask of the entries inside: what each step of the column passes reads."""
+    x = load_tile(x_ptr, rows, rows < N, cols, col_ok, stride_x).to(tl.float32)
+    y = load_tile(y_ptr, rows, rows < N, cols, col_ok, stride_y).to(tl.float32)
+    return (rows < N)[:, None] & col_ok[None, :], x, y
 
 
 @triton.jit
@@ -38,7 +46,6 @@ def _column_stats_kernel(
     mean_b_ptr,
     rstd_b_ptr,
     diag_ptr,
-    nonfinite_ptr,
     N,
     D,
     stride_a,
@@ -47,23 +54,17 @@ def _column_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per column of a and b: mean, 1/sqrt(biased var + eps), C_kk, and a NaN / inf flag."""
+    """Per column of a and b: mean, 1/sqrt(biased var + eps) and C_kk."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     offs_n = tl.arange(0, BLOCK_N)
     sum_a = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_b = tl.zeros([BLOCK_D], dtype=tl.float32)
-    check = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        x = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=ok, other=0.0)
-        y = tl.load(b_ptr + rows[:, None] * stride_b + cols[None, :], mask=ok, other=0.0)
-        x = x.to(tl.float32)
-        y = y.to(tl.float32)
+        _, x, y = _column_pair_rows(a_ptr, b_ptr, rows, N, cols, col_ok, stride_a, stride_b)
         sum_a += tl.sum(x, axis=0)
         sum_b += tl.sum(y, axis=0)
-        check += tl.sum(x - x, axis=0) + tl.sum(y - y, axis=0)  # NaN once a NaN / inf is seen
     mean_a = sum_a / N
     mean_b = sum_b / N
     squares_a = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -71,11 +72,9 @@ def _column_stats_kernel(
     cross = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        x = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=ok, other=0.0)
-        y = tl.load(b_ptr + rows[:, None] * stride_b + cols[None, :], mask=ok, other=0.0)
-        x = tl.where(ok, x.to(tl.float32) - mean_a[None, :], 0.0)
-        y = tl.where(ok, y.to(tl.float32) - mean_b[None, :], 0.0)
+        ok, x, y = _column_pair_rows(a_ptr, b_ptr, rows, N, cols, col_ok, stride_a, stride_b)
+        x = tl.where(ok, x - mean_a[None, :], 0.0)
+        y = tl.where(ok, y - mean_b[None, :], 0.0)
         squares_a += tl.sum(x * x, axis=0)
         squares_b += tl.sum(y * y, axis=0)
         cross += tl.sum(x * y, axis=0)
@@ -86,7 +85,23 @@ def _column_stats_kernel(
     tl.store(mean_b_ptr + cols, mean_b, mask=col_ok)
     tl.store(rstd_b_ptr + cols, rstd_b, mask=col_ok)
     tl.store(diag_ptr + cols, cross * rstd_a * rstd_b / N, mask=col_ok)
-    tl.store(nonfinite_ptr + cols, (check != 0.0).to(tl.int32), mask=col_ok)
+
+
+@triton.jit
+def _standardized_tile(
+    x_ptr, rows, row_ok, cols, col_ok, stride, mean, rstd, TRANSPOSE: tl.constexpr
+):
+    """The (rows x cols) tile of x standardised per column, (x - mean) * rstd, 0 outside, in x's
+    dtype for tl.dot; its transpose (cols x rows) when TRANSPOSE. mean and rstd hold the tile's
+    columns, 0 past D: there the tile is 0 already, so only the rows are masked (a full mask
+    costs the softmax gradient kernel registers it does not have on sm_90)."""
+    if TRANSPOSE:
+        x = load_tile_t(x_ptr, rows, row_ok, cols, col_ok, stride).to(tl.float32)
+        x = tl.where(row_ok[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+    else:
+        x = load_tile(x_ptr, rows, row_ok, cols, col_ok, stride).to(tl.float32)
+        x = tl.where(row_ok[:, None], (x - mean[None, :]) * rstd[None, :], 0.0)
+    return x.to(x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -127,20 +142,8 @@ def _correlation_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
         row_ok = rows < N
-        a_t = tl.load(  # (BLOCK_K, BLOCK_N): A^T
-            a_ptr + rows[None, :] * stride_a + ks[:, None],
-            mask=row_ok[None, :] & k_ok[:, None],
-            other=0.0,
-        )
-        a_t = (a_t.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None]
-        a_t = tl.where(row_ok[None, :], a_t, 0.0).to(a_ptr.dtype.element_ty)
-        b_tile = tl.load(
-            b_ptr + rows[:, None] * stride_b + ls[None, :],
-            mask=row_ok[:, None] & l_ok[None, :],
-            other=0.0,
-        )
-        b_tile = (b_tile.to(tl.float32) - mean_b[None, :]) * rstd_b[None, :]
-        b_tile = tl.where(row_ok[:, None], b_tile, 0.0).to(b_ptr.dtype.element_ty)
+        a_t = _standardized_tile(a_ptr, rows, row_ok, ks, k_ok, stride_a, mean_a, rstd_a, True)
+        b_tile = _standardized_tile(b_ptr, rows, row_ok, ls, l_ok, stride_b, mean_b, rstd_b, False)
         acc = tl.dot(a_t, b_tile, acc, input_precision=PRECISION)
     c = acc / N
     off = (ks[:, None] != ls[None, :]) & k_ok[:, None] & l_ok[None, :]
@@ -226,13 +229,7 @@ def _correlation_grad_kernel(
         i_ok = cols < D
         mean = tl.load(mean_ptr + cols, mask=i_ok, other=0.0)
         rstd = tl.load(rstd_ptr + cols, mask=i_ok, other=0.0)
-        x = tl.load(
-            x_ptr + rows64[:, None] * stride_x + cols[None, :],
-            mask=row_ok[:, None] & i_ok[None, :],
-            other=0.0,
-        )
-        x = (x.to(tl.float32) - mean[None, :]) * rstd[None, :]
-        x = tl.where(row_ok[:, None], x, 0.0).to(x_ptr.dtype.element_ty)
+        x = _standardized_tile(x_ptr, rows64, row_ok, cols, i_ok, stride_x, mean, rstd, False)
         ok = i_ok[:, None] & j_ok[None, :]
         c = tl.load(
             c_ptr + cols[:, None].to(tl.int64) * stride_ci + js[None, :].to(tl.int64) * stride_cj,
@@ -296,28 +293,12 @@ def _gram_kernel(
             rstd_a = tl.load(rstd_a_ptr + cols, mask=d_ok, other=0.0)
             mean_b = tl.load(mean_b_ptr + cols, mask=d_ok, other=0.0)
             rstd_b = tl.load(rstd_b_ptr + cols, mask=d_ok, other=0.0)
-            mask_r = r_ok[:, None] & d_ok[None, :]
-            mask_s = d_ok[:, None] & s_ok[None, :]
-            x = tl.load(a_ptr + rs64[:, None] * stride_a + cols[None, :], mask=mask_r, other=0.0)
-            x = tl.where(mask_r, (x.to(tl.float32) - mean_a[None, :]) * rstd_a[None, :], 0.0)
-            x_t = tl.load(a_ptr + ss64[None, :] * stride_a + cols[:, None], mask=mask_s, other=0.0)
-            x_t = tl.where(mask_s, (x_t.to(tl.float32) - mean_a[:, None]) * rstd_a[:, None], 0.0)
-            acc_a = tl.dot(
-                x.to(a_ptr.dtype.element_ty),
-                x_t.to(a_ptr.dtype.element_ty),
-                acc_a,
-                input_precision=PRECISION,
-            )
-            y = tl.load(b_ptr + rs64[:, None] * stride_b + cols[None, :], mask=mask_r, other=0.0)
-            y = tl.where(mask_r, (y.to(tl.float32) - mean_b[None, :]) * rstd_b[None, :], 0.0)
-            y_t = tl.load(b_ptr + ss64[None, :] * stride_b + cols[:, None], mask=mask_s, other=0.0)
-            y_t = tl.where(mask_s, (y_t.to(tl.float32) - mean_b[:, None]) * rstd_b[:, None], 0.0)
-            acc_b = tl.dot(
-                y.to(b_ptr.dtype.element_ty),
-                y_t.to(b_ptr.dtype.element_ty),
-                acc_b,
-                input_precision=PRECISION,
-            )
+            x = _standardized_tile(a_ptr, rs64, r_ok, cols, d_ok, stride_a, mean_a, rstd_a, False)
+            x_t = _standardized_tile(a_ptr, ss64, s_ok, cols, d_ok, stride_a, mean_a, rstd_a, True)
+            acc_a = tl.dot(x, x_t, acc_a, input_precision=PRECISION)
+            y = _standardized_tile(b_ptr, rs64, r_ok, cols, d_ok, stride_b, mean_b, rstd_b, False)
+            y_t = _standardized_tile(b_ptr, ss64, s_ok, cols, d_ok, stride_b, mean_b, rstd_b, True)
+            acc_b = tl.dot(y, y_t, acc_b, input_precision=PRECISION)
         partial = tl.sum(tl.sum(acc_a * acc_b, axis=1), axis=0)  # padding rows are 0 in both
         partial = tl.where(pid_s == pid_r, partial, 2.0 * partial)
         tl.store(loss_ptr + pid_r * tl.num_programs(1) + pid_s, partial)
@@ -371,18 +352,10 @@ def _gram_grad_kernel(
             mask=row_ok[:, None] & m_ok[None, :],
             other=0.0,
         )
-        x = tl.load(
-            x_ptr + ms[:, None].to(tl.int64) * stride_x + cols[None, :],
-            mask=m_ok[:, None] & col_ok[None, :],
-            other=0.0,
+        x = _standardized_tile(
+            x_ptr, ms.to(tl.int64), m_ok, cols, col_ok, stride_x, mean_x, rstd_x, False
         )
-        x = tl.where(m_ok[:, None], (x.to(tl.float32) - mean_x[None, :]) * rstd_x[None, :], 0.0)
-        acc = tl.dot(
-            gram.to(x_ptr.dtype.element_ty),
-            x.to(x_ptr.dtype.element_ty),
-            acc,
-            input_precision=PRECISION,
-        )
+        acc = tl.dot(gram.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
     ok = row_ok[:, None] & col_ok[None, :]
     mean_y = tl.load(mean_y_ptr + cols, mask=col_ok, other=0.0)
     rstd_y = tl.load(rstd_y_ptr + cols, mask=col_ok, other=0.0)
@@ -419,20 +392,16 @@ def _standardize_backward_kernel(
     sum_gx = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
-        x_hat = (x.to(tl.float32) - mean[None, :]) * rstd[None, :]
+        ok, x, g = _column_pair_rows(x_ptr, g_ptr, rows, N, cols, col_ok, stride_x, stride_g)
+        x_hat = (x - mean[None, :]) * rstd[None, :]
         sum_g += tl.sum(g, axis=0)
         sum_gx += tl.sum(tl.where(ok, g * x_hat, 0.0), axis=0)
     mean_g = sum_g / N
     mean_gx = sum_gx / N
     for n0 in range(0, N, BLOCK_N):
         rows = (n0 + offs_n).to(tl.int64)
-        ok = (rows < N)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
-        x_hat = (x.to(tl.float32) - mean[None, :]) * rstd[None, :]
+        ok, x, g = _column_pair_rows(x_ptr, g_ptr, rows, N, cols, col_ok, stride_x, stride_g)
+        x_hat = (x - mean[None, :]) * rstd[None, :]
         grad = rstd[None, :] * (g - mean_g[None, :] - x_hat * mean_gx[None, :])
         out = out_ptr + rows[:, None] * stride_out + cols[None, :]
         tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=ok)
@@ -441,15 +410,6 @@ def _standardize_backward_kernel(
 # --------------------------------------------------------------------------- launchers
 _COLUMN_BLOCK = 64  # columns per program of the column passes
 _ROW_BLOCK = 32  # rows per step of the column passes
-
-
-def _tile(dtype: torch.dtype) -> int:
-    """Output tile side of the matrix kernels: the fp32 "ieee" dot runs on FMA units, narrower."""
-    return 32 if dtype == torch.float32 else 64
-
-
-def _reduction_block(dtype: torch.dtype) -> int:
-    return 16 if dtype == torch.float32 else 32
 
 
 def _use_gram(n: int, d: int, mode: int, path: int, dtype) -> bool:
@@ -468,7 +428,7 @@ def _use_gram(n: int, d: int, mode: int, path: int, dtype) -> bool:
 def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: float) -> Tensor:
     """C (when store_c) and the per-tile off-diagonal barlow partials."""
     n, d = a.shape
-    tile = _tile(a.dtype)
+    tile = _common.matrix_tile(a.dtype)
     grid = (triton.cdiv(d, tile), triton.cdiv(d, tile))
     partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
     _correlation_kernel[grid](
@@ -483,12 +443,12 @@ def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: floa
         b.stride(0),
         float(off_diagonal_weight),
         STORE_C=store_c,
-        BLOCK_N=_reduction_block(a.dtype),
+        BLOCK_N=_common.reduction_block(a.dtype),
         BLOCK_K=tile,
         BLOCK_L=tile,
-        PRECISION=_precision(a.dtype),
+        PRECISION=_common.dot_precision(a.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return partials
 
@@ -507,7 +467,7 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return lse
 
@@ -515,10 +475,9 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
 def _launch_correlation_grad(x, mean, rstd, c, diag, lse_i, lse_j, transpose_c, o, scale):
     """dL/dX_hat (float32) through C: X_hat G^T / N when transpose_c (x = b), else X_hat G / N."""
     n, d = x.shape
-    out = torch.empty(n, d, dtype=torch.float32, device=x.device)
-    tile = _tile(x.dtype)
+    out, tile, grid = _common.tiled_output(n, d, x)
     c_strides = (c.stride(1), c.stride(0)) if transpose_c else (c.stride(0), c.stride(1))
-    _correlation_grad_kernel[(triton.cdiv(n, tile), triton.cdiv(d, tile))](
+    _correlation_grad_kernel[grid](
         x,
         mean,
         rstd,
@@ -537,11 +496,11 @@ def _launch_correlation_grad(x, mean, rstd, c, diag, lse_i, lse_j, transpose_c, 
         float(scale),
         MODE=o["mode"],
         BLOCK_N=tile,
-        BLOCK_I=_reduction_block(x.dtype),
+        BLOCK_I=_common.reduction_block(x.dtype),
         BLOCK_J=tile,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -572,10 +531,10 @@ def _launch_gram(a, b, stats, store: bool):
         b.stride(0),
         STORE=store,
         BLOCK_M=block,
-        BLOCK_D=_reduction_block(a.dtype),
-        PRECISION=_precision(a.dtype),
+        BLOCK_D=_common.reduction_block(a.dtype),
+        PRECISION=_common.dot_precision(a.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return partials, gram_a, gram_b
 
@@ -585,9 +544,8 @@ _GRAM_GRAD_WARPS = 8  # a 64 x 64 accumulator, a Gram tile and the epilogue's lo
 
 def _launch_gram_grad(x, y, stats_x, stats_y, gram_y, g, coef) -> Tensor:
     n, d = x.shape
-    out = torch.empty(n, d, dtype=torch.float32, device=x.device)
-    tile = _tile(x.dtype)
-    _gram_grad_kernel[(triton.cdiv(n, tile), triton.cdiv(d, tile))](
+    out, tile, grid = _common.tiled_output(n, d, x)
+    _gram_grad_kernel[grid](
         x,
         y,
         *stats_x,
@@ -602,11 +560,11 @@ def _launch_gram_grad(x, y, stats_x, stats_y, gram_y, g, coef) -> Tensor:
         out.stride(0),
         float(coef),
         BLOCK_N=tile,
-        BLOCK_M=_reduction_block(x.dtype),
+        BLOCK_M=_common.reduction_block(x.dtype),
         BLOCK_D=tile,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=_GRAM_GRAD_WARPS,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -628,7 +586,7 @@ def _launch_standardize_backward(x, mean, rstd, grad_hat) -> Tensor:
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -656,10 +614,6 @@ def dimension_correlation_loss_forward(
     Returns:
         (loss () in the inputs' dtype, grad_a (N, D), grad_b (N, D)) in the inputs' dtype;
         the gradients are ``torch.empty(0)`` without ``need_grad``.
-
-    Raises:
-        ValueError: when a or b holds a NaN or an infinity (this reads a flag back from the
-            device).
     """
     n, d = a.shape
     if a.stride(1) != 1 or b.stride(1) != 1:
@@ -667,7 +621,6 @@ def dimension_correlation_loss_forward(
     device = a.device
     f32 = dict(dtype=torch.float32, device=device)
     mean_a, rstd_a, mean_b, rstd_b, diag = (torch.empty(d, **f32) for _ in range(5))
-    nonfinite = torch.empty(d, dtype=torch.int32, device=device)  # a's or b's column
     _column_stats_kernel[(triton.cdiv(d, _COLUMN_BLOCK),)](
         a,
         b,
@@ -676,7 +629,6 @@ def dimension_correlation_loss_forward(
         mean_b,
         rstd_b,
         diag,
-        nonfinite,
         n,
         d,
         a.stride(0),
@@ -685,16 +637,8 @@ def dimension_correlation_loss_forward(
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
-    if bool(nonfinite.any()):
-        for name, x in (("a", a), ("b", b)):
-            bad = (~torch.isfinite(x)).any(dim=0).nonzero()
-            if len(bad):
-                raise ValueError(
-                    f"{name}[:, {int(bad[0, 0])}] holds a NaN or an infinity: "
-                    "dimension_correlation_loss needs finite inputs"
-                )
     stats_a, stats_b = (mean_a, rstd_a), (mean_b, rstd_b)
     stats = (*stats_a, *stats_b)
     o = dict(mode=mode, off_diagonal_weight=off_diagonal_weight, tau=tau)
@@ -750,49 +694,11 @@ _FLOAT_ARGS = ("eps", "off_diagonal_weight", "inv_tau", "scale", "coef")
 _INPUT_PTRS = ("a_ptr", "b_ptr", "x_ptr", "y_ptr")
 
 
-def _signature(fn, ty: str, constexprs: dict, out_ty: str = "fp32") -> dict[str, str]:
-    """Argument types of ``fn``: inputs in ``ty``, ``out_ptr`` in ``out_ty``, other tensors
-    float32 (the flags int32), sizes and strides i32, scalars fp32."""
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _INPUT_PTRS:
-            signature[name] = f"*{ty}"
-        elif name == "out_ptr":
-            signature[name] = f"*{out_ty}"
-        elif name == "nonfinite_ptr":
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _divisibility(signature: dict[str, str]) -> dict[str, int]:
-    """tt.divisibility hints the JIT derives for contiguous inputs with D % 16 == 0."""
-    return {
-        name: 16
-        for name, ty in signature.items()
-        if ty.startswith("*") or name == "D" or name.startswith("stride_")
-    }
-
-
 def _spec(name, fn, ty, constexprs, num_warps, expect_mma, out_ty="fp32"):
-    signature = _signature(fn, ty, constexprs, out_ty)
-    return {
-        "name": name,
-        "fn": fn,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": num_warps,
-        "expect_mma": expect_mma,
-        "options": {"maxnreg": _MAXNREG},
-        "divisibility": _divisibility(signature),
-    }
+    """The launchers' argument types: inputs in ``ty``, ``out_ptr`` in ``out_ty``, other tensors
+    float32."""
+    pointers = dict.fromkeys(_INPUT_PTRS, ty) | {"out_ptr": out_ty}
+    return _common.aot_spec(name, fn, constexprs, num_warps, expect_mma, pointers, _FLOAT_ARGS)
 
 
 def aot_specs() -> list[dict]:
@@ -800,7 +706,11 @@ def aot_specs() -> list[dict]:
     every tl.dot kernel in float16 and bfloat16 (must show mma), the column passes once."""
     specs = []
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        tile, block, gram = _tile(dtype), _reduction_block(dtype), _gram_block(dtype)
+        tile, block, gram = (
+            _common.matrix_tile(dtype),
+            _common.reduction_block(dtype),
+            _gram_block(dtype),
+        )
         dot = dict(PRECISION="tf32")
         specs.append(
             _spec(

@@ -20,14 +20,39 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastalign.kernels.triton.region_word import _precision
+from fastalign.kernels.triton import _common
+from fastalign.kernels.triton._common import dot_rows, load_tile, load_tile_t
 from fastalign.ops._options import ASSIGN_MODES
 
 _STATS_NONE, _STATS_LSE, _STATS_ARGMAX = 0, 1, 2
 _MODE_SOFTMAX, _MODE_HARD, _MODE_SINKHORN = (ASSIGN_MODES.index(m) for m in ASSIGN_MODES)
 _NORM_EPS = 1e-12  # F.normalize's
-# Register cap of every launch, as for the other kernels: ptxas stays spill-free at it.
-_MAXNREG = 128
+
+
+@triton.jit
+def _cosine_tile(
+    x_rows,
+    row_ok,
+    inv_x,
+    y_ptr,
+    inv_y_ptr,
+    cols,
+    col_ok,
+    stride_y,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(dots, dots * inv_x[m] * inv_y[n]): the (BLOCK_M x BLOCK_N) dot products of a block of x
+    rows (pointers ``x_rows``) with the rows ``cols`` of y, raw and scaled by the inverse norms
+    (the raw tiles enter tl.dot; scaling the product is cheaper than normalising both)."""
+    dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    y_rows = y_ptr + cols.to(tl.int64) * stride_y
+    dots = dot_rows(dots, x_rows, row_ok, y_rows, col_ok, D, BLOCK_D, PRECISION)
+    inv_y = tl.load(inv_y_ptr + cols, mask=col_ok, other=0.0)
+    return dots, dots * inv_x[:, None] * inv_y[None, :]
 
 
 @triton.jit
@@ -59,30 +84,17 @@ def _logits_kernel(
     row_ok = rows < N
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0) * scale
     offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + rows64 * stride_x
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         col_ok = cols < K
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + offs_d
-            d_ok = ds < D
-            x = tl.load(
-                x_ptr + rows64[:, None] * stride_x + ds[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            p_t = tl.load(
-                p_ptr + cols[None, :].to(tl.int64) * stride_p + ds[:, None],
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            acc = tl.dot(x, p_t, acc, input_precision=PRECISION)
-        inv_p = tl.load(inv_p_ptr + cols, mask=col_ok, other=0.0)
-        s = acc * inv_x[:, None] * inv_p[None, :]
+        _, s = _cosine_tile(
+            x_rows, row_ok, inv_x, p_ptr, inv_p_ptr, cols, col_ok, stride_p, D,
+            BLOCK_N, BLOCK_K, BLOCK_D, PRECISION,
+        )  # fmt: skip
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], s, mask=ok)
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -279,11 +291,7 @@ def _assign_grad_kernel(
             dot_j = tl.load(row_dot_ptr + js, mask=j_ok, other=0.0)
             ds_tile = a * (g - dot_j[None, :])
         ds_tile = tl.where(ok, ds_tile * (inv_y[None, :] * inv_tau), 0.0)
-        y = tl.load(
-            y_ptr + js[:, None].to(tl.int64) * stride_y + ds[None, :],
-            mask=j_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        y = load_tile(y_ptr, js.to(tl.int64), j_ok, ds, d_ok, stride_y)
         acc = tl.dot(ds_tile.to(y_ptr.dtype.element_ty), y, acc, input_precision=PRECISION)
     out = out_ptr + ms[:, None].to(tl.int64) * stride_out + ds[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & d_ok[None, :])
@@ -321,16 +329,9 @@ def _update_kernel(
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         row_ok = rows < N
-        a_t = tl.load(  # (BLOCK_K, BLOCK_N): A^T
-            a_ptr + rows[None, :].to(tl.int64) * stride_a + ks[:, None],
-            mask=row_ok[None, :] & k_ok[:, None],
-            other=0.0,
-        )
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_x + ds[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        rows64 = rows.to(tl.int64)
+        a_t = load_tile_t(a_ptr, rows64, row_ok, ks, k_ok, stride_a)  # (BLOCK_K, BLOCK_N): A^T
+        x = load_tile(x_ptr, rows64, row_ok, ds, d_ok, stride_x)
         mass += tl.sum(a_t.to(tl.float32), axis=1)
         acc = tl.dot(a_t, x, acc, input_precision=PRECISION)
     ok = k_ok[:, None] & d_ok[None, :]
@@ -392,27 +393,15 @@ def _topk_mix_forward_kernel(
     top_dot = tl.zeros([BLOCK_Q, M_PAD], dtype=tl.float32)
     top_idx = -1 - slots[None, :] + tl.zeros([BLOCK_Q, M_PAD], dtype=tl.int32)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
+    q_rows = q_ptr + rows64 * stride_q
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         col_ok = cols < K
-        dots = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + offs_d
-            d_ok = ds < D
-            q = tl.load(
-                q_ptr + rows64[:, None] * stride_q + ds[None, :],
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            k_t = tl.load(
-                k_ptr + cols[None, :].to(tl.int64) * stride_k + ds[:, None],
-                mask=col_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            dots = tl.dot(q, k_t, dots, input_precision=PRECISION)
-        inv_k = tl.load(inv_k_ptr + cols, mask=col_ok, other=0.0)
-        cos = tl.where(col_ok[None, :], dots * inv_q[:, None] * inv_k[None, :], float("-inf"))
+        dots, cos = _cosine_tile(
+            q_rows, row_ok, inv_q, k_ptr, inv_k_ptr, cols, col_ok, stride_k, D,
+            BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION,
+        )  # fmt: skip
+        cos = tl.where(col_ok[None, :], cos, float("-inf"))
         worst = tl.min(top_cos, axis=1)
         best = tl.max(cos, axis=1)
         while tl.max(tl.where(row_ok & (best > worst), 1, 0), axis=0) > 0:
@@ -534,11 +523,6 @@ def _warps(kernel) -> int:
     return 8 if kernel in (_logits_kernel, _assign_grad_kernel) else 4
 
 
-def _tile(dtype: torch.dtype) -> int:
-    """Output tile side of the tl.dot kernels: the fp32 "ieee" dot runs on FMA units, narrower."""
-    return 32 if dtype == torch.float32 else 64
-
-
 def _inverse_norms(x: Tensor, normalize: bool = True) -> Tensor:
     """(rows,) float32 1 / max(|row|, eps), as F.normalize divides; ones without normalize."""
     if not normalize:
@@ -567,7 +551,7 @@ def prototype_assign_forward(
     shift = torch.zeros(n, dtype=torch.float32, device=device)
     arg = torch.empty(n, dtype=torch.int32, device=device)
     stats = {_MODE_SOFTMAX: _STATS_LSE, _MODE_HARD: _STATS_ARGMAX}.get(mode, _STATS_NONE)
-    tile = _tile(x.dtype)
+    tile = _common.matrix_tile(x.dtype)
     _logits_kernel[(triton.cdiv(n, tile),)](
         x,
         prototypes,
@@ -587,9 +571,9 @@ def prototype_assign_forward(
         BLOCK_N=tile,
         BLOCK_K=tile,
         BLOCK_D=_REDUCTION_BLOCK,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=_warps(_logits_kernel),
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     if mode == _MODE_SINKHORN:
         column_shift = torch.empty(k, dtype=torch.float32, device=device)
@@ -641,10 +625,9 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
     n, k = assignments.shape
     rows, reduce = (k, n) if transposed else (n, k)
     d = y.shape[1]
-    out = torch.empty(rows, d, dtype=torch.float32, device=y.device)
-    tile = _tile(y.dtype)
+    out, tile, grid = _common.tiled_output(rows, d, y)
     strides = (1, k) if transposed else (k, 1)
-    _assign_grad_kernel[(triton.cdiv(rows, tile), triton.cdiv(d, tile))](
+    _assign_grad_kernel[grid](
         grad,
         assignments,
         row_dot,
@@ -662,9 +645,9 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
         BLOCK_M=tile,
         BLOCK_J=_REDUCTION_BLOCK,
         BLOCK_D=tile,
-        PRECISION=_precision(y.dtype),
+        PRECISION=_common.dot_precision(y.dtype),
         num_warps=_warps(_assign_grad_kernel),
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -703,10 +686,9 @@ def prototype_update(
     """(K, D) EMA of the assignment-weighted means; see fastalign.prototype_update."""
     prototypes, x, assignments = (t.contiguous() for t in (prototypes, x, assignments))
     (k, d), n = prototypes.shape, x.shape[0]
-    out = torch.empty(k, d, dtype=torch.float32, device=x.device)
+    out, tile, grid = _common.tiled_output(k, d, x)
     mass = torch.empty(k, dtype=torch.float32, device=x.device)
-    tile = _tile(x.dtype)
-    _update_kernel[(triton.cdiv(k, tile), triton.cdiv(d, tile))](
+    _update_kernel[grid](
         prototypes,
         x,
         assignments,
@@ -723,9 +705,9 @@ def prototype_update(
         BLOCK_N=_REDUCTION_BLOCK,
         BLOCK_K=tile,
         BLOCK_D=tile,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     if normalize:  # only the prototypes that moved
         unit = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(_NORM_EPS)
@@ -752,7 +734,7 @@ def prototype_topk_mix_forward(
     out = torch.empty(n, dv, dtype=values.dtype, device=device)
     indices = torch.empty(n, m, dtype=torch.int64, device=device)
     weights = torch.empty(n, m, dtype=torch.float32, device=device)
-    block_k = _tile(queries.dtype)
+    block_k = _common.matrix_tile(queries.dtype)
     _topk_mix_forward_kernel[(triton.cdiv(n, _QUERY_BLOCK),)](
         queries,
         keys,
@@ -776,9 +758,9 @@ def prototype_topk_mix_forward(
         BLOCK_K=block_k,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
-        PRECISION=_precision(queries.dtype),
+        PRECISION=_common.dot_precision(queries.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out, indices, weights.to(queries.dtype)
 
@@ -824,7 +806,7 @@ def prototype_topk_mix_backward(
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype)
 
@@ -834,44 +816,20 @@ _INPUT_PTRS = ("x_ptr", "p_ptr", "y_ptr", "q_ptr", "k_ptr", "v_ptr", "a_ptr", "g
 _FLOAT_ARGS = ("scale", "log_column_mass", "inv_tau", "momentum")
 
 
-def _signature(fn, ty: str, constexprs: dict) -> dict[str, str]:
-    """Argument types of ``fn`` as the launchers pass them: inputs in ``ty``, the outputs of
-    the top-m mixture and of the finishing pass in ``ty``, the indices int64, arg-max int32,
-    other tensors float32, sizes and strides i32, scalars fp32."""
-    in_ty = {"out_ptr": ty} if fn in (_topk_mix_forward_kernel, _finish_kernel) else {}
-    pointers = {"idx_ptr": "i64", "arg_ptr": "i32", "w_ptr": "fp32", **in_ty}
+def _spec(name, fn, ty, constexprs, expect_mma):
+    """The launchers' argument types: inputs in ``ty``, the outputs of the top-m mixture and of
+    the finishing pass (and the weights its backward reads) in ``ty``, the indices int64,
+    arg-max int32, other tensors float32."""
+    pointers = dict.fromkeys(_INPUT_PTRS, ty) | {"idx_ptr": "i64", "arg_ptr": "i32"}
+    if fn in (_topk_mix_forward_kernel, _finish_kernel):
+        pointers["out_ptr"] = ty
     if fn is _topk_mix_backward_kernel:
         pointers["w_ptr"] = ty
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in _INPUT_PTRS:
-            signature[name] = f"*{ty}"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{pointers.get(name, 'fp32')}"
-        elif name in _FLOAT_ARGS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-def _spec(name, fn, ty, constexprs, expect_mma):
-    signature = _signature(fn, ty, constexprs)
-    return {
-        "name": name,
-        "fn": fn,
-        "signature": signature,
-        "constexprs": constexprs,
-        "num_warps": _warps(fn),
-        "expect_mma": expect_mma,
-        "options": {"maxnreg": _MAXNREG},
-        # the hints the JIT derives for contiguous inputs with 16-aligned sizes and strides
-        "divisibility": {
-            n: 16 for n, t in signature.items() if t.startswith("*") or n.startswith("stride")
-        },
-    }
+    # the hints the JIT derives for contiguous inputs with 16-aligned strides
+    strides = [arg for arg in fn.arg_names if arg.startswith("stride")]
+    return _common.aot_spec(
+        name, fn, constexprs, _warps(fn), expect_mma, pointers, _FLOAT_ARGS, strides
+    )
 
 
 def aot_specs() -> list[dict]:
@@ -880,7 +838,7 @@ def aot_specs() -> list[dict]:
     specs = []
     dot = dict(PRECISION="tf32")
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        tile = _tile(dtype)
+        tile = _common.matrix_tile(dtype)
         specs += [
             _spec(
                 f"prototype_logits_lse_{ty}",

@@ -12,12 +12,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastalign.kernels.triton import _common
+from fastalign.kernels.triton._common import dot_rows, load_tile
+
 _DIRECTION_T2I, _DIRECTION_I2T, _DIRECTION_BOTH = 0, 1, 2
 _ALIGN_MAX, _ALIGN_LSE = 0, 1
-# Register cap of every launch.  Without it ptxas (with the --regAllocOptLevel=2 that Triton 3.9
-# passes) aims at ~64-80 registers and spills a few bytes; 128 keeps the fp16/bf16 kernels
-# spill-free for all block sizes the launchers pick, at 4 (16) resident CTAs (warps) per SM.
-_MAXNREG = 128
 
 
 @triton.jit
@@ -72,7 +71,6 @@ def _region_word_fwd_kernel(
 
     offs_q = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
     align_scale = 1.4426950408889634 / align_tau
     agg_scale = 1.4426950408889634 / aggregate_tau
 
@@ -93,20 +91,8 @@ def _region_word_fwd_kernel(
             cols = k0 + offs_k
             col_ok = cols < k_len
             s = tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                d_ok = dd < D
-                q_tile = tl.load(
-                    q_base + rows[:, None] * stride_q_tok + dd[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                k_tile = tl.load(
-                    k_base + cols[None, :] * stride_k_tok + dd[:, None],
-                    mask=col_ok[None, :] & d_ok[:, None],
-                    other=0.0,
-                )
-                s = tl.dot(q_tile, k_tile, s, input_precision=PRECISION)
+            q_rows, k_rows = q_base + rows * stride_q_tok, k_base + cols * stride_k_tok
+            s = dot_rows(s, q_rows, row_ok, k_rows, col_ok, D, BLOCK_D, PRECISION)
             s = _activate(s, LEAKY)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             tile_max = tl.max(s, axis=1)
@@ -204,7 +190,6 @@ def _region_word_bwd_kernel(
     offs_u = u0 + tl.arange(0, BLOCK_U)
     u_ok = offs_u < x_len
     offs_v = tl.arange(0, BLOCK_V)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     do_ok = offs_do < D
     x_base = x_ptr + xi * stride_x_item
@@ -241,20 +226,8 @@ def _region_word_bwd_kernel(
                     g += tl.where(ik[None, :] == offs_u[:, None], ck[None, :], 0.0)
             else:
                 s = tl.zeros([BLOCK_U, BLOCK_V], dtype=tl.float32)
-                for d0 in range(0, D, BLOCK_D):
-                    dd = d0 + offs_d
-                    d_ok = dd < D
-                    x_tile = tl.load(
-                        x_base + offs_u[:, None] * stride_x_tok + dd[None, :],
-                        mask=u_ok[:, None] & d_ok[None, :],
-                        other=0.0,
-                    )
-                    y_tile_t = tl.load(
-                        y_base + cols[None, :] * stride_y_tok + dd[:, None],
-                        mask=v_ok[None, :] & d_ok[:, None],
-                        other=0.0,
-                    )
-                    s = tl.dot(x_tile, y_tile_t, s, input_precision=PRECISION)
+                x_rows, y_rows = x_base + offs_u * stride_x_tok, y_base + cols * stride_y_tok
+                s = dot_rows(s, x_rows, u_ok, y_rows, v_ok, D, BLOCK_D, PRECISION)
                 # padded tokens get -inf so that their exp is 0 (no overflow on garbage)
                 act = tl.where(valid, _activate(s, LEAKY), float("-inf"))
                 if HAS_Q:
@@ -265,11 +238,7 @@ def _region_word_bwd_kernel(
                 if LEAKY:  # leaky_relu'(s)
                     g = tl.where(s > 0, g, g * 0.1)
             g = tl.where(valid, g, 0.0)
-            y_tile = tl.load(
-                y_base + cols[:, None] * stride_y_tok + offs_do[None, :],
-                mask=v_ok[:, None] & do_ok[None, :],
-                other=0.0,
-            )
+            y_tile = load_tile(y_base, cols, v_ok, offs_do, do_ok, stride_y_tok)
             acc = tl.dot(g.to(y_tile.dtype), y_tile, acc, input_precision=PRECISION)
         y_base += stride_y_item
         cq_base += stride_cq_y
@@ -301,72 +270,76 @@ def _backward_warps(align: int) -> int:
     return 4 if align == _ALIGN_MAX else 8
 
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _launch_forward(
     queries: Tensor,
     keys: Tensor,
     query_lengths: Tensor,
     key_lengths: Tensor,
     scores: Tensor,
-    a_out: Tensor | None,
-    idx_out: Tensor | None,
-    key_first_aux: bool,
-    query_axis_scores: int,
+    keys_are_images: bool,
     align: int,
     aggregate: int,
     align_tau: float,
     aggregate_tau: float,
     leaky: bool,
+    need_values: bool,
+    store_idx: bool,
     accumulate: bool,
-) -> None:
+) -> tuple[Tensor, Tensor]:
+    """One direction's scores into ``scores`` (Ni, Nt), added when ``accumulate``; returns its
+    aligned values (float32) and arg-max key tokens (int32), (Ni, Nt, query tokens) where kept,
+    else fresh empties (the outputs of a custom op must not alias)."""
     n_q, len_q, dim = queries.shape
     n_k, len_k, _ = keys.shape
-    aux = a_out if a_out is not None else idx_out
-    if aux is not None:  # aux laid out (Ni, Nt, tokens): the key item is axis 0 when key_first_aux
-        stride_a_q = aux.stride(1 if key_first_aux else 0)
-        stride_a_k = aux.stride(0 if key_first_aux else 1)
-    else:
-        stride_a_q = stride_a_k = 0
+    device = queries.device
+    shape = (n_k, n_q, len_q) if keys_are_images else (n_q, n_k, len_q)
+    a_out = torch.zeros(shape if need_values else (0,), dtype=torch.float32, device=device)
+    idx_out = torch.zeros(shape if store_idx else (0,), dtype=torch.int32, device=device)
+    # scores and aux are (Ni, Nt, ...): the key item is axis 0 where the keys are the images
+    query_axis = 1 if keys_are_images else 0
+    aux_strides = (shape[1] * len_q, len_q)
     if n_q * n_k == 0:
-        return
+        return a_out, idx_out
     _region_word_fwd_kernel[(n_q * n_k,)](
         queries,
         keys,
         query_lengths,
         key_lengths,
         scores,
-        a_out if a_out is not None else scores,
-        idx_out if idx_out is not None else scores,
+        a_out if need_values else scores,
+        idx_out if store_idx else scores,
         n_k,
         dim,
         queries.stride(0),
         queries.stride(1),
         keys.stride(0),
         keys.stride(1),
-        scores.stride(query_axis_scores),
-        scores.stride(1 - query_axis_scores),
-        stride_a_q,
-        stride_a_k,
+        scores.stride(query_axis),
+        scores.stride(1 - query_axis),
+        aux_strides[query_axis],
+        aux_strides[1 - query_axis],
         float(align_tau),
         float(aggregate_tau),
         ALIGN=align,
         AGGREGATE=aggregate,
         LEAKY=bool(leaky),
-        STORE_A=a_out is not None,
-        STORE_IDX=idx_out is not None,
+        STORE_A=need_values,
+        STORE_IDX=store_idx,
         ACCUMULATE=accumulate,
         BLOCK_Q=_token_block(len_q),
         BLOCK_K=_token_block(len_k),
         BLOCK_D=_d_block(queries.dtype),
-        PRECISION=_precision(queries.dtype),
+        PRECISION=_common.dot_precision(queries.dtype),
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
+    return a_out, idx_out
+
+
+def _unused_aux(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The aligned values and arg-max indices of an unused direction: fresh empties."""
+    unused_values = torch.empty(0, dtype=torch.float32, device=device)
+    return unused_values, torch.empty(0, dtype=torch.int32, device=device)
 
 
 def region_word_forward(
@@ -401,53 +374,27 @@ def region_word_forward(
         aux tensors that are not produced are ``torch.empty(0)`` on the device, and
         padded tokens hold 0.
     """
-    n_images, n_regions, _ = regions.shape
-    n_captions, n_words, _ = words.shape
     device = regions.device
-    scores = torch.empty((n_images, n_captions), dtype=torch.float32, device=device)
-    # Fresh empties for what is not kept: the outputs of a custom op must not alias.
-    a_t2i, a_i2t = (torch.empty(0, dtype=torch.float32, device=device) for _ in range(2))
-    idx_t2i, idx_i2t = (torch.empty(0, dtype=torch.int32, device=device) for _ in range(2))
+    scores = torch.empty((regions.shape[0], words.shape[0]), dtype=torch.float32, device=device)
     store_idx = need_indices and align == _ALIGN_MAX
-    options = (align, aggregate, align_tau, aggregate_tau, leaky)
-    if direction in (_DIRECTION_T2I, _DIRECTION_BOTH):
-        shape = (n_images, n_captions, n_words)
-        if need_values:
-            a_t2i = torch.zeros(shape, dtype=torch.float32, device=device)
-        if store_idx:
-            idx_t2i = torch.zeros(shape, dtype=torch.int32, device=device)
+    options = (align, aggregate, align_tau, aggregate_tau, leaky, need_values, store_idx)
+    t2i = direction in (_DIRECTION_T2I, _DIRECTION_BOTH)
+    i2t = direction in (_DIRECTION_I2T, _DIRECTION_BOTH)
+    # t2i: the words query the regions; i2t: the regions query the words, added to t2i for both
+    a_t2i, idx_t2i = (
         _launch_forward(
-            words,
-            regions,
-            word_lengths,
-            region_lengths,
-            scores,
-            a_t2i if need_values else None,
-            idx_t2i if store_idx else None,
-            True,
-            1,
-            *options,
-            accumulate=False,
+            words, regions, word_lengths, region_lengths, scores, True, *options, accumulate=False
         )
-    if direction in (_DIRECTION_I2T, _DIRECTION_BOTH):
-        shape = (n_images, n_captions, n_regions)
-        if need_values:
-            a_i2t = torch.zeros(shape, dtype=torch.float32, device=device)
-        if store_idx:
-            idx_i2t = torch.zeros(shape, dtype=torch.int32, device=device)
+        if t2i
+        else _unused_aux(device)
+    )
+    a_i2t, idx_i2t = (
         _launch_forward(
-            regions,
-            words,
-            region_lengths,
-            word_lengths,
-            scores,
-            a_i2t if need_values else None,
-            idx_i2t if store_idx else None,
-            False,
-            0,
-            *options,
-            accumulate=direction == _DIRECTION_BOTH,
+            regions, words, region_lengths, word_lengths, scores, False, *options, accumulate=t2i
         )
+        if i2t
+        else _unused_aux(device)
+    )
     return scores.to(regions.dtype), a_t2i, idx_t2i, a_i2t, idx_i2t
 
 
@@ -509,9 +456,9 @@ def _launch_backward(
         BLOCK_V=block_v,
         BLOCK_D=_d_block(x.dtype),
         BLOCK_DO=block_do,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=_backward_warps(align),
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return grad
 
@@ -573,30 +520,13 @@ def region_word_backward(
 
 
 # --------------------------------------------------------------------------- AOT check
-def _divisibility(signature: dict[str, str]) -> dict[str, int]:
-    """tt.divisibility hints the JIT derives for contiguous inputs with D % 16 == 0."""
-    return {
-        name: 16
-        for name, ty in signature.items()
-        if ty.startswith("*") or name == "D" or name.endswith(("_item", "_tok"))
-    }
+def _divisible(fn) -> list[str]:
+    """D and the token and item strides: multiples of 16 for contiguous inputs, D % 16 == 0."""
+    return [name for name in fn.arg_names if name == "D" or name.endswith(("_item", "_tok"))]
 
 
 def aot_specs() -> list[dict]:
-    """Kernels and realistic specialisations for the ahead-of-time compile check.
-
-    Each dict: name, fn, signature, constexprs, num_warps, expect_mma, options (the launch's
-    maxnreg) and divisibility (the multiple-of-16 hints the JIT gives these arguments at run
-    time, so loads vectorise).
-    """
-    fwd_ints = ["n_k", "D"] + [
-        f"stride_{n}" for n in ("q_item", "q_tok", "k_item", "k_tok", "s_q", "s_k", "a_q", "a_k")
-    ]
-    bwd_ints = ["n_y", "LX", "D"] + [
-        f"stride_{n}"
-        for n in ("x_item", "x_tok", "y_item", "y_tok", "g_item", "g_tok")
-        + ("cq_x", "cq_y", "ck_x", "ck_y")
-    ]
+    """Kernels and realistic specialisations for the ahead-of-time compile check."""
     specs = []
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         fwd_const = {
@@ -611,36 +541,19 @@ def aot_specs() -> list[dict]:
             "BLOCK_D": _d_block(dtype),
             "PRECISION": "tf32",
         }
-        signature = {
-            "q_ptr": f"*{ty}",
-            "k_ptr": f"*{ty}",
-            "q_len_ptr": "*i64",
-            "k_len_ptr": "*i64",
-            "score_ptr": "*fp32",
-            "a_ptr": "*fp32",
-            "idx_ptr": "*i32",
-            **{name: "i32" for name in fwd_ints},
-            "align_tau": "fp32",
-            "aggregate_tau": "fp32",
-            **{name: "constexpr" for name in fwd_const},
-        }
+        pointers = {"q_ptr": ty, "k_ptr": ty, "q_len_ptr": "i64", "k_len_ptr": "i64"}
+        pointers["idx_ptr"] = "i32"
         for align_name, align in (("max", _ALIGN_MAX), ("lse", _ALIGN_LSE)):
             const = dict(fwd_const, ALIGN=align, STORE_IDX=align == _ALIGN_MAX)
             if align == _ALIGN_LSE:
                 const["AGGREGATE"] = 3
+            fn = _region_word_fwd_kernel
+            floats = ("align_tau", "aggregate_tau")
+            name = f"region_word_fwd_{align_name}_{ty}"
             specs.append(
-                {
-                    "name": f"region_word_fwd_{align_name}_{ty}",
-                    "fn": _region_word_fwd_kernel,
-                    "signature": dict(signature),
-                    "constexprs": const,
-                    "num_warps": 4,
-                    "expect_mma": True,
-                    "options": {"maxnreg": _MAXNREG},
-                    "divisibility": _divisibility(signature),
-                }
+                _common.aot_spec(name, fn, const, 4, True, pointers, floats, _divisible(fn))
             )
-    for align_name, align, aux_ty in (("max", _ALIGN_MAX, "*i32"), ("lse", _ALIGN_LSE, "*fp32")):
+    for align_name, align, aux_ty in (("max", _ALIGN_MAX, "i32"), ("lse", _ALIGN_LSE, "fp32")):
         bwd_const = {
             "ALIGN": align,
             "LEAKY": True,
@@ -652,30 +565,14 @@ def aot_specs() -> list[dict]:
             "BLOCK_DO": 64 if align == _ALIGN_MAX else 128,
             "PRECISION": "tf32",
         }
-        signature = {
-            "x_ptr": "*fp16",
-            "y_ptr": "*fp16",
-            "x_len_ptr": "*i64",
-            "y_len_ptr": "*i64",
-            "grad_ptr": "*fp16",
-            "cq_ptr": "*fp32",
-            "auxq_ptr": aux_ty,
-            "ck_ptr": "*fp32",
-            "auxk_ptr": aux_ty,
-            **{name: "i32" for name in bwd_ints},
-            "align_tau": "fp32",
-            **{name: "constexpr" for name in bwd_const},
-        }
+        pointers = {"x_ptr": "fp16", "y_ptr": "fp16", "grad_ptr": "fp16"}
+        pointers |= {"x_len_ptr": "i64", "y_len_ptr": "i64", "auxq_ptr": aux_ty, "auxk_ptr": aux_ty}
+        fn = _region_word_bwd_kernel
+        warps = _backward_warps(align)
+        name = f"region_word_bwd_{align_name}_fp16"
         specs.append(
-            {
-                "name": f"region_word_bwd_{align_name}_fp16",
-                "fn": _region_word_bwd_kernel,
-                "signature": signature,
-                "constexprs": bwd_const,
-                "num_warps": _backward_warps(align),
-                "expect_mma": True,
-                "options": {"maxnreg": _MAXNREG},
-                "divisibility": _divisibility(signature),
-            }
+            _common.aot_spec(
+                name, fn, bwd_const, warps, True, pointers, ("align_tau",), _divisible(fn)
+            )
         )
     return specs

@@ -1,6 +1,6 @@
 """Triton kernels of the sparse spatial loss: loss and gradients in one call.
 
-A row pass gives every row's norm (and a NaN / inf flag). The discrepancy kernel normalises raw
+A row pass gives every row's norm. The discrepancy kernel normalises raw
 tiles on the fly and tl.dots them into D (inter V U^T - U V^T, intra V V^T - U U^T) in
 (BLOCK_M x BLOCK_M) tiles on and above the diagonal, storing each tile and its mirror. The
 selection kernel owns blocks of whole rows of D: mean and biased std, threshold (or the k-th
@@ -17,38 +17,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastalign.kernels.triton import _common
+from fastalign.kernels.triton._common import load_tile, load_tile_t
 from fastalign.kernels.triton.dimension_correlation import _spec
-from fastalign.kernels.triton.region_word import _precision
 
 _KIND_INTER, _KIND_INTRA = 0, 1
 _SELECT_THRESHOLD, _SELECT_SOFT, _SELECT_TOPK = 0, 1, 2
 # F.normalize's eps, as on every backend.
 _NORM_EPS = 1e-12
-# Register cap of every launch, as for the other kernels: ptxas stays spill-free at it.
-_MAXNREG = 128
 
 
 @triton.jit
-def _row_norm_kernel(
-    x_ptr, norm_ptr, nonfinite_ptr, N, D, stride_x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    """||x_r|| (float32) and a NaN / inf flag for a block of rows."""
+def _row_norm_kernel(x_ptr, norm_ptr, N, D, stride_x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """||x_r|| (float32) for a block of rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     squares = tl.zeros([BLOCK_R], dtype=tl.float32)
-    check = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
-        ok = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
-        )
-        x = x.to(tl.float32)
+        x = load_tile(x_ptr, rows.to(tl.int64), row_ok, cols, cols < D, stride_x).to(tl.float32)
         squares += tl.sum(x * x, axis=1)
-        check += tl.sum(x - x, axis=1)  # NaN once a NaN / inf is seen
     tl.store(norm_ptr + rows, tl.sqrt(squares), mask=row_ok)
-    tl.store(nonfinite_ptr + rows, (check != 0.0).to(tl.int32), mask=row_ok)
 
 
 @triton.jit
@@ -58,16 +48,10 @@ def _normalized_tile(
     """Rows of x divided by max(||x_r||, eps), in x's dtype; (cols, rows) when TRANSPOSE."""
     scale = 1.0 / tl.maximum(tl.load(norm_ptr + rows, mask=row_ok, other=1.0), eps)
     if TRANSPOSE:
-        ok = col_ok[:, None] & row_ok[None, :]
-        x = tl.load(
-            x_ptr + rows[None, :].to(tl.int64) * stride_x + cols[:, None], mask=ok, other=0.0
-        )
+        x = load_tile_t(x_ptr, rows.to(tl.int64), row_ok, cols, col_ok, stride_x)
         x = x.to(tl.float32) * scale[None, :]
     else:
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
-        )
+        x = load_tile(x_ptr, rows.to(tl.int64), row_ok, cols, col_ok, stride_x)
         x = x.to(tl.float32) * scale[:, None]
     return x.to(x_ptr.dtype.element_ty)
 
@@ -280,13 +264,8 @@ def _gradient_kernel(
     for m0 in range(0, N, BLOCK_M):
         ms = m0 + offs_m
         m_ok = ms < N
-        ok = row_ok[:, None] & m_ok[None, :]
-        gamma = tl.load(
-            gamma_ptr + rows[:, None].to(tl.int64) * N + ms[None, :], mask=ok, other=0.0
-        )
-        gamma_t = tl.load(
-            gamma_ptr + ms[None, :].to(tl.int64) * N + rows[:, None], mask=ok, other=0.0
-        )
+        gamma = load_tile(gamma_ptr, rows.to(tl.int64), row_ok, ms, m_ok, N)
+        gamma_t = load_tile_t(gamma_ptr, ms.to(tl.int64), m_ok, rows, row_ok, N)
         omega = ((gamma + MIRROR_SIGN * gamma_t) * scale).to(x_ptr.dtype.element_ty)
         w = _normalized_tile(x_ptr, norm_ptr, ms, m_ok, cols, col_ok, stride_x, eps, False)
         acc = tl.dot(omega, w, acc, input_precision=PRECISION)
@@ -316,31 +295,23 @@ def _normalize_backward_kernel(
     row_ok = rows < N
     norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     inv_norm = 1.0 / tl.maximum(norm, eps)
+    rows64 = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     dot = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
-        ok = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
-        )
-        g = tl.load(
-            g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :], mask=ok, other=0.0
-        )
+        x = load_tile(x_ptr, rows64, row_ok, cols, cols < D, stride_x)
+        g = load_tile(g_ptr, rows64, row_ok, cols, cols < D, stride_g)
         dot += tl.sum(x.to(tl.float32) * g, axis=1)
     dot = tl.where(norm < eps, 0.0, dot * inv_norm)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
-        ok = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(
-            x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=ok, other=0.0
-        )
-        g = tl.load(
-            g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :], mask=ok, other=0.0
-        )
+        x = load_tile(x_ptr, rows64, row_ok, cols, cols < D, stride_x)
+        g = load_tile(g_ptr, rows64, row_ok, cols, cols < D, stride_g)
         u = x.to(tl.float32) * inv_norm[:, None]
         grad = scale * inv_norm[:, None] * (g - u * dot[:, None])
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+        out = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+        ok = row_ok[:, None] & (cols < D)[None, :]
         tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -354,45 +325,27 @@ _SELECT_COLUMNS = 64
 _MATRIX_WARPS = 8
 
 
-def _tile(dtype: torch.dtype) -> int:
-    """Side of the matrix kernels' output tiles: the fp32 "ieee" dot runs on FMA units, narrower."""
-    return 32 if dtype == torch.float32 else 64
-
-
-def _reduction_block(dtype: torch.dtype) -> int:
-    return 16 if dtype == torch.float32 else 32
-
-
-def _row_norms(x: Tensor, name: str) -> Tensor:
+def _row_norms(x: Tensor) -> Tensor:
     n, d = x.shape
     norm = torch.empty(n, dtype=torch.float32, device=x.device)
-    nonfinite = torch.empty(n, dtype=torch.int32, device=x.device)
     _row_norm_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
         x,
         norm,
-        nonfinite,
         n,
         d,
         x.stride(0),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
-    bad = nonfinite.nonzero()
-    if len(bad):
-        raise ValueError(
-            f"{name}[{int(bad[0, 0])}] holds a NaN or an infinity: sparse_spatial_loss needs "
-            "finite inputs"
-        )
     return norm
 
 
 def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
     n, d = x.shape
-    out = torch.empty(n, d, dtype=torch.float32, device=x.device)
-    tile = _tile(x.dtype)
-    _gradient_kernel[(triton.cdiv(n, tile), triton.cdiv(d, tile))](
+    out, tile, grid = _common.tiled_output(n, d, x)
+    _gradient_kernel[grid](
         gamma,
         x,
         norm,
@@ -405,11 +358,11 @@ def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
         float(n),
         MIRROR_SIGN=mirror_sign,
         BLOCK_N=tile,
-        BLOCK_M=_reduction_block(x.dtype),
+        BLOCK_M=_common.reduction_block(x.dtype),
         BLOCK_D=tile,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_common.dot_precision(x.dtype),
         num_warps=_MATRIX_WARPS,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -432,7 +385,7 @@ def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -460,18 +413,15 @@ def sparse_spatial_loss_forward(
     Returns:
         (loss (), grad_img (N, D), grad_txt (N, D), grad_alpha (N,)) in the inputs' dtype; the
         gradients are ``torch.empty(0)`` without ``need_grad``.
-
-    Raises:
-        ValueError: when img or txt holds a NaN or an infinity (reads a flag back).
     """
     n, d = img.shape
     if img.stride(1) != 1 or txt.stride(1) != 1:
         img, txt = img.contiguous(), txt.contiguous()
     device = img.device
     f32 = dict(dtype=torch.float32, device=device)
-    norm_img, norm_txt = _row_norms(img, "img"), _row_norms(txt, "txt")
+    norm_img, norm_txt = _row_norms(img), _row_norms(txt)
     discrepancy = torch.empty(n, n, **f32)  # D, then Gamma in place
-    tile = _tile(img.dtype)
+    tile = _common.matrix_tile(img.dtype)
     _discrepancy_kernel[(triton.cdiv(n, tile), triton.cdiv(n, tile))](
         img,
         txt,
@@ -485,10 +435,10 @@ def sparse_spatial_loss_forward(
         _NORM_EPS,
         KIND=kind,
         BLOCK_M=tile,
-        BLOCK_K=_reduction_block(img.dtype),
-        PRECISION=_precision(img.dtype),
+        BLOCK_K=_common.reduction_block(img.dtype),
+        PRECISION=_common.dot_precision(img.dtype),
         num_warps=_MATRIX_WARPS,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     row_loss = torch.empty(n, **f32)
     grad_alpha = torch.zeros(n, **f32)
@@ -506,7 +456,7 @@ def sparse_spatial_loss_forward(
         BLOCK_R=_ROW_BLOCK,
         BLOCK_C=_SELECT_COLUMNS,
         num_warps=4,
-        maxnreg=_MAXNREG,
+        maxnreg=_common.MAXNREG,
     )
     loss = (row_loss.double().sum() / n).to(img.dtype)
     if not need_grad:  # fresh empties: the outputs of a custom op must not alias
@@ -530,7 +480,7 @@ def aot_specs() -> list[dict]:
     the tl.dot kernels in float16 and bfloat16 (must show mma), the row passes once each."""
     specs = []
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        tile, block = _tile(dtype), _reduction_block(dtype)
+        tile, block = _common.matrix_tile(dtype), _common.reduction_block(dtype)
         dot = dict(PRECISION="tf32")
         for kind_name, kind in (("inter", _KIND_INTER), ("intra", _KIND_INTRA)):
             specs.append(

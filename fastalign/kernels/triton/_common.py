@@ -1,0 +1,121 @@
+"""What the Triton kernel files share: launch settings, tile loads, the tl.dot loop over the
+feature dimension, and the description of a kernel for the ahead-of-time compile check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+# Register cap of every launch. Without it ptxas (with the --regAllocOptLevel=2 that Triton 3.9
+# passes) aims at ~64-80 registers and spills a few bytes; 128 keeps the fp16/bf16 kernels
+# spill-free for all block sizes the launchers pick, at 4 (16) resident CTAs (warps) per SM.
+MAXNREG = 128
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: float32 inputs use TF32 only where torch allows it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def matrix_tile(dtype: torch.dtype) -> int:
+    """Output tile side of the matrix kernels: the fp32 "ieee" dot runs on FMA units, narrower."""
+    return 32 if dtype == torch.float32 else 64
+
+
+def reduction_block(dtype: torch.dtype) -> int:
+    """Step of a matrix kernel's reduction loop (the inner dimension of each tl.dot)."""
+    return 16 if dtype == torch.float32 else 32
+
+
+def tiled_output(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+    """A float32 (rows, cols) output on ``like``'s device for a matrix kernel fed with ``like``'s
+    dtype, its tile side (:func:`matrix_tile`) and the launch grid of tiles that covers it."""
+    out = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
+    tile = matrix_tile(like.dtype)
+    return out, tile, (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
+
+
+@triton.jit
+def load_tile(base, rows, row_ok, cols, col_ok, stride):
+    """The (rows x cols) tile base[rows * stride + cols] of a row-major matrix, 0 outside.
+    Pass int64 ``rows`` where rows * stride may pass 2^31."""
+    return tl.load(
+        base + rows[:, None] * stride + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )
+
+
+@triton.jit
+def load_tile_t(base, rows, row_ok, cols, col_ok, stride):
+    """The transpose (cols x rows) of :func:`load_tile`'s tile, loaded as such for tl.dot."""
+    return tl.load(
+        base + rows[None, :] * stride + cols[:, None],
+        mask=row_ok[None, :] & col_ok[:, None],
+        other=0.0,
+    )
+
+
+@triton.jit
+def dot_rows(acc, x_rows, x_ok, y_rows, y_ok, D, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + X @ Y^T (float32) for two blocks of rows of length D, given by pointers to their
+    first elements (``x_rows`` (M,), ``y_rows`` (N,), unit stride along D): the tl.dot loop over
+    the feature dimension, in BLOCK_D steps, that the score and logit kernels start from."""
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        d_ok = dd < D
+        x = tl.load(x_rows[:, None] + dd[None, :], mask=x_ok[:, None] & d_ok[None, :], other=0.0)
+        y_t = tl.load(y_rows[None, :] + dd[:, None], mask=y_ok[None, :] & d_ok[:, None], other=0.0)
+        acc = tl.dot(x, y_t, acc, input_precision=PRECISION)
+    return acc
+
+
+# --------------------------------------------------------------------------- AOT check
+def aot_spec(
+    name: str,
+    fn,
+    constexprs: dict,
+    num_warps: int,
+    expect_mma: bool,
+    pointers: dict[str, str],
+    floats: Iterable[str] = (),
+    divisible: Iterable[str] | None = None,
+) -> dict:
+    """One specialisation of the kernel ``fn`` for compile_check, with the argument types and
+    the register cap (:data:`MAXNREG`) its launcher uses.
+
+    ``pointers`` gives the element type of pointer arguments (fp32 for the others), ``floats``
+    names the fp32 scalars; other arguments (sizes, strides) are i32. ``divisible`` names the
+    integer arguments that are multiples of 16 at run time (contiguous inputs, D % 16 == 0), by
+    default D and the ``stride_*`` arguments: the JIT hints them, and every pointer, as such.
+    """
+    floats = set(floats)
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = f"*{pointers.get(arg, 'fp32')}"
+        else:
+            signature[arg] = "fp32" if arg in floats else "i32"
+    if divisible is None:
+        divisible = [arg for arg in fn.arg_names if arg == "D" or arg.startswith("stride_")]
+    divisible = set(divisible)
+    return {
+        "name": name,
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+        "expect_mma": expect_mma,
+        "options": {"maxnreg": MAXNREG},
+        "divisibility": {
+            arg: 16 for arg, ty in signature.items() if ty.startswith("*") or arg in divisible
+        },
+    }
