@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
 .PHONY: demo test bench install cuda-compile-check cuda-link-check sanitize bench-baseline \
-	bench-compare gpu-check
+	bench-compare gpu-check wheel-check
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,20 @@ test: install
 	$(PY) -m fastalign.kernels.triton.compile_check
 	$(MAKE) cuda-compile-check
 	$(PY) -m pytest -q
+
+# The package as a user gets it: the wheel built, installed into a fresh virtual environment,
+# and the command line run from another folder (its help, the method list, one tiny training
+# on the bundled demo config).
+WHEEL_DIR = build/wheel-check
+wheel-check: install
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/elsewhere
+	MAX_JOBS=2 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/dist .
+	python3 -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q "$(TORCH)" $(WHEEL_DIR)/dist/fastalign-*.whl
+	cd $(WHEEL_DIR)/elsewhere && ../venv/bin/fastalign --help > /dev/null
+	cd $(WHEEL_DIR)/elsewhere && ../venv/bin/fastalign list
+	cd $(WHEEL_DIR)/elsewhere && ../venv/bin/fastalign train --config demo_synthetic \
+		--no-progress epochs=1 max_val_images=20 output_dir=run
 
 # nvcc (CUDA_HOME) on every CUDA kernel for sm_80 and sm_90: registers, smem, spills, mma.
 CUDA_HOME ?= /usr/local/cuda-13.0
