@@ -159,4 +159,12 @@ def test_two_processes_match_one_on_the_global_batch(name, tiny_data, tiny_confi
         for key in want:
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
     for key, want in want_grads.items():
-        torch.testing.assert_close(got_grads[key], want, rtol=1e-4, atol=1e-6, msg=key)
+        # float32 sums in another order: tolerance relative to the gradient's own scale
+        assert want.abs().max() > 0, key
+        torch.testing.assert_close(
+            got_grads[key],
+            want,
+            rtol=1e-4,
+            atol=1e-4 * float(want.abs().max()),
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
