@@ -25,6 +25,7 @@ from fastalign.data import (
     ensure_synthetic,
     load_word_vectors,
     make_loader,
+    synthetic_folder,
 )
 from fastalign.encoders import caption_tokenizer
 from fastalign.methods import LossContext, get_method
@@ -36,12 +37,20 @@ RUN_FILES = ("last.pt", "best.pt", "log.csv", "tensorboard")
 
 
 def data_root_of(config: TrainConfig) -> Path:
-    """The dataset folder of ``config``; the synthetic one is generated if absent."""
-    if config.data_root == "synthetic":
-        return ensure_synthetic(
-            config.synthetic_root, preset=config.synthetic_preset, seed=config.data_seed
+    """The dataset folder of ``config``, resolved (absolute); the synthetic one is generated
+    if absent, after saying where."""
+    if config.data_root != "synthetic":
+        return Path(config.data_root).resolve()
+    kind = {"preset": config.synthetic_preset, "seed": config.data_seed}
+    folder = synthetic_folder(config.synthetic_root, **kind).resolve()
+    if not (folder / "meta.json").is_file() and distributed.rank() == 0:
+        print(
+            f"generating the synthetic dataset (preset {kind['preset']}, data seed "
+            f"{kind['seed']}) in {folder}",
+            file=sys.stderr,
+            flush=True,
         )
-    return Path(config.data_root)
+    return ensure_synthetic(folder.parent, **kind).resolve()
 
 
 def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> None:
@@ -52,6 +61,21 @@ def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> 
             f"checkpoint was trained on ({recorded.get('root')}, fingerprint "
             f"{recorded['fingerprint']})"
         )
+
+
+def _available(device: torch.device) -> torch.device:
+    """``device`` if this machine has it, else ValueError naming the ``device`` key."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device}, but torch finds no CUDA device here (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use "
+                f"device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={device}, but this machine has {count} CUDA device(s)")
+    return device
 
 
 # --------------------------------------------------------------------------- training
@@ -91,13 +115,7 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
     ) -> None:
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if config.optimizer not in optimizers:
-            raise ValueError(
-                f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}"
-            )
-        if config.loss not in distributed.LOSSES:
-            raise ValueError(f"loss must be one of {distributed.LOSSES}, got {config.loss!r}")
+        config.check()  # again: fields may have been assigned since it was built
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other")
         self.config = config
@@ -115,13 +133,21 @@ class Trainer:
             if config.device == "auto":
                 self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             else:
-                self.device = torch.device(config.device)
+                self.device = _available(torch.device(config.device))
         if not resume:
             self._claim_output_dir(overwrite)
         _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
-        checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
+        checkpoint = None
+        if resume:
+            last = self.output_dir / "last.pt"
+            if not last.exists():
+                raise FileNotFoundError(
+                    f"--resume: {last} does not exist, so there is no run to continue; start "
+                    f"it without --resume"
+                )
+            checkpoint = load_checkpoint(last)
         if checkpoint is not None:
             check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
         self.vocab = caption_tokenizer(
@@ -143,12 +169,15 @@ class Trainer:
             config.captions_per_image,
             max_images=config.max_val_images,
         )
+        for dataset in (self.train_set, self.val_set):
+            dataset.check_feature_dim(config.model.feature_dim, "the model")
         self.method = get_method(config.method)(config)
         self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         self.optimizer = optimizers[config.optimizer](
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
