@@ -1,0 +1,58 @@
+"""The trainer when things go wrong: non-finite values in the data, a kill between writes,
+a full or read-only disk, and a resume with other settings than the run's."""
+
+import errno
+import os
+
+import pytest
+import torch
+
+from fastalign.checkpoint import save_atomic
+from fastalign.data import ensure_synthetic
+from fastalign.training import Trainer
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_partial(
+    tiny_data, tiny_config, tmp_path, monkeypatch
+):
+    def full_disk(obj, f, *args, **kwargs):
+        """Writes a little, then the disk is full."""
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as file:
+                file.write(b"PK")
+        else:
+            f.write(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    target = tmp_path / "ckpt" / "last.pt"
+    with pytest.raises(OSError, match="no space left on device") as failure:
+        save_atomic({"x": 1}, target)
+    assert str(target) in str(failure.value) and failure.value.errno == errno.ENOSPC
+    assert list(target.parent.iterdir()) == []
+    # a run fails the same way at its first save, and leaves nothing half-written
+    config = tiny_config(tiny_data, tmp_path / "run", epochs=1)
+    with pytest.raises(OSError, match="no space left on device"):
+        Trainer(config, progress=False).fit()
+    assert not list((tmp_path / "run").glob("*.partial"))
+
+
+def test_a_read_only_synthetic_root_is_named(tmp_path, monkeypatch):
+    base = tmp_path / "read_only"
+    base.mkdir()
+    base.chmod(0o555)
+    try:
+        if os.access(base, os.W_OK):  # root: chmod does not stop it, so the OS is told to
+            import tempfile
+
+            def refused(dir, prefix, **kwargs):
+                name = os.path.join(dir, prefix + "abcd")
+                raise PermissionError(errno.EACCES, "Permission denied", name)
+
+            monkeypatch.setattr(tempfile, "mkdtemp", refused)
+        with pytest.raises(PermissionError, match="permission denied") as failure:
+            ensure_synthetic(base, n_train=8, n_val=4, n_test=4)
+        message = str(failure.value)
+        assert f"{base}/easy-seed0-8x4x4" in message and "tmp-" not in message
+    finally:
+        base.chmod(0o755)
