@@ -12,6 +12,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,53 @@ from fastalign.model_evaluation import evaluate_trained
 # What a run writes into its output_dir: an existing one is resumed or overwritten, never
 # silently replaced.
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "tensorboard")
+
+# Settings a resumed run may change: they do not change what was trained so far. Any other
+# difference from the run's saved configuration is an error. The data are identified by
+# their fingerprint (checked separately), so data_root and synthetic_root may name the same
+# data elsewhere; word_vectors only initialise a new run; skip_nonfinite may be turned on
+# to get past a bad batch; model.backend picks a kernel, not the model.
+RESUME_MAY_CHANGE = (
+    "name",
+    "epochs",
+    "val_every",
+    "output_dir",
+    "device",
+    "max_val_images",
+    "test_split",
+    "data_root",
+    "synthetic_root",
+    "word_vectors",
+    "skip_nonfinite",
+    "model.backend",
+)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, value in current, value in saved)`` for every setting (``model.x``,
+    ``<method>.x`` as dotted keys) that differs, in the order of the configuration. When
+    the methods differ only ``method`` is named, not each option of the two sections."""
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    if saved.method != current.method:
+        sections = (f"{saved.method}.", f"{current.method}.")
+        old = {k: v for k, v in old.items() if not k.startswith(sections)}
+        new = {k: v for k, v in new.items() if not k.startswith(sections)}
+    keys = dict.fromkeys([*new, *old])
+    return [(k, new.get(k), old.get(k)) for k in keys if new.get(k) != old.get(k)]
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def data_root_of(config: TrainConfig) -> Path:
@@ -116,12 +164,15 @@ class Trainer:
                 self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             else:
                 self.device = torch.device(config.device)
-        if not resume:
+        checkpoint = None
+        if resume:
+            checkpoint = load_checkpoint(self.output_dir / "last.pt")
+            self._check_resumed_config(checkpoint)
+        else:
             self._claim_output_dir(overwrite)
         _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
-        checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
         if checkpoint is not None:
             check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
         self.vocab = caption_tokenizer(
@@ -179,14 +230,34 @@ class Trainer:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def _check_resumed_config(self, checkpoint: dict) -> None:
+        """ValueError naming every setting that differs from the run's saved configuration
+        and may not change mid-run (RESUME_MAY_CHANGE); the others are printed."""
+        where = self.output_dir
+        try:
+            saved = TrainConfig.from_dict(checkpoint["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"resume: the configuration of the run at {where} cannot be loaded: {exc}"
+            ) from exc
+        differences = config_differences(saved, self.config)
+        refused = [d for d in differences if d[0] not in RESUME_MAY_CHANGE]
+        if refused:
+            parts = [
+                f"{key} is {_show(new)} in this config but {_show(old)} in the run"
+                for key, new, old in refused
+            ]
+            parts[0] += f" at {where}"
+            raise ValueError(
+                f"resume: {'; '.join(parts)}. A resumed run may change only "
+                f"{', '.join(RESUME_MAY_CHANGE)}: use the run's settings, or start a new run "
+                f"(--overwrite, or another output_dir)"
+            )
+        if self.rank == 0:
+            for key, new, old in differences:
+                print(f"resume: {key} is {_show(new)} (was {_show(old)})", file=sys.stderr)
+
     def _restore(self, checkpoint: dict) -> None:
-        saved = TrainConfig.from_dict(checkpoint["config"])
-        for part in ("method", "model", "options"):
-            if getattr(saved, part) != getattr(self.config, part):
-                raise ValueError(
-                    f"checkpoint {part} configuration differs from this run's "
-                    f"({getattr(saved, part)} vs {getattr(self.config, part)})"
-                )
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])

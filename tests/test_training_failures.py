@@ -2,6 +2,7 @@
 a full or read-only disk, and a resume with other settings than the run's."""
 
 import errno
+import math
 import os
 
 import pytest
@@ -56,3 +57,28 @@ def test_a_read_only_synthetic_root_is_named(tmp_path, monkeypatch):
         assert f"{base}/easy-seed0-8x4x4" in message and "tmp-" not in message
     finally:
         base.chmod(0o755)
+
+
+def test_resume_refuses_other_settings_and_names_them(tiny_data, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(tiny_config(tiny_data, out, epochs=1), progress=False).fit()
+    other = tiny_config(
+        tiny_data, out, "batch_size=32", "lr=0.001", "model.direction=both", epochs=2
+    )
+    with pytest.raises(ValueError) as failure:
+        Trainer(other, resume=True, progress=False)
+    message = str(failure.value)
+    assert f"resume: batch_size is 32 in this config but 16 in the run at {out}" in message
+    assert "lr is 0.001 in this config but 0.002" in message
+    assert "model.direction is 'both' in this config but 't2i'" in message
+    assert "epochs" not in message.split(";")[0] and "ModelConfig(" not in message
+    other = tiny_config(tiny_data, out, "method=dias", epochs=1)
+    with pytest.raises(ValueError, match="method is 'dias' in this config but 'baseline'"):
+        Trainer(other, resume=True, progress=False)
+    # the settings that may change mid-run are accepted, and said
+    capsys.readouterr()
+    allowed = tiny_config(tiny_data, out, "val_every=2", "name=renamed", epochs=3)
+    trainer = Trainer(allowed, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "resume: epochs is 3 (was 1)" in err and "val_every is 2 (was 1)" in err
+    assert trainer.epoch == 1 and math.isfinite(trainer.best_rsum)
