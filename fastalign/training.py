@@ -5,7 +5,7 @@ checkpoint, CSV logs, atomic checkpoints and an exact ``resume``."""
 from __future__ import annotations
 
 import csv
-import os
+import io
 import random
 import shutil
 import sys
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fastalign import distributed
+from fastalign._files import atomic_write, partial_path, remove_partial
 from fastalign.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from fastalign.config import TrainConfig
 from fastalign.data import (
@@ -34,6 +35,8 @@ from fastalign.model_evaluation import evaluate_trained
 # What a run writes into its output_dir: an existing one is resumed or overwritten, never
 # silently replaced.
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "tensorboard")
+# The files a run writes through a temporary ``NAME.partial`` (fastalign._files).
+_ATOMIC_FILES = ("last.pt", "best.pt", "log.csv")
 
 # Settings a resumed run may change: they do not change what was trained so far. Any other
 # difference from the run's saved configuration is an error. The data are identified by
@@ -170,6 +173,8 @@ class Trainer:
             self._check_resumed_config(checkpoint)
         else:
             self._claim_output_dir(overwrite)
+        self.resumed = resume
+        self._remove_partials()
         _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
@@ -256,6 +261,17 @@ class Trainer:
         if self.rank == 0:
             for key, new, old in differences:
                 print(f"resume: {key} is {_show(new)} (was {_show(old)})", file=sys.stderr)
+
+    def _remove_partials(self) -> None:
+        """Removes the temporary files that a killed write left in the output folder."""
+        if self.rank != 0:
+            return
+        for name in _ATOMIC_FILES:
+            if remove_partial(self.output_dir / name):
+                print(
+                    f"removed {partial_path(self.output_dir / name)}, left by an interrupted write",
+                    file=sys.stderr,
+                )
 
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -364,12 +380,20 @@ class Trainer:
         return means | {"epoch_seconds": time.perf_counter() - start}
 
     def fit(self) -> dict:
-        """Trains to ``config.epochs``; returns the best validation results."""
-        best = {}
+        """Trains to ``config.epochs``; returns the best validation results of the run
+        (empty before its first validation)."""
+        out = self.output_dir
+        if self.resumed and self.rank == 0:
+            # The log is rewritten from the checkpoint's history: a kill between the two
+            # writes of an epoch leaves them disagreeing until then.
+            self._write_log()
         if self.epoch >= self.config.epochs and self.rank == 0:
+            best = self._best_results()
+            shown = f" (best validation rSum {best['rsum']:.1f})" if best else ""
             print(
-                f"{self.output_dir}: the run is finished ({self.epoch} of {self.config.epochs} "
-                f"epochs); nothing to train",
+                f"{out}: the run is finished ({self.epoch} of {self.config.epochs} "
+                f"epochs); nothing to train. Results: {out / 'best.pt'}{shown}, "
+                f"{out / 'last.pt'}, {out / 'log.csv'}",
                 file=sys.stderr,
             )
         while self.epoch < self.config.epochs:
@@ -393,12 +417,21 @@ class Trainer:
                     for key, value in results.items():
                         self.tensorboard.add_scalar(f"val/{key}", value, self.step)
                 if results["rsum"] > self.best_rsum:
-                    self.best_rsum, best = results["rsum"], results
+                    self.best_rsum = results["rsum"]
                     self._save("best.pt")
-            self._save("last.pt")
+            # The log first: a kill before last.pt is written makes a resume redo the
+            # epoch and rewrite the log from the checkpoint's history.
             if self.rank == 0:
                 self._write_log()
-        return best
+            self._save("last.pt")
+        return self._best_results()
+
+    def _best_results(self) -> dict:
+        """The validation results of best.pt (from the history), or {} before any."""
+        for row in self.history:
+            if row.get("val_rsum") == self.best_rsum:
+                return {k[4:]: v for k, v in row.items() if k.startswith("val_")}
+        return {}
 
     def _save(self, name: str) -> None:
         """Rank 0 writes (every rank holds the same weights); the others wait for it."""
@@ -408,14 +441,14 @@ class Trainer:
             torch.distributed.barrier()
 
     def _write_log(self) -> None:
+        """log.csv from the history (written whole or not at all)."""
         columns = list(dict.fromkeys(k for row in self.history for k in row))
-        path = self.output_dir / "log.csv"
-        partial = path.with_name("log.csv.partial")
-        with partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(partial, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        with atomic_write(self.output_dir / "log.csv") as f:
+            f.write(text.getvalue().encode("utf-8"))
 
 
 def _tensorboard_writer(folder: Path):

@@ -1,21 +1,50 @@
 """The trainer when things go wrong: non-finite values in the data, a kill between writes,
 a full or read-only disk, and a resume with other settings than the run's."""
 
+import csv
 import errno
 import math
 import os
 
 import pytest
 import torch
+import yaml
 
 from fastalign.checkpoint import save_atomic
+from fastalign.cli import main
 from fastalign.data import ensure_synthetic
 from fastalign.training import Trainer
+
+
+def test_a_finished_run_repairs_its_log_on_resume(tiny_data, tiny_config, tmp_path, capsys):
+    """A kill between the last checkpoint and the log write left the log an epoch short."""
+    config = tiny_config(tiny_data, tmp_path / "run", epochs=2)
+    Trainer(config, progress=False).fit()
+    log = tmp_path / "run" / "log.csv"
+    full = log.read_text()
+    with open(log) as f:
+        rows = list(csv.DictReader(f))
+    short = [row for row in rows if row["epoch"] != "2"]
+    with open(log, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(short)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    capsys.readouterr()
+    main(["train", "--no-progress", "--config", str(path), "--resume"])
+    captured = capsys.readouterr()
+    assert "the run is finished (2 of 2 epochs)" in captured.err
+    assert str(tmp_path / "run" / "best.pt") in captured.err + captured.out
+    assert "rSum" in captured.out  # the best validation results are shown again
+    assert log.read_text() == full
 
 
 def test_a_full_disk_names_the_file_and_leaves_no_partial(
     tiny_data, tiny_config, tmp_path, monkeypatch
 ):
+    real_save = torch.save
+
     def full_disk(obj, f, *args, **kwargs):
         """Writes a little, then the disk is full."""
         if isinstance(f, (str, os.PathLike)):
@@ -36,6 +65,14 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial(
     with pytest.raises(OSError, match="no space left on device"):
         Trainer(config, progress=False).fit()
     assert not list((tmp_path / "run").glob("*.partial"))
+    monkeypatch.setattr(torch, "save", real_save)
+    # partials left by a kill are removed when a run starts in that folder
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    for name in ("last.pt.partial", "best.pt.partial", "log.csv.partial"):
+        (stale / name).write_bytes(b"half")
+    Trainer(tiny_config(tiny_data, stale, epochs=1), progress=False)
+    assert not list(stale.glob("*.partial"))
 
 
 def test_a_read_only_synthetic_root_is_named(tmp_path, monkeypatch):
