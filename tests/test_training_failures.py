@@ -5,15 +5,75 @@ import csv
 import errno
 import math
 import os
+import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
-from fastalign.checkpoint import save_atomic
+from fastalign.checkpoint import load_checkpoint, save_atomic
 from fastalign.cli import main
-from fastalign.data import ensure_synthetic
+from fastalign.data import EpochSampler, ensure_synthetic, make_loader
 from fastalign.training import Trainer
+
+BAD_ROW = 37  # the training image whose features hold a NaN
+
+
+@pytest.fixture(scope="module")
+def nan_data(tiny_data, tmp_path_factory):
+    """tiny_data with one NaN in the features of training image BAD_ROW."""
+    root = tmp_path_factory.mktemp("nan") / "data"
+    shutil.copytree(tiny_data, root)
+    images = np.load(root / "train_ims.npy")
+    images[BAD_ROW, 2, 5] = np.nan
+    np.save(root / "train_ims.npy", images)
+    return root
+
+
+def _batches_with_bad_row(config, epoch: int, n_captions: int) -> int:
+    """How many batches of ``epoch`` hold a caption of image BAD_ROW."""
+    order = EpochSampler(n_captions, seed=config.seed).order(epoch)
+    per_image = config.captions_per_image
+    return sum(
+        any(j // per_image == BAD_ROW for j in order[k : k + config.batch_size])
+        for k in range(0, n_captions, config.batch_size)
+    )
+
+
+def _finite_weights(path) -> bool:
+    return all(torch.isfinite(v).all() for v in load_checkpoint(path)["model"].values())
+
+
+def test_non_finite_batches_are_skipped_or_stop_the_run(nan_data, tiny_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    # skip_nonfinite: the batches holding the NaN image are skipped and counted
+    config = tiny_config(nan_data, out, "skip_nonfinite=true", epochs=1)
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    expected = _batches_with_bad_row(config, 0, len(trainer.train_set))
+    assert expected > 0
+    steps = [row for row in trainer.history if "val_rsum" not in row]
+    assert sum(row.get("skipped_batches", 0) for row in steps) == expected
+    assert trainer.history[-1]["skipped_batches"] == expected
+    err = capsys.readouterr().err
+    assert f"skipped {expected} non-finite batch" in err and f"row {BAD_ROW}" in err
+    with open(out / "log.csv") as f:
+        assert "skipped_batches" in next(csv.reader(f))
+    assert _finite_weights(out / "last.pt") and _finite_weights(out / "best.pt")
+    before = (out / "last.pt").read_bytes()
+
+    # without it the run stops at the first such batch, naming the step and the data row,
+    # and keeps the last good checkpoint (turning the option off on resume is allowed)
+    resumed = Trainer(tiny_config(nan_data, out, epochs=2), resume=True, progress=False)
+    with pytest.raises(RuntimeError, match=r"epoch 2, step \d+: non-finite") as failure:
+        resumed.fit()
+    message = str(failure.value)
+    assert f"image {BAD_ROW} " in message and "train_ims.npy" in message
+    assert "captions [" in message and "skip_nonfinite" in message
+    assert str(out / "last.pt") in message
+    assert (out / "last.pt").read_bytes() == before
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 def test_a_finished_run_repairs_its_log_on_resume(tiny_data, tiny_config, tmp_path, capsys):
@@ -119,3 +179,41 @@ def test_resume_refuses_other_settings_and_names_them(tiny_data, tiny_config, tm
     err = capsys.readouterr().err
     assert "resume: epochs is 3 (was 1)" in err and "val_every is 2 (was 1)" in err
     assert trainer.epoch == 1 and math.isfinite(trainer.best_rsum)
+
+
+def test_nan_gradients_behind_unchecked_operators(nan_data, tiny_config, tmp_path, monkeypatch):
+    """On CUDA the operators do not check their inputs (a sync each): the NaN feature reaches
+    the loss and the gradients, which are checked before the weights change."""
+    from fastalign.ops import _checks
+
+    monkeypatch.setattr(_checks, "finite_check_applies", lambda device: False)
+    config = tiny_config(
+        nan_data, tmp_path / "skip", "skip_nonfinite=true", "model.backend=reference", epochs=1
+    )
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    expected = _batches_with_bad_row(config, 0, len(trainer.train_set))
+    assert trainer.history[-1]["skipped_batches"] == expected
+    assert _finite_weights(tmp_path / "skip" / "last.pt")
+    config = tiny_config(nan_data, tmp_path / "stop", "model.backend=reference", epochs=1)
+    trainer = Trainer(config, progress=False)
+    with pytest.raises(RuntimeError, match=r"epoch 1, step 1: non-finite .*gradient norm \(nan\)"):
+        trainer.fit()
+    assert not (tmp_path / "stop" / "last.pt").exists()
+
+
+def test_a_finite_loss_with_nan_gradients_changes_no_weight(tiny_data, tiny_config, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=1), progress=False)
+    batch = next(iter(make_loader(trainer.train_set, 16, shuffle=True, seed=0)))
+    weight = next(trainer.model.parameters())
+    weight.register_hook(lambda grad: grad * math.nan)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="step 1: non-finite gradient norm .nan. on") as failure:
+        trainer.train_step(batch)
+    assert "every feature of the batch is finite" in str(failure.value)
+    trainer.config.skip_nonfinite = True
+    values = trainer.train_step(batch)
+    assert values["skipped_batches"] == 1 and math.isfinite(values["loss"])
+    assert trainer.step == 1 and trainer.history[-1]["skipped_batches"] == 1
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
