@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastalign._files import atomic_write
 from fastalign.config import TrainConfig
 from fastalign.encoders import caption_tokenizer
 from fastalign.methods import Method, get_method
@@ -23,13 +24,18 @@ _FORMAT_1 = "fastalign-checkpoint-1"
 _ENTRIES = ("config", "vocab", "model", "method_state", "data")
 
 
-def save_atomic(obj: object, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, path)
+def save_atomic(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: never half-written, and
+    the temporary file is removed when the write fails.
+
+    Raises:
+        OSError: the write failed; the message names ``path`` and the cause (``no space
+            left on device``, ``permission denied``).
+    """
+    # torch.save into a file that Python opened: a failed write raises the OSError (with
+    # its errno) instead of torch's own ``iostream error`` without a path.
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _upgrade_format_1(checkpoint: dict) -> dict:

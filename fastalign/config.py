@@ -33,6 +33,12 @@ class TrainConfig:
     ``"synthetic"`` means the bundled synthetic dataset of preset ``synthetic_preset`` and
     seed ``data_seed``, generated on first use in a folder under ``synthetic_root`` named
     after both (the training ``seed`` never changes the data).
+
+    A training step whose loss or gradient norm is not finite (NaN or inf, e.g. from a NaN
+    feature in the data) stops the run with an error naming the step, its samples and the
+    data rows at fault, keeping the last good checkpoint; with ``skip_nonfinite`` such a
+    batch is skipped instead (no update) and counted (``skipped_batches`` in log.csv and
+    on the epoch line).
     """
 
     name: str = "run"
@@ -54,6 +60,7 @@ class TrainConfig:
     lr_decay_epochs: list[int] = setting(default_factory=lambda: [15], minimum=1)
     lr_decay: float = setting(0.1, above=0, maximum=1)
     grad_clip: float = setting(2.0, minimum=0)  # 0: no clipping
+    skip_nonfinite: bool = False
     loss: str = setting("hinge", choices=LOSSES)
     margin: float = setting(0.2, minimum=0)
     warmup_epochs: int = setting(1, minimum=0)

@@ -41,7 +41,7 @@ def test_corrupt_and_incompatible_checkpoints(tiny_data, tiny_config, tmp_path):
     Trainer(tiny_config(tiny_data, tmp_path / "ok", epochs=1), progress=False).fit()
     other = tiny_config(tiny_data, tmp_path / "ok", epochs=2)
     other = dataclasses.replace(other, model=dataclasses.replace(other.model, direction="both"))
-    with pytest.raises(ValueError, match="model configuration differs"):
+    with pytest.raises(ValueError, match="resume: model.direction is .both. in this config but"):
         Trainer(other, resume=True, progress=False)
 
 
