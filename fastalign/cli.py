@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-EPILOG = """examples:
+# Raw: the backslashes continue shell lines in the printed examples.
+EPILOG = r"""examples:
   fastalign demo                                  train on the synthetic set, print recall
   fastalign train --config chan_f30k data_root=data/f30k_precomp epochs=30
   fastalign train --config dias_f30k dias.dim_weight=0 output_dir=runs/dias_no_dim
@@ -20,6 +21,11 @@ EPILOG = """examples:
       --preset hard --seeds 3
   fastalign list                                  methods and bundled configs
 """
+
+
+# The errors that the library raises for bad input (values, paths, files, data): reported
+# as one line. Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
 
 def _train(args) -> None:
@@ -49,7 +55,17 @@ def _eval(args) -> None:
     method, model, tokenizer = restore_trained(checkpoint)
     config = TrainConfig.from_dict(checkpoint["config"])
     recorded = checkpoint["data"]
-    data_root = Path(args.data_root) if args.data_root else data_root_of(config)
+    if args.data_root:
+        data_root = Path(args.data_root)
+    elif recorded["root"] is not None:  # where it trained, whatever folder this runs in
+        data_root = Path(recorded["root"])
+        if not data_root.is_dir():
+            raise FileNotFoundError(
+                f"the checkpoint's training data {data_root} is not there any more: pass "
+                f"--data-root"
+            )
+    else:
+        data_root = data_root_of(config)
     fingerprint = data_fingerprint(data_root)
     if recorded["fingerprint"] is None:
         print(
@@ -122,17 +138,22 @@ def _list(args) -> None:
     print("  " + "  ".join(bundled_configs()))
 
 
+# The benchmark scripts live in the source tree, not in the installed package.
+_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _benchmarks() -> list[str]:
+    return sorted(p.stem[len("bench_") :] for p in _BENCHMARKS.glob("bench_*.py"))
+
+
 def _bench(args) -> None:
-    # The benchmark scripts live in the source tree, not in the installed package.
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    if not folder.is_dir():
-        raise SystemExit(
+    if not _BENCHMARKS.is_dir():
+        raise FileNotFoundError(
             "fastalign bench runs from a source checkout (benchmarks/ is not installed)"
         )
-    script = folder / f"bench_{args.name}.py"
+    script = _BENCHMARKS / f"bench_{args.name}.py"
     if not script.is_file():
-        available = sorted(p.stem[6:] for p in folder.glob("bench_*.py"))
-        raise SystemExit(f"no benchmark {args.name!r}; available: {', '.join(available)}")
+        raise ValueError(f"no benchmark {args.name!r}; available: {', '.join(_benchmarks())}")
     raise SystemExit(subprocess.call([sys.executable, str(script), *args.rest]))
 
 
@@ -144,12 +165,24 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every command takes --debug, before or after its name (SUPPRESS: a command's own default
+    # does not undo a --debug given before it).
+    debug_help = "on an error, show the traceback, not only the error line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
 
-    train = commands.add_parser(
+    def add_command(name: str, **options) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[debug], **options)
+
+    train = add_command(
         "train",
         help="train a model from a YAML config",
-        description="Train a model. Overrides are key=value pairs, "
-        "nested with dots (model.embed_dim=256).",
+        description="Train a model. Overrides are key=value pairs, nested with dots "
+        "(model.embed_dim=256, dias.dim_weight=0); values are YAML. The keys are the fields of "
+        "fastalign.config.TrainConfig, fastalign.models.ModelConfig (model.*) and the method's "
+        "options (see the README, 'Training and evaluation'; "
+        "python -c 'help(fastalign.config.TrainConfig)').",
     )
     train.add_argument(
         "--config",
@@ -171,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint (recall table)")
+    evaluate = add_command("eval", help="evaluate a checkpoint (recall table)")
     evaluate.add_argument("checkpoint", help="a .pt file written by fastalign train")
     evaluate.add_argument(
         "--data-root", help="precomputed-feature folder (default: the checkpoint's training data)"
@@ -185,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     evaluate.set_defaults(run=_eval)
 
-    demo = commands.add_parser(
+    demo = add_command(
         "demo",
         help="generate the synthetic set if absent, train "
         "CHAN's similarity on it, print a recall table",
@@ -194,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     demo.set_defaults(run=_demo)
 
-    comparison = commands.add_parser(
+    comparison = add_command(
         "compare",
         help="train several configs on the same data, seeds and budget; table + plot",
         description="Train every config with seeds 0..N-1 on the same data and budget, then "
@@ -224,16 +257,30 @@ def main(argv: list[str] | None = None) -> None:
     )
     comparison.set_defaults(run=_compare)
 
-    listing = commands.add_parser("list", help="the registered methods and bundled configs")
+    listing = add_command("list", help="the registered methods and bundled configs")
     listing.set_defaults(run=_list)
 
-    bench = commands.add_parser("bench", help="run a benchmark script (benchmarks/bench_NAME.py)")
-    bench.add_argument("name", help="region_word, eval, ...")
+    available = ", ".join(_benchmarks()) or "none: run from a source checkout"
+    bench = add_command(
+        "bench",
+        help="run a benchmark script (benchmarks/bench_NAME.py)",
+        description=f"Run benchmarks/bench_NAME.py of a source checkout. NAME: {available}.",
+    )
+    bench.add_argument("name", help=available)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        # What a user can fix (a value, a path, a file) is one line; --debug shows where.
+        if args.debug:
+            raise
+        print(f"fastalign {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

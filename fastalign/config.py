@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,8 +13,14 @@ from typing import Any
 
 import yaml
 
+from fastalign.data.synthetic import preset_names
+from fastalign.distributed import LOSSES
+from fastalign.fields import check_fields, setting
 from fastalign.methods import get_method, method_names
 from fastalign.models import ModelConfig
+
+OPTIMIZERS = ("adam", "adamw")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -26,36 +33,43 @@ class TrainConfig:
     ``"synthetic"`` means the bundled synthetic dataset of preset ``synthetic_preset`` and
     seed ``data_seed``, generated on first use in a folder under ``synthetic_root`` named
     after both (the training ``seed`` never changes the data).
+
+    A training step whose loss or gradient norm is not finite (NaN or inf, e.g. from a NaN
+    feature in the data) stops the run with an error naming the step, its samples and the
+    data rows at fault, keeping the last good checkpoint; with ``skip_nonfinite`` such a
+    batch is skipped instead (no update) and counted (``skipped_batches`` in log.csv and
+    on the epoch line).
     """
 
     name: str = "run"
     data_root: str = "synthetic"
     synthetic_root: str = ".data/synthetic"
-    synthetic_preset: str = "easy"
-    data_seed: int = 0
+    synthetic_preset: str = setting("easy", choices=preset_names())
+    data_seed: int = setting(0, minimum=0)
     train_split: str = "train"
     val_split: str = "dev"
     test_split: str = "test"
-    captions_per_image: int = 5
+    captions_per_image: int = setting(5, minimum=1)
     word_vectors: str | None = None
-    max_val_images: int | None = None
-    epochs: int = 25
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    lr_decay_epochs: list[int] = field(default_factory=lambda: [15])
-    lr_decay: float = 0.1
-    grad_clip: float = 2.0
-    loss: str = "hinge"
-    margin: float = 0.2
-    warmup_epochs: int = 1
-    temperature: float = 0.05
+    max_val_images: int | None = setting(None, minimum=1)
+    epochs: int = setting(25, minimum=1)
+    batch_size: int = setting(128, minimum=2)  # hinge and InfoNCE need negatives
+    optimizer: str = setting("adam", choices=OPTIMIZERS)
+    lr: float = setting(5e-4, above=0)
+    weight_decay: float = setting(0.0, minimum=0)
+    lr_decay_epochs: list[int] = setting(default_factory=lambda: [15], minimum=1)
+    lr_decay: float = setting(0.1, above=0, maximum=1)
+    grad_clip: float = setting(2.0, minimum=0)  # 0: no clipping
+    skip_nonfinite: bool = False
+    loss: str = setting("hinge", choices=LOSSES)
+    margin: float = setting(0.2, minimum=0)
+    warmup_epochs: int = setting(1, minimum=0)
+    temperature: float = setting(0.05, above=0)
     amp: bool = False
-    device: str = "auto"
-    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    seed: int = setting(0, minimum=0)
     output_dir: str = "runs/run"
-    val_every: int = 1
+    val_every: int = setting(1, minimum=1)
     # A registered method (fastalign.methods); "baseline" is the matching loss alone
     # (CHAN, LAPS by their model options).
     method: str = "baseline"
@@ -63,6 +77,14 @@ class TrainConfig:
     options: Any = None  # the method's section; None: its defaults
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """TypeError / ValueError naming the first key whose value has the wrong type or is out
+        of its range (every section: this one, ``model.*`` and the method's)."""
+        check_fields(self)
+        if not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         options_class = get_method(self.method).Options
         if self.options is None:
             self.options = options_class()
@@ -71,6 +93,8 @@ class TrainConfig:
                 f"options of method {self.method!r} must be a {options_class.__name__}, got "
                 f"{type(self.options).__name__}"
             )
+        check_fields(self.model, "model.")
+        check_fields(self.options, f"{self.method}.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values; the method's section under the method's name."""
@@ -110,8 +134,11 @@ class TrainConfig:
         )
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+def _parse_value(item: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {item!r}: its value is not valid YAML ({error})") from None
 
 
 def bundled_configs() -> list[str]:
@@ -144,7 +171,10 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         path = find_config(path)
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
         values = loaded
@@ -156,5 +186,5 @@ def load_config(
         *parents, leaf = key.split(".")
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = _parse_value(text)
+        target[leaf] = _parse_value(item, text)
     return TrainConfig.from_dict(values)

@@ -14,6 +14,8 @@ from fastalign.methods import Method
 from fastalign.tokens import Tokens
 
 PROTOCOLS = ("f30k", "coco1k", "coco5k")
+# The protocols defined on one image count (COCO's 5000 test images).
+PROTOCOL_IMAGES = {"coco1k": 5000, "coco5k": 5000}
 
 
 @torch.no_grad()
@@ -83,6 +85,14 @@ def evaluate_trained(
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    expected = PROTOCOL_IMAGES.get(protocol)
+    if expected is not None and dataset.n_images != expected:
+        raise ValueError(
+            f"protocol {protocol} is defined on the {expected} COCO test images, but split "
+            f"{dataset.split!r} of {dataset.root} has {dataset.n_images}: use protocol f30k (the "
+            f"whole matrix) or the COCO testall split"
+        )
+    dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
     images, captions = encode_dataset(model, dataset)
     sims = similarity_matrix(
         images,

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from fastalign._backends import BACKENDS
 from fastalign.encoders import RegionEncoder, TextEncoder
-from fastalign.ops.region_word import region_word_similarity
+from fastalign.fields import check_fields, setting
+from fastalign.ops._options import AGGREGATES, ALIGNS, DIRECTIONS
+from fastalign.ops.region_word import SCORE_ACTIVATIONS, region_word_similarity
 from fastalign.tokens import Tokens
 
 
@@ -22,20 +25,24 @@ class ModelConfig:
     :func:`fastalign.region_word_similarity`. ``score_scale`` multiplies the score before
     the loss (CHAN's own score is ours divided by its tau: scale 10)."""
 
-    feature_dim: int = 2048
-    embed_dim: int = 1024
-    word_dim: int = 300
-    text_encoder: str = "bigru"  # "bigru", or "bert" (needs transformers and bert_path)
+    feature_dim: int = setting(2048, minimum=1)
+    embed_dim: int = setting(1024, minimum=1)
+    word_dim: int = setting(300, minimum=1)
+    # "bert" needs transformers and bert_path
+    text_encoder: str = setting("bigru", choices=("bigru", "bert"))
     bert_path: str | None = None  # a local save_pretrained folder; never downloaded
     self_attention: bool = False
-    direction: str = "t2i"
-    align: str = "max"
-    aggregate: str = "mean"
-    align_tau: float = 0.1
-    aggregate_tau: float = 0.1
-    score_activation: str | None = None
-    score_scale: float = 1.0
-    backend: str = "auto"
+    direction: str = setting("t2i", choices=DIRECTIONS)
+    align: str = setting("max", choices=ALIGNS)
+    aggregate: str = setting("mean", choices=AGGREGATES)
+    align_tau: float = setting(0.1, above=0)
+    aggregate_tau: float = setting(0.1, above=0)
+    score_activation: str | None = setting(None, choices=SCORE_ACTIVATIONS)
+    score_scale: float = setting(1.0, above=0)
+    backend: str = setting("auto", choices=BACKENDS)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model.")
 
     def similarity_options(self) -> dict:
         keys = ("direction", "align", "aggregate", "align_tau", "aggregate_tau")

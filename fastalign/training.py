@@ -5,18 +5,21 @@ checkpoint, CSV logs, atomic checkpoints and an exact ``resume``."""
 from __future__ import annotations
 
 import csv
-import os
+import io
+import math
 import random
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from fastalign import distributed
+from fastalign._files import atomic_write, partial_path, remove_partial
 from fastalign.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from fastalign.config import TrainConfig
 from fastalign.data import (
@@ -25,6 +28,7 @@ from fastalign.data import (
     ensure_synthetic,
     load_word_vectors,
     make_loader,
+    synthetic_folder,
 )
 from fastalign.encoders import caption_tokenizer
 from fastalign.methods import LossContext, get_method
@@ -33,15 +37,76 @@ from fastalign.model_evaluation import evaluate_trained
 # What a run writes into its output_dir: an existing one is resumed or overwritten, never
 # silently replaced.
 RUN_FILES = ("last.pt", "best.pt", "log.csv", "tensorboard")
+# The files a run writes through a temporary ``NAME.partial`` (fastalign._files).
+_ATOMIC_FILES = ("last.pt", "best.pt", "log.csv")
+
+# Settings a resumed run may change: they do not change what was trained so far. Any other
+# difference from the run's saved configuration is an error. The data are identified by
+# their fingerprint (checked separately), so data_root and synthetic_root may name the same
+# data elsewhere; word_vectors only initialise a new run; skip_nonfinite may be turned on
+# to get past a bad batch; model.backend picks a kernel, not the model.
+RESUME_MAY_CHANGE = (
+    "name",
+    "epochs",
+    "val_every",
+    "output_dir",
+    "device",
+    "max_val_images",
+    "test_split",
+    "data_root",
+    "synthetic_root",
+    "word_vectors",
+    "skip_nonfinite",
+    "model.backend",
+)
+
+
+class NonFiniteError(RuntimeError):
+    """A training step met a non-finite loss or gradient norm (the message says where)."""
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def config_differences(saved: TrainConfig, current: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(key, value in current, value in saved)`` for every setting (``model.x``,
+    ``<method>.x`` as dotted keys) that differs, in the order of the configuration. When
+    the methods differ only ``method`` is named, not each option of the two sections."""
+    old, new = _flatten(saved.to_dict()), _flatten(current.to_dict())
+    if saved.method != current.method:
+        sections = (f"{saved.method}.", f"{current.method}.")
+        old = {k: v for k, v in old.items() if not k.startswith(sections)}
+        new = {k: v for k, v in new.items() if not k.startswith(sections)}
+    keys = dict.fromkeys([*new, *old])
+    return [(k, new.get(k), old.get(k)) for k in keys if new.get(k) != old.get(k)]
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
 
 
 def data_root_of(config: TrainConfig) -> Path:
-    """The dataset folder of ``config``; the synthetic one is generated if absent."""
-    if config.data_root == "synthetic":
-        return ensure_synthetic(
-            config.synthetic_root, preset=config.synthetic_preset, seed=config.data_seed
+    """The dataset folder of ``config``, resolved (absolute); the synthetic one is generated
+    if absent, after saying where."""
+    if config.data_root != "synthetic":
+        return Path(config.data_root).resolve()
+    kind = {"preset": config.synthetic_preset, "seed": config.data_seed}
+    folder = synthetic_folder(config.synthetic_root, **kind).resolve()
+    if not (folder / "meta.json").is_file() and distributed.rank() == 0:
+        print(
+            f"generating the synthetic dataset (preset {kind['preset']}, data seed "
+            f"{kind['seed']}) in {folder}",
+            file=sys.stderr,
+            flush=True,
         )
-    return Path(config.data_root)
+    return ensure_synthetic(folder.parent, **kind).resolve()
 
 
 def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> None:
@@ -52,6 +117,21 @@ def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> 
             f"checkpoint was trained on ({recorded.get('root')}, fingerprint "
             f"{recorded['fingerprint']})"
         )
+
+
+def _available(device: torch.device) -> torch.device:
+    """``device`` if this machine has it, else ValueError naming the ``device`` key."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device={device}, but torch finds no CUDA device here (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); use "
+                f"device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device={device}, but this machine has {count} CUDA device(s)")
+    return device
 
 
 # --------------------------------------------------------------------------- training
@@ -91,13 +171,7 @@ class Trainer:
         progress: bool = True,
         overwrite: bool = False,
     ) -> None:
-        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if config.optimizer not in optimizers:
-            raise ValueError(
-                f"optimizer must be one of {sorted(optimizers)}, got {config.optimizer!r}"
-            )
-        if config.loss not in distributed.LOSSES:
-            raise ValueError(f"loss must be one of {distributed.LOSSES}, got {config.loss!r}")
+        config.check()  # again: fields may have been assigned since it was built
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other")
         self.config = config
@@ -115,13 +189,24 @@ class Trainer:
             if config.device == "auto":
                 self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             else:
-                self.device = torch.device(config.device)
-        if not resume:
+                self.device = _available(torch.device(config.device))
+        checkpoint = None
+        if resume:
+            last = self.output_dir / "last.pt"
+            if not last.exists():
+                raise FileNotFoundError(
+                    f"--resume: {last} does not exist, so there is no run to continue; start "
+                    f"it without --resume"
+                )
+            checkpoint = load_checkpoint(last)
+            self._check_resumed_config(checkpoint)
+        else:
             self._claim_output_dir(overwrite)
+        self.resumed = resume
+        self._remove_partials()
         _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
-        checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
         if checkpoint is not None:
             check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
         self.vocab = caption_tokenizer(
@@ -143,12 +228,15 @@ class Trainer:
             config.captions_per_image,
             max_images=config.max_val_images,
         )
+        for dataset in (self.train_set, self.val_set):
+            dataset.check_feature_dim(config.model.feature_dim, "the model")
         self.method = get_method(config.method)(config)
         self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
+        optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         self.optimizer = optimizers[config.optimizer](
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -179,14 +267,45 @@ class Trainer:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def _restore(self, checkpoint: dict) -> None:
-        saved = TrainConfig.from_dict(checkpoint["config"])
-        for part in ("method", "model", "options"):
-            if getattr(saved, part) != getattr(self.config, part):
-                raise ValueError(
-                    f"checkpoint {part} configuration differs from this run's "
-                    f"({getattr(saved, part)} vs {getattr(self.config, part)})"
+    def _check_resumed_config(self, checkpoint: dict) -> None:
+        """ValueError naming every setting that differs from the run's saved configuration
+        and may not change mid-run (RESUME_MAY_CHANGE); the others are printed."""
+        where = self.output_dir
+        try:
+            saved = TrainConfig.from_dict(checkpoint["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"resume: the configuration of the run at {where} cannot be loaded: {exc}"
+            ) from exc
+        differences = config_differences(saved, self.config)
+        refused = [d for d in differences if d[0] not in RESUME_MAY_CHANGE]
+        if refused:
+            parts = [
+                f"{key} is {_show(new)} in this config but {_show(old)} in the run"
+                for key, new, old in refused
+            ]
+            parts[0] += f" at {where}"
+            raise ValueError(
+                f"resume: {'; '.join(parts)}. A resumed run may change only "
+                f"{', '.join(RESUME_MAY_CHANGE)}: use the run's settings, or start a new run "
+                f"(--overwrite, or another output_dir)"
+            )
+        if self.rank == 0:
+            for key, new, old in differences:
+                print(f"resume: {key} is {_show(new)} (was {_show(old)})", file=sys.stderr)
+
+    def _remove_partials(self) -> None:
+        """Removes the temporary files that a killed write left in the output folder."""
+        if self.rank != 0:
+            return
+        for name in _ATOMIC_FILES:
+            if remove_partial(self.output_dir / name):
+                print(
+                    f"removed {partial_path(self.output_dir / name)}, left by an interrupted write",
+                    file=sys.stderr,
                 )
+
+    def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method_state"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -212,9 +331,9 @@ class Trainer:
             "rng": _rng_state(),
         }
 
-    def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the weighted sum of the method's terms to differentiate, the values on the
-        global batch of the total ``loss`` and of each unweighted term ``loss_<name>``)."""
+    def _loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the weighted sum of the method's terms to differentiate, each unweighted term's
+        value on the global batch, detached: read them with one sync, after backward)."""
         c = self.config
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -239,22 +358,62 @@ class Trainer:
         if self.ddp is not None:
             torch.distributed.all_reduce(term_values)
             term_values /= self.world_size
-        values = {f"loss_{name}": v for name, v in zip(terms, term_values.tolist())}
-        loss = sum(weights[name] * values[f"loss_{name}"] for name in terms)
-        return total, {"loss": loss, **values}
+        return total, dict(zip(terms, term_values))
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' total 2-norm, clipped to ``grad_clip`` when that is > 0 (the
+        norm before clipping either way); no sync."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self.config.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+            return torch.nn.utils.get_total_norm(grads)
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        )
 
     def train_step(self, batch) -> dict[str, float]:
         """One optimiser step on a global batch (a :class:`~fastalign.data.PairBatch`);
         returns the logged values (``loss`` and each ``loss_<term>``) and appends them to
-        the history. The gradients stay in the parameters' ``.grad`` until the next step."""
-        c = self.config
-        loss, values = self._loss(batch, self.epoch)
+        the history. The gradients stay in the parameters' ``.grad`` until the next step.
+
+        A non-finite loss or gradient norm (or input features, which the operators refuse
+        on the CPU) raises :class:`NonFiniteError` before any weight changes; with
+        ``skip_nonfinite`` the batch is skipped instead (no update, a warning, and
+        ``skipped_batches: 1`` in the returned values and its history row)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        try:
+            total, terms = self._loss(batch, self.epoch)
+        except ValueError as exc:
+            # The operators check their inputs where that costs no sync (CPU tensors).
+            if not self._nonfinite_images(batch):
+                raise
+            return self._nonfinite_step(batch, {"loss": math.nan}, f"input ({exc})", exc)
+        total.backward()
+        grad_norm = self._grad_norm()
+        # One sync per step reads the terms and the norm together.
+        numbers = torch.cat([*(t.reshape(1) for t in terms.values()), grad_norm.reshape(1)])
+        *term_values, norm = numbers.tolist()
+        values = {f"loss_{name}": v for name, v in zip(terms, term_values)}
+        weights = self.method.loss_weights()
+        loss = sum(weights[name] * values[f"loss_{name}"] for name in terms)
+        values = {"loss": loss, **values}
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            what = [
+                f"{name} ({value})"
+                for name, value in (("loss", loss), ("gradient norm", norm))
+                if not math.isfinite(value)
+            ]
+            return self._nonfinite_step(batch, values, " and ".join(what))
         self.optimizer.step()
         self.step += 1
+        self._record_step(values)
+        return values
+
+    def _record_step(self, values: dict[str, float]) -> None:
         self.history.append(
             {
                 "epoch": self.epoch + 1,
@@ -263,11 +422,58 @@ class Trainer:
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
         )
+
+    def _nonfinite_images(self, batch) -> list[int]:
+        """The images of ``batch`` (dataset rows) whose features are not all finite."""
+        finite = torch.isfinite(batch.regions.flatten(1)).all(dim=1).cpu()
+        return sorted(set(batch.image_index[~finite].tolist()))
+
+    def _nonfinite_step(
+        self, batch, values: dict[str, float], what: str, cause: Exception | None = None
+    ) -> dict[str, float]:
+        """Raises NonFiniteError, or with ``skip_nonfinite`` records the step as skipped."""
+        step = self.step + 1
+        captions = batch.caption_index.tolist()
+        images = sorted(set(batch.image_index.tolist()))
+        problem = (
+            f"epoch {self.epoch + 1}, step {step}: non-finite {what} on the batch of "
+            f"captions {captions} (images {images})"
+        )
+        bad = self._nonfinite_images(batch)
+        features = self.train_set.root / f"{self.train_set.split}_ims.npy"
+        rows = ", ".join(map(str, bad))
+        if len(bad) == 1:
+            problem += f"; the features of image {rows} (row {rows} of {features}) are not finite"
+        elif bad:
+            problem += f"; the features of images {rows} (rows {rows} of {features}) are not finite"
+        else:
+            problem += (
+                "; every feature of the batch is finite: the model or the loss overflowed "
+                "(a lower lr or a grad_clip may help)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.config.skip_nonfinite:
+            kept = self.output_dir / "last.pt"
+            kept = (
+                f"the last good checkpoint {kept} (epoch {self.epoch}) is kept"
+                if kept.is_file()
+                else f"no checkpoint was written in {self.output_dir}"
+            )
+            raise NonFiniteError(
+                f"{problem}. Training stopped before this step changed any weight; {kept}. "
+                f"Fix the data, or set skip_nonfinite=true to skip such batches"
+            ) from cause
+        if self.rank == 0:
+            print(f"warning: {problem}: batch skipped (skip_nonfinite)", file=sys.stderr)
+        self.step = step
+        values = values | {"skipped_batches": 1}
+        self._record_step(values)
         return values
 
     def train_epoch(self) -> dict[str, float]:
         """One pass over the training set; returns the epoch's mean of every logged value
-        (``loss`` and each ``loss_<term>``) and its ``epoch_seconds``."""
+        (``loss`` and each ``loss_<term>``) over the batches not skipped, the number of
+        ``skipped_batches`` (non-finite, with ``skip_nonfinite``) and ``epoch_seconds``."""
         c = self.config
         loader = make_loader(
             self.train_set, c.batch_size, shuffle=True, seed=c.seed, drop_last=self.world_size > 1
@@ -276,9 +482,13 @@ class Trainer:
         self.model.train()
         bar = _progress(loader, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         totals: dict[str, float] = {}
+        skipped = 0
         start = time.perf_counter()
         for k, batch in enumerate(bar):
             values = self.train_step(batch)
+            if values.get("skipped_batches"):
+                skipped += 1
+                continue  # out of the means: its values need not be finite
             for name, value in values.items():
                 totals[name] = totals.get(name, 0.0) + value
             pairs_per_s = (k + 1) * c.batch_size / (time.perf_counter() - start)
@@ -289,22 +499,33 @@ class Trainer:
                 shown = {_term_label(name): f"{value:.4g}" for name, value in values.items()}
                 bar.set_postfix(**shown, pairs_per_s=f"{pairs_per_s:.0f}")
         self.scheduler.step()
-        means = {name: total / max(len(loader), 1) for name, total in totals.items()}
-        return means | {"epoch_seconds": time.perf_counter() - start}
+        taken = len(loader) - skipped
+        means = {name: total / taken for name, total in totals.items()} if taken else {}
+        means.setdefault("loss", math.nan)  # every batch skipped
+        return means | {"skipped_batches": skipped, "epoch_seconds": time.perf_counter() - start}
 
     def fit(self) -> dict:
-        """Trains to ``config.epochs``; returns the best validation results."""
-        best = {}
+        """Trains to ``config.epochs``; returns the best validation results of the run
+        (empty before its first validation)."""
+        out = self.output_dir
+        if self.resumed and self.rank == 0:
+            # The log is rewritten from the checkpoint's history: a kill between the two
+            # writes of an epoch leaves them disagreeing until then.
+            self._write_log()
         if self.epoch >= self.config.epochs and self.rank == 0:
+            best = self._best_results()
+            shown = f" (best validation rSum {best['rsum']:.1f})" if best else ""
             print(
-                f"{self.output_dir}: the run is finished ({self.epoch} of {self.config.epochs} "
-                f"epochs); nothing to train",
+                f"{out}: the run is finished ({self.epoch} of {self.config.epochs} "
+                f"epochs); nothing to train. Results: {out / 'best.pt'}{shown}, "
+                f"{out / 'last.pt'}, {out / 'log.csv'}",
                 file=sys.stderr,
             )
         while self.epoch < self.config.epochs:
             means = self.train_epoch()
             self.epoch += 1
             self.method.on_epoch_end(self.model, self.epoch)
+            self._check_finite_weights()
             if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
                 results = evaluate_trained(self.method, self.model, self.val_set)
                 # A validation row holds the epoch's means of the training values.
@@ -322,12 +543,35 @@ class Trainer:
                     for key, value in results.items():
                         self.tensorboard.add_scalar(f"val/{key}", value, self.step)
                 if results["rsum"] > self.best_rsum:
-                    self.best_rsum, best = results["rsum"], results
+                    self.best_rsum = results["rsum"]
                     self._save("best.pt")
-            self._save("last.pt")
+            # The log first: a kill before last.pt is written makes a resume redo the
+            # epoch and rewrite the log from the checkpoint's history.
             if self.rank == 0:
                 self._write_log()
-        return best
+            self._save("last.pt")
+        return self._best_results()
+
+    def _best_results(self) -> dict:
+        """The validation results of best.pt (from the history), or {} before any."""
+        for row in self.history:
+            if row.get("val_rsum") == self.best_rsum:
+                return {k[4:]: v for k, v in row.items() if k.startswith("val_")}
+        return {}
+
+    def _check_finite_weights(self) -> None:
+        """RuntimeError naming the parameters that are not finite: they are never saved."""
+        state = self.model.state_dict()
+        floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        if not floats or bool(
+            torch.stack([torch.isfinite(v).all() for v in floats.values()]).all()
+        ):
+            return
+        bad = [k for k, v in floats.items() if not torch.isfinite(v).all()]
+        raise NonFiniteError(
+            f"epoch {self.epoch}: the weights {', '.join(bad)} are not finite; nothing of this "
+            f"epoch is saved (the last good checkpoint in {self.output_dir} is kept)"
+        )
 
     def _save(self, name: str) -> None:
         """Rank 0 writes (every rank holds the same weights); the others wait for it."""
@@ -337,14 +581,14 @@ class Trainer:
             torch.distributed.barrier()
 
     def _write_log(self) -> None:
+        """log.csv from the history (written whole or not at all)."""
         columns = list(dict.fromkeys(k for row in self.history for k in row))
-        path = self.output_dir / "log.csv"
-        partial = path.with_name("log.csv.partial")
-        with partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(partial, path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        with atomic_write(self.output_dir / "log.csv") as f:
+            f.write(text.getvalue().encode("utf-8"))
 
 
 def _tensorboard_writer(folder: Path):
@@ -373,9 +617,12 @@ def _term_label(name: str) -> str:
 
 def _epoch_line(epoch: int, means: dict[str, float], results: dict[str, float]) -> str:
     terms = [f"{_term_label(k)} {v:.4g}" for k, v in means.items() if k.startswith("loss_")]
+    skipped = means.get("skipped_batches", 0)
+    plural = "es" if skipped > 1 else ""
     return (
         f"epoch {epoch}: loss {means['loss']:.4f} ({', '.join(terms)})  "
         f"val rSum {results['rsum']:.1f}  [{means['epoch_seconds']:.0f} s]"
+        + (f"  skipped {skipped} non-finite batch{plural}" if skipped else "")
     )
 
 

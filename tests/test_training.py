@@ -41,7 +41,7 @@ def test_corrupt_and_incompatible_checkpoints(tiny_data, tiny_config, tmp_path):
     Trainer(tiny_config(tiny_data, tmp_path / "ok", epochs=1), progress=False).fit()
     other = tiny_config(tiny_data, tmp_path / "ok", epochs=2)
     other = dataclasses.replace(other, model=dataclasses.replace(other.model, direction="both"))
-    with pytest.raises(ValueError, match="model configuration differs"):
+    with pytest.raises(ValueError, match="resume: model.direction is .both. in this config but"):
         Trainer(other, resume=True, progress=False)
 
 
@@ -90,8 +90,10 @@ def test_an_output_dir_holding_a_run_is_never_silently_replaced(
         Trainer(config, progress=False)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    with pytest.raises(FileExistsError, match="holds a run"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
         main(["train", "--no-progress", "--config", str(path)])
+    assert refused.value.code == 2 and "holds a run" in capsys.readouterr().err
     before = load_checkpoint(tmp_path / "run" / "last.pt")["step"]
     main(["train", "--no-progress", "--config", str(path), "--overwrite"])
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == before
@@ -120,10 +122,11 @@ def test_runs_keep_their_data(tiny_data, tiny_config, tmp_path, capsys):
     with pytest.raises(ValueError, match="not the data the checkpoint was trained on"):
         Trainer(moved, resume=True, progress=False)
     checkpoint = load_checkpoint(tmp_path / "run" / "best.pt")
-    checkpoint["config"]["data_root"] = str(other)  # as if the data changed under the run
+    # as if the data changed under the run
+    checkpoint["config"]["data_root"] = checkpoint["data"]["root"] = str(other)
     save_atomic(checkpoint, tmp_path / "moved.pt")
     with pytest.raises(ValueError, match="not the data the checkpoint was trained on"):
-        main(["eval", str(tmp_path / "moved.pt"), "--split", "dev"])
+        main(["--debug", "eval", str(tmp_path / "moved.pt"), "--split", "dev"])
     capsys.readouterr()
     main(["eval", str(tmp_path / "run" / "best.pt"), "--data-root", str(other), "--split", "dev"])
     err = capsys.readouterr().err
@@ -175,4 +178,4 @@ def test_compare_trains_every_config_on_the_same_data(tiny_data, tiny_config, tm
         assert float(row["rsum_std"]) == pytest.approx(abs(mine[0] - mine[1]) / 2**0.5)
         assert float(row["peak_mib"]) > 0 and float(row["epoch_seconds"]) > 0
     with pytest.raises(FileExistsError, match="--overwrite"):
-        main(argv)
+        main(["--debug", *argv])

@@ -336,6 +336,16 @@ class PrecompDataset(Dataset):
 
     # -- shapes and access ---------------------------------------------------------------
 
+    def check_feature_dim(self, feature_dim: int, user: str) -> None:
+        """ValueError naming the feature file and both sizes when its region features are not
+        ``feature_dim`` wide (what ``user``, e.g. "the model", expects)."""
+        found = self._images.shape[-1]
+        if found != feature_dim:
+            raise ValueError(
+                f"{self._ims_path}: region features of size {found}, but {user} expects "
+                f"{feature_dim} (model.feature_dim)"
+            )
+
     @property
     def images(self) -> np.memmap:
         """(n_images, R, F) memory-mapped features in the file's dtype (read-only, no copy)."""

@@ -91,6 +91,8 @@ from typing import Any
 
 import numpy as np
 
+from fastalign._files import DISK_ERRORS, write_error
+
 SPLITS = ("train", "dev", "test")
 GLOVE_FILE = "glove_synthetic.txt"
 META_FILE = "meta.json"
@@ -779,14 +781,20 @@ def _generate(root: Path, p: dict[str, Any]) -> Path:
         raise FileExistsError(
             f"{root} exists and does not look like a synthetic dataset folder; not replacing it"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    tmp = None
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
         _build(tmp, p)
         tmp.chmod(0o755)
         _publish(tmp, root, p)
+    except OSError as exc:
+        # Name the folder asked for, not the temporary one the error is about.
+        if exc.errno in DISK_ERRORS:
+            raise write_error(root, exc, "write the synthetic dataset") from exc
+        raise
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
 

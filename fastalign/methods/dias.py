@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastalign.fields import check_fields, setting
 from fastalign.methods import register_method
 from fastalign.methods.base import LossContext, Method
+from fastalign.ops._options import CORRELATION_MODES, SPATIAL_SELECTS
 from fastalign.ops.dimension_correlation import (
     DEFAULT_OFF_DIAGONAL_WEIGHT,
     dimension_correlation_loss,
@@ -51,22 +53,19 @@ class DiasOptions:
     ``k`` and ``temperature`` to :func:`fastalign.sparse_spatial_loss` (both kinds).
     """
 
-    dim_weight: float = 10.0
-    inter_weight: float = 0.05
-    intra_weight: float = 0.1
-    dim_mode: str = "barlow"
-    dim_off_diagonal_weight: float = DEFAULT_OFF_DIAGONAL_WEIGHT
-    dim_tau: float = 0.1
-    select: str = "threshold"
+    dim_weight: float = setting(10.0, minimum=0)
+    inter_weight: float = setting(0.05, minimum=0)
+    intra_weight: float = setting(0.1, minimum=0)
+    dim_mode: str = setting("barlow", choices=CORRELATION_MODES)
+    dim_off_diagonal_weight: float = setting(DEFAULT_OFF_DIAGONAL_WEIGHT, minimum=0)
+    dim_tau: float = setting(0.1, above=0)
+    select: str = setting("threshold", choices=SPATIAL_SELECTS)
     alpha: float = 1.0
-    k: int | None = None
-    temperature: float = 0.05
+    k: int | None = setting(None, minimum=1)
+    temperature: float = setting(0.05, above=0)
 
     def __post_init__(self) -> None:
-        for term in TERMS:
-            weight = getattr(self, f"{term}_weight")
-            if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and weight >= 0):
-                raise ValueError(f"dias.{term}_weight must be a number >= 0, got {weight!r}")
+        check_fields(self, "dias.")
 
     def weight(self, term: str) -> float:
         return float(getattr(self, f"{term}_weight"))
