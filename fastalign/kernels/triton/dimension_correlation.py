@@ -16,13 +16,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import load_tile, load_tile_t
-from fastalign.ops._options import CORRELATION_MODES, CORRELATION_PATHS
+from fastalign.kernels.triton._common import load_tile, load_tile_t, lse_step, program_block
+from fastalign.ops import _options
 
-_MODE_BARLOW, _MODE_SOFTMAX = (CORRELATION_MODES.index(m) for m in ("barlow", "softmax"))
-_PATH_AUTO, _PATH_CORRELATION, _PATH_GRAM = (
-    CORRELATION_PATHS.index(p) for p in ("auto", "correlation", "gram")
-)
 # The Gram matrices enter tl.dot in the inputs' dtype, and their diagonal is about D: float16
 # takes the path through C beyond this D.
 _GRAM_MAX_D_FLOAT16 = 16384
@@ -55,8 +51,7 @@ def _column_stats_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Per column of a and b: mean, 1/sqrt(biased var + eps) and C_kk."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = program_block(0, BLOCK_D, D)
     offs_n = tl.arange(0, BLOCK_N)
     sum_a = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_b = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -159,8 +154,7 @@ def _logsumexp_kernel(
     c_ptr, lse_ptr, D, stride_r, stride_c, inv_tau, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):
     """lse[r] = log sum_c exp(C[r, c] / tau), rows r along stride_r (rows or columns of C)."""
-    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rs < D
+    rs, r_ok = program_block(0, BLOCK_R, D)
     offs_c = tl.arange(0, BLOCK_C)
     scale = inv_tau * 1.4426950408889634  # base-2 exponentials
     best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -174,10 +168,7 @@ def _logsumexp_kernel(
             other=float("-inf"),
         )
         x = tl.where(ok, x * scale, float("-inf"))
-        new_best = tl.maximum(best, tl.max(x, axis=1))
-        new_best = tl.where(r_ok, new_best, 0.0)  # rows past D: keep finite, never stored
-        total = total * tl.exp2(best - new_best) + tl.sum(tl.exp2(x - new_best[:, None]), axis=1)
-        best = new_best
+        best, total = lse_step(best, total, x, 1.0, r_ok, 1)  # a NaN in C makes its sum NaN
     lse = (best + tl.log2(tl.where(r_ok, total, 1.0))) / 1.4426950408889634
     tl.store(lse_ptr + rs, lse, mask=r_ok)
 
@@ -214,14 +205,12 @@ def _correlation_grad_kernel(
     softmax: G = exp(C / tau - lse_i[i]) + exp(C / tau - lse_j[j]) - 2 I (scale holds the
     1 / (2 D tau)); both terms are symmetric in i and j, so one formula serves both sides.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
-    js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = js < D
+    js, j_ok = program_block(1, BLOCK_J, D)
     offs_i = tl.arange(0, BLOCK_I)
     exp_scale = inv_tau * 1.4426950408889634
-    if MODE == 1:
+    if MODE == _options.CORRELATION_MODE_SOFTMAX:
         lse_j = tl.load(lse_j_ptr + js, mask=j_ok, other=0.0) * 1.4426950408889634
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for i0 in range(0, D, BLOCK_I):
@@ -237,7 +226,7 @@ def _correlation_grad_kernel(
             other=0.0,
         )
         on_diagonal = cols[:, None] == js[None, :]
-        if MODE == 0:
+        if MODE == _options.CORRELATION_MODE_BARLOW:
             diag = tl.load(diag_ptr + cols, mask=i_ok, other=0.0)
             g = tl.where(on_diagonal, -2.0 * (1.0 - diag[:, None]), 2.0 * off_diagonal_weight * c)
         else:
@@ -335,11 +324,9 @@ def _gram_grad_kernel(
 ):
     """out[n, d] = coef * sum_m Gram_y[n, m] X_hat[m, d] + Y_hat[n, d] * g[d]: the barlow
     gradient w.r.t. X_hat without C (x = a, y = b for dL/dA_hat; the reverse for dL/dB_hat)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = program_block(1, BLOCK_D, D)
     mean_x = tl.load(mean_x_ptr + cols, mask=col_ok, other=0.0)
     rstd_x = tl.load(rstd_x_ptr + cols, mask=col_ok, other=0.0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -383,8 +370,7 @@ def _standardize_backward_kernel(
 ):
     """out = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) per column: the gradient through
     the standardisation, x_hat recomputed from x."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    cols, col_ok = program_block(0, BLOCK_D, D)
     mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
     rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -416,9 +402,9 @@ def _use_gram(n: int, d: int, mode: int, path: int, dtype) -> bool:
     """Through C: N D^2 multiply-adds (+ 2 N D^2 for the gradients); through the symmetric
     Gram matrices (tiles on and above the diagonal): about N^2 D (+ 2 N^2 D). Gram when N < D.
     """
-    if mode != _MODE_BARLOW or path == _PATH_CORRELATION:
+    if mode != _options.CORRELATION_MODE_BARLOW or path == _options.CORRELATION_PATH_CORRELATION:
         return False
-    if path == _PATH_GRAM:
+    if path == _options.CORRELATION_PATH_GRAM:
         return True
     if dtype == torch.float16 and d > _GRAM_MAX_D_FLOAT16:
         return False
@@ -599,7 +585,7 @@ def dimension_correlation_loss_forward(
     tau: float,
     eps: float,
     need_grad: bool,
-    path: int = _PATH_AUTO,
+    path: int = _options.CORRELATION_PATH_AUTO,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused dimension-correlation loss and, when ``need_grad``, its gradients.
 
@@ -644,7 +630,7 @@ def dimension_correlation_loss_forward(
     o = dict(mode=mode, off_diagonal_weight=off_diagonal_weight, tau=tau)
     empty = torch.empty(0, **f32)
     grad_a_hat = grad_b_hat = None
-    if mode == _MODE_SOFTMAX:
+    if mode == _options.CORRELATION_MODE_SOFTMAX:
         c = torch.empty(d, d, **f32)
         _launch_correlation(a, b, stats, c, True, 0.0)
         lse_rows = _launch_logsumexp(c, tau, along_rows=True)
@@ -722,7 +708,10 @@ def aot_specs() -> list[dict]:
                 True,
             )
         )
-        for mode_name, mode in (("barlow", _MODE_BARLOW), ("softmax", _MODE_SOFTMAX)):
+        for mode_name, mode in (
+            ("barlow", _options.CORRELATION_MODE_BARLOW),
+            ("softmax", _options.CORRELATION_MODE_SOFTMAX),
+        ):
             specs.append(
                 _spec(
                     f"dimension_correlation_grad_{mode_name}_{ty}",
