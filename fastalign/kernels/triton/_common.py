@@ -33,6 +33,16 @@ def reduction_block(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 32
 
 
+def launch(
+    kernel, grid, *args, num_warps: int = 4, dot_dtype: torch.dtype | None = None, **constexprs
+) -> None:
+    """``kernel[grid](*args, **constexprs)`` as compile_check compiles it: under the register
+    cap :data:`MAXNREG`; with ``dot_dtype``, also the tl.dot PRECISION for that input dtype."""
+    if dot_dtype is not None:
+        constexprs["PRECISION"] = dot_precision(dot_dtype)
+    kernel[grid](*args, **constexprs, num_warps=num_warps, maxnreg=MAXNREG)
+
+
 def tiled_output(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
     """A float32 (rows, cols) output on ``like``'s device for a matrix kernel fed with ``like``'s
     dtype, its tile side (:func:`matrix_tile`) and the launch grid of tiles that covers it."""

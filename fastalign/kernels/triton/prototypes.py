@@ -533,7 +533,9 @@ def prototype_assign_forward(
     shift = torch.zeros(n, dtype=torch.float32, device=device)
     arg = torch.empty(n, dtype=torch.int32, device=device)
     tile = _common.matrix_tile(x.dtype)
-    _logits_kernel[(triton.cdiv(n, tile),)](
+    _common.launch(
+        _logits_kernel,
+        (triton.cdiv(n, tile),),
         x,
         prototypes,
         _inverse_norms(x, normalize),
@@ -552,14 +554,15 @@ def prototype_assign_forward(
         BLOCK_N=tile,
         BLOCK_K=tile,
         BLOCK_D=_REDUCTION_BLOCK,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_warps(_logits_kernel),
-        maxnreg=_common.MAXNREG,
     )
     if mode == _options.ASSIGN_MODE_SINKHORN:
         column_shift = torch.empty(k, dtype=torch.float32, device=device)
         for _ in range(iters):
-            _sinkhorn_columns_kernel[(triton.cdiv(k, _COL_BLOCK),)](
+            _common.launch(
+                _sinkhorn_columns_kernel,
+                (triton.cdiv(k, _COL_BLOCK),),
                 logits,
                 shift,
                 column_shift,
@@ -569,9 +572,10 @@ def prototype_assign_forward(
                 math.log(n / k),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
-                num_warps=4,
             )
-            _sinkhorn_rows_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+            _common.launch(
+                _sinkhorn_rows_kernel,
+                (triton.cdiv(n, _ROW_BLOCK),),
                 logits,
                 shift,
                 column_shift,
@@ -580,11 +584,12 @@ def prototype_assign_forward(
                 logits.stride(0),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
-                num_warps=4,
             )
     # float32 results overwrite the logits in place (each element is read, then written)
     out = logits if x.dtype == torch.float32 else torch.empty(n, k, dtype=x.dtype, device=device)
-    _finish_kernel[(triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK))](
+    _common.launch(
+        _finish_kernel,
+        (triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK)),
         logits,
         shift,
         arg,
@@ -596,7 +601,6 @@ def prototype_assign_forward(
         HARD=mode == _options.ASSIGN_MODE_HARD,
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
-        num_warps=4,
     )
     return out
 
@@ -608,7 +612,9 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
     d = y.shape[1]
     out, tile, grid = _common.tiled_output(rows, d, y)
     strides = (1, k) if transposed else (k, 1)
-    _assign_grad_kernel[grid](
+    _common.launch(
+        _assign_grad_kernel,
+        grid,
         grad,
         assignments,
         row_dot,
@@ -626,9 +632,8 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
         BLOCK_M=tile,
         BLOCK_J=_REDUCTION_BLOCK,
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(y.dtype),
+        dot_dtype=y.dtype,
         num_warps=_warps(_assign_grad_kernel),
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -641,7 +646,9 @@ def prototype_assign_backward(
     x, prototypes = x.contiguous(), prototypes.contiguous()
     n, k = assignments.shape
     row_dot = torch.empty(n, dtype=torch.float32, device=x.device)
-    _row_dot_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _row_dot_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         grad,
         assignments,
         row_dot,
@@ -651,7 +658,6 @@ def prototype_assign_backward(
         assignments.stride(0),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
-        num_warps=4,
     )
     inv_x, inv_p = _inverse_norms(x, normalize), _inverse_norms(prototypes, normalize)
     grad_x = _launch_assign_grad(grad, assignments, row_dot, prototypes, inv_p, False, tau)
@@ -669,7 +675,9 @@ def prototype_update(
     (k, d), n = prototypes.shape, x.shape[0]
     out, tile, grid = _common.tiled_output(k, d, x)
     mass = torch.empty(k, dtype=torch.float32, device=x.device)
-    _update_kernel[grid](
+    _common.launch(
+        _update_kernel,
+        grid,
         prototypes,
         x,
         assignments,
@@ -686,9 +694,7 @@ def prototype_update(
         BLOCK_N=_REDUCTION_BLOCK,
         BLOCK_K=tile,
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(x.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=x.dtype,
     )
     if normalize:  # only the prototypes that moved
         unit = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(_NORM_EPS)
@@ -716,7 +722,9 @@ def prototype_topk_mix_forward(
     indices = torch.empty(n, m, dtype=torch.int64, device=device)
     weights = torch.empty(n, m, dtype=torch.float32, device=device)
     block_k = _common.matrix_tile(queries.dtype)
-    _topk_mix_forward_kernel[(triton.cdiv(n, _QUERY_BLOCK),)](
+    _common.launch(
+        _topk_mix_forward_kernel,
+        (triton.cdiv(n, _QUERY_BLOCK),),
         queries,
         keys,
         values,
@@ -739,9 +747,7 @@ def prototype_topk_mix_forward(
         BLOCK_K=block_k,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
-        PRECISION=_common.dot_precision(queries.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=queries.dtype,
     )
     return out, indices, weights.to(queries.dtype)
 
@@ -764,7 +770,9 @@ def prototype_topk_mix_backward(
     grad_q = torch.empty(n, d, **f32)
     grad_k = torch.zeros(keys.shape, **f32)
     grad_v = torch.zeros(values.shape, **f32)
-    _topk_mix_backward_kernel[(triton.cdiv(n, _QUERY_BLOCK),)](
+    _common.launch(
+        _topk_mix_backward_kernel,
+        (triton.cdiv(n, _QUERY_BLOCK),),
         grad,
         queries,
         keys,
@@ -786,8 +794,6 @@ def prototype_topk_mix_backward(
         BLOCK_Q=_QUERY_BLOCK,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype)
 

@@ -297,7 +297,9 @@ def _launch_forward(
     aux_strides = (shape[1] * len_q, len_q)
     if n_q * n_k == 0:
         return a_out, idx_out
-    _region_word_fwd_kernel[(n_q * n_k,)](
+    _common.launch(
+        _region_word_fwd_kernel,
+        (n_q * n_k,),
         queries,
         keys,
         query_lengths,
@@ -326,9 +328,7 @@ def _launch_forward(
         BLOCK_Q=_token_block(len_q),
         BLOCK_K=_token_block(len_k),
         BLOCK_D=_d_block(queries.dtype),
-        PRECISION=_common.dot_precision(queries.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=queries.dtype,
     )
     return a_out, idx_out
 
@@ -423,7 +423,9 @@ def _launch_backward(
     block_v = _token_block(y.shape[1])
     block_do = _out_block(align, dim)
     grid = (n_x * triton.cdiv(len_x, block_u), triton.cdiv(dim, block_do))
-    _region_word_bwd_kernel[grid](
+    _common.launch(
+        _region_word_bwd_kernel,
+        grid,
         x,
         y,
         x_lengths,
@@ -453,9 +455,8 @@ def _launch_backward(
         BLOCK_V=block_v,
         BLOCK_D=_d_block(x.dtype),
         BLOCK_DO=block_do,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_backward_warps(align),
-        maxnreg=_common.MAXNREG,
     )
     return grad
 

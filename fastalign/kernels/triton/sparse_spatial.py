@@ -326,7 +326,9 @@ _MATRIX_WARPS = 8
 def _row_norms(x: Tensor) -> Tensor:
     n, d = x.shape
     norm = torch.empty(n, dtype=torch.float32, device=x.device)
-    _row_norm_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _row_norm_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         x,
         norm,
         n,
@@ -334,8 +336,6 @@ def _row_norms(x: Tensor) -> Tensor:
         x.stride(0),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return norm
 
@@ -343,7 +343,9 @@ def _row_norms(x: Tensor) -> Tensor:
 def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
     n, d = x.shape
     out, tile, grid = _common.tiled_output(n, d, x)
-    _gradient_kernel[grid](
+    _common.launch(
+        _gradient_kernel,
+        grid,
         gamma,
         x,
         norm,
@@ -358,9 +360,8 @@ def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
         BLOCK_N=tile,
         BLOCK_M=_common.reduction_block(x.dtype),
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_MATRIX_WARPS,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -368,7 +369,9 @@ def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
 def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
     n, d = x.shape
     out = torch.empty_like(x)
-    _normalize_backward_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _normalize_backward_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         x,
         norm,
         grad_hat,
@@ -382,8 +385,6 @@ def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
         float(sign),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -420,7 +421,9 @@ def sparse_spatial_loss_forward(
     norm_img, norm_txt = _row_norms(img), _row_norms(txt)
     discrepancy = torch.empty(n, n, **f32)  # D, then Gamma in place
     tile = _common.matrix_tile(img.dtype)
-    _discrepancy_kernel[(triton.cdiv(n, tile), triton.cdiv(n, tile))](
+    _common.launch(
+        _discrepancy_kernel,
+        (triton.cdiv(n, tile), triton.cdiv(n, tile)),
         img,
         txt,
         norm_img,
@@ -434,13 +437,14 @@ def sparse_spatial_loss_forward(
         KIND=kind,
         BLOCK_M=tile,
         BLOCK_K=_common.reduction_block(img.dtype),
-        PRECISION=_common.dot_precision(img.dtype),
+        dot_dtype=img.dtype,
         num_warps=_MATRIX_WARPS,
-        maxnreg=_common.MAXNREG,
     )
     row_loss = torch.empty(n, **f32)
     grad_alpha = torch.zeros(n, **f32)
-    _select_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _select_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         discrepancy,
         alpha.to(torch.float32).contiguous(),
         row_loss,
@@ -453,8 +457,6 @@ def sparse_spatial_loss_forward(
         NEED_GRAD=need_grad,
         BLOCK_R=_ROW_BLOCK,
         BLOCK_C=_SELECT_COLUMNS,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     loss = (row_loss.double().sum() / n).to(img.dtype)
     if not need_grad:  # fresh empties: the outputs of a custom op must not alias
