@@ -15,11 +15,13 @@ from _helpers.gradient_checks import assert_gradient_scaled_and_not_aliased
 
 import fastalign
 from fastalign._backends import extension_loaded
+from fastalign.ops._options import (
+    CORRELATION_PATH_AUTO,
+    CORRELATION_PATH_CORRELATION,
+    CORRELATION_PATH_GRAM,
+)
 from fastalign.ops.dimension_correlation import (
     MODES,
-    PATH_AUTO,
-    PATH_CORRELATION,
-    PATH_GRAM,
     dimension_correlation_loss_reference,
     dimension_correlation_reference,
 )
@@ -27,7 +29,11 @@ from fastalign.ops.dimension_correlation import (
 needs_cpu_kernel = pytest.mark.skipif(not extension_loaded(), reason="fastalign._C not built")
 needs_triton = pytest.mark.triton_interpreter
 OPTIONS = dict(off_diagonal_weight=0.02, tau=0.2, eps=1e-5)
-PATHS = {"auto": PATH_AUTO, "c": PATH_CORRELATION, "gram": PATH_GRAM}
+PATHS = {
+    "auto": CORRELATION_PATH_AUTO,
+    "c": CORRELATION_PATH_CORRELATION,
+    "gram": CORRELATION_PATH_GRAM,
+}
 
 
 def make_inputs(n, d, seed, dtype=torch.float64):

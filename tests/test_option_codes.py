@@ -30,3 +30,16 @@ def test_every_option_is_spelled_alike_in_cpp_and_python():
         assert names == list(python_names), struct
         assert [code for _, code in codes] == list(range(len(python_names))), struct
         assert [k.lower() for k, _ in codes] == list(python_names), struct
+
+
+def test_every_option_has_its_named_code():
+    """<PREFIX>_<NAME> in _options is the index of the name, for every option and only those:
+    the launchers and the Triton kernels compare against these names, never against numbers."""
+    named = {k for k in vars(_options) if k.isupper() and isinstance(getattr(_options, k), int)}
+    expected = set()
+    for struct, names in _options.CPP_NAMES.items():
+        for code, name in enumerate(names):
+            key = f"{_options.CODE_PREFIXES[struct]}_{name.upper()}"
+            assert getattr(_options, key) == code, key
+            expected.add(key)
+    assert named == expected

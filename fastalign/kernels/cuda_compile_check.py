@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastalign.kernels._ptxas import PtxasReport
+
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DRIVER = CUDA_DIR / "compile_check_driver.cu"
@@ -47,23 +49,15 @@ _MMA_RE = re.compile(r"(?<![\w.])(wgmma\.mma_async|wmma\.mma\.sync|mma(?:\.sp)?\
 
 
 @dataclasses.dataclass
-class KernelReport:
-    """What ptxas reported for one kernel on one architecture."""
+class KernelReport(PtxasReport):
+    """What ptxas reported for one kernel on one architecture, with its stack frame and the
+    tensor-core instruction found in its PTX ("" when none)."""
 
-    name: str
-    arch: int
-    registers: int = 0
-    shared_bytes: int = 0
     stack_bytes: int = 0
-    spill_stores: int = 0
-    spill_loads: int = 0
     mma: str = ""
-    expect_mma: bool = False
 
     def problems(self) -> list[str]:
-        found = []
-        if self.spill_stores or self.spill_loads:
-            found.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
+        found = self.spill_problems()
         if self.expect_mma and not self.mma:
             found.append("no tensor-core instruction in the PTX")
         return found

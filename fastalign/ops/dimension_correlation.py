@@ -17,16 +17,12 @@ from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_finite, check_number, check_paired_rows
 from fastalign.ops._library import define_loss_ops
 from fastalign.ops._options import CORRELATION_MODES as MODES
-from fastalign.ops._options import CORRELATION_PATHS
+from fastalign.ops._options import CORRELATION_PATH_AUTO as PATH_AUTO
 
 # Barlow Twins' lambda (Zbontar et al., 2021): the off-diagonal sum has D (D - 1) terms against
 # D on the diagonal, so a small weight keeps the two parts in balance for D in the hundreds
 # to thousands.
 DEFAULT_OFF_DIAGONAL_WEIGHT = 0.005
-# The op's `path` argument: how the fast backends reach the loss.
-PATH_AUTO, PATH_CORRELATION, PATH_GRAM = (
-    CORRELATION_PATHS.index(p) for p in ("auto", "correlation", "gram")
-)
 
 
 # --------------------------------------------------------------------------- reference

@@ -28,9 +28,8 @@ from fastalign.ops._checks import (
     check_number,
 )
 from fastalign.ops._library import Gradient, define_ops
+from fastalign.ops._options import ASSIGN_MODE_SOFTMAX as MODE_SOFTMAX
 from fastalign.ops._options import ASSIGN_MODES as MODES
-
-MODE_SOFTMAX = MODES.index("softmax")  # the op's mode argument is the index in MODES
 
 
 # --------------------------------------------------------------------------- reference

@@ -16,11 +16,18 @@ from torch import Tensor
 from fastalign._backends import resolve_backend
 from fastalign.ops._checks import check_backend_dtype, check_finite, check_floating_tensor
 from fastalign.ops._library import Gradient, define_ops
-from fastalign.ops._options import AGGREGATES, ALIGNS, DIRECTIONS
+from fastalign.ops._options import (
+    AGGREGATE_MAX,
+    AGGREGATE_MEAN,
+    AGGREGATE_SUM,
+    AGGREGATES,
+    ALIGN_MAX,
+    ALIGNS,
+    DIRECTION_I2T,
+    DIRECTION_T2I,
+    DIRECTIONS,
+)
 
-T2I, I2T = DIRECTIONS.index("t2i"), DIRECTIONS.index("i2t")
-ALIGN_MAX = ALIGNS.index("max")
-MEAN, SUM, AGGREGATE_MAX = (AGGREGATES.index(a) for a in ("mean", "sum", "max"))
 SCORE_ACTIVATIONS = (None, "leaky_relu")
 LEAKY_SLOPE = 0.1
 
@@ -185,10 +192,13 @@ def _forward_fake(
     n_captions, n_words, _ = words.shape
     acc = torch.float64 if regions.dtype == torch.float64 else torch.float32
     aux = []  # fresh tensors each: outputs must not alias one another
-    for used, tokens in ((direction != 1, n_words), (direction != 0, n_regions)):
+    for used, tokens in (
+        (direction != DIRECTION_I2T, n_words),
+        (direction != DIRECTION_T2I, n_regions),
+    ):
         shape = (n_images, n_captions, tokens)
         aux.append(regions.new_empty(shape if need_values and used else (0,), dtype=acc))
-        keep_idx = need_indices and used and align == 0
+        keep_idx = need_indices and used and align == ALIGN_MAX
         aux.append(regions.new_empty(shape if keep_idx else (0,), dtype=torch.int32))
     return (regions.new_empty((n_images, n_captions)), *aux)
 
@@ -220,9 +230,9 @@ def _query_coefficients(
     broadcast view that costs no memory.
     """
     shape = torch.broadcast_shapes(grad.shape + (1,), query_mask.shape)
-    if aggregate == MEAN:
+    if aggregate == AGGREGATE_MEAN:
         return (grad / query_mask.sum(-1))[..., None].expand(shape)
-    if aggregate == SUM:
+    if aggregate == AGGREGATE_SUM:
         return grad[..., None].expand(shape)
     masked = aligned.masked_fill(~query_mask, float("-inf"))
     if aggregate == AGGREGATE_MAX:  # the first arg-max query token takes it all, like .max(dim)
@@ -256,8 +266,8 @@ def _make_backward(backward_op):
         word_mask = torch.arange(words.shape[1], device=words.device) < word_lengths[:, None]
         coefs, auxes = [], []
         for used, aligned, idx, mask in (
-            (direction != I2T, a_t2i, idx_t2i, word_mask[None, :, :]),
-            (direction != T2I, a_i2t, idx_i2t, region_mask[:, None, :]),
+            (direction != DIRECTION_I2T, a_t2i, idx_t2i, word_mask[None, :, :]),
+            (direction != DIRECTION_T2I, a_i2t, idx_i2t, region_mask[:, None, :]),
         ):
             aux = idx if align == ALIGN_MAX else aligned
             if not used:

@@ -1,5 +1,6 @@
 """What the Triton kernel files share: launch settings, tile loads, the tl.dot loop over the
-feature dimension, and the description of a kernel for the ahead-of-time compile check."""
+feature dimension, reductions that keep NaN as torch does, and the description of a kernel for
+the ahead-of-time compile check."""
 
 from __future__ import annotations
 
@@ -32,12 +33,30 @@ def reduction_block(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.float32 else 32
 
 
+def launch(
+    kernel, grid, *args, num_warps: int = 4, dot_dtype: torch.dtype | None = None, **constexprs
+) -> None:
+    """``kernel[grid](*args, **constexprs)`` as compile_check compiles it: under the register
+    cap :data:`MAXNREG`; with ``dot_dtype``, also the tl.dot PRECISION for that input dtype."""
+    if dot_dtype is not None:
+        constexprs["PRECISION"] = dot_precision(dot_dtype)
+    kernel[grid](*args, **constexprs, num_warps=num_warps, maxnreg=MAXNREG)
+
+
 def tiled_output(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
     """A float32 (rows, cols) output on ``like``'s device for a matrix kernel fed with ``like``'s
     dtype, its tile side (:func:`matrix_tile`) and the launch grid of tiles that covers it."""
     out = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
     tile = matrix_tile(like.dtype)
     return out, tile, (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
+
+
+@triton.jit
+def program_block(axis: tl.constexpr, BLOCK: tl.constexpr, n):
+    """This program's block of BLOCK indices along the launch grid's ``axis`` (block i of the
+    range 0 .. n) and the mask of those below n."""
+    offs = tl.program_id(axis) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
 
 
 @triton.jit
@@ -74,6 +93,51 @@ def dot_rows(acc, x_rows, x_ok, y_rows, y_ok, D, BLOCK_D: tl.constexpr, PRECISIO
         y_t = tl.load(y_rows[None, :] + dd[:, None], mask=y_ok[None, :] & d_ok[:, None], other=0.0)
         acc = tl.dot(x, y_t, acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def lse_step(best, total, x, scale, valid, axis: tl.constexpr):
+    """One block ``x`` of a running log-sum-exp along ``axis``: the running maximum ``best`` of
+    x and ``total`` = sum exp2((x - best) * scale) (scale = log2(e) / temperature), updated.
+    Where ``valid`` is False (slices of -inf only, never stored) the maximum is held at 0 so
+    that no inf - inf enters."""
+    new_best = tl.where(valid, tl.maximum(best, tl.max(x, axis=axis)), 0.0)
+    shifted = (x - tl.expand_dims(new_best, axis)) * scale
+    total = total * tl.exp2((best - new_best) * scale) + tl.sum(tl.exp2(shifted), axis=axis)
+    return new_best, total
+
+
+# --------------------------------------------------------------------------- NaN as torch
+# tl.max, tl.argmax and tl.maximum pass over NaN (IEEE maxNum, numpy's nanmax under the
+# interpreter), while torch.max / amax / argmax / sort take NaN for the largest value. With the
+# finite checks off a NaN input reaches the kernels, and each backend must then give the NaNs
+# (and the arg-max positions) the reference gives: the kernels reduce through these helpers.
+
+
+@triton.jit
+def max_nan(x, axis: tl.constexpr):
+    """tl.max along ``axis``, NaN where the reduced slice holds a NaN (torch.amax)."""
+    return tl.max(x, axis=axis) + tl.sum(tl.where(x == x, 0.0, x), axis=axis)
+
+
+@triton.jit
+def argmax_nan(x, axis: tl.constexpr):
+    """The first index of the maximum along ``axis``, or of the first NaN where the slice holds
+    one (torch.argmax)."""
+    is_nan = x != x
+    first_nan = tl.argmax(is_nan.to(tl.int32), axis=axis)
+    # NaN masked out of the plain arg-max: an all-NaN slice makes the interpreter's raise
+    first_max = tl.argmax(tl.where(is_nan, float("-inf"), x), axis=axis)
+    return tl.where(tl.max(is_nan.to(tl.int32), axis=axis) > 0, first_nan, first_max)
+
+
+@triton.jit
+def merge_max(best, best_idx, tile_max, tile_arg):
+    """A running (maximum, first arg-max) after one more tile, whose indices all come after the
+    earlier ones: the tile takes over only when strictly larger, or with the first NaN."""
+    takes = (tile_max > best) | ((tile_max != tile_max) & (best == best))
+    best = tl.maximum(best, tile_max, propagate_nan=tl.PropagateNan.ALL)
+    return best, tl.where(takes, tile_arg, best_idx)
 
 
 # --------------------------------------------------------------------------- AOT check

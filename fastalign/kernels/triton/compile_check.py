@@ -59,6 +59,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastalign.kernels._ptxas import PtxasReport
+
 PACKAGE = "fastalign.kernels.triton"
 DEFAULT_ARCHS: tuple[int, ...] = (80, 90)
 REQUIRED_KEYS = ("name", "fn", "signature", "constexprs", "num_warps", "expect_mma")
@@ -78,7 +80,7 @@ _TARGET_RE = re.compile(r"^\s*\.target\s+(sm_\w+)", re.MULTILINE)
 
 
 @dataclasses.dataclass
-class KernelReport:
+class KernelReport(PtxasReport):
     """What compiling one kernel spec for one architecture produced.
 
     ``registers`` / ``spill_*`` come from ``ptxas -v`` on the kernel's PTX (the
@@ -87,15 +89,8 @@ class KernelReport:
     zero, when the kernel did not compile.
     """
 
-    name: str
-    arch: int
-    registers: int = 0
-    spill_stores: int = 0
-    spill_loads: int = 0
-    shared_bytes: int = 0
     has_mma: bool = False
     ptx_chars: int = 0
-    expect_mma: bool = False
     mma_kind: str = ""
     gpu_name: str = ""
     cubin_bytes: int = 0
@@ -104,19 +99,12 @@ class KernelReport:
     ptxas_flags: tuple[str, ...] = ()
     ptxas_log: str = dataclasses.field(default="", repr=False)
 
-    @property
-    def spills(self) -> bool:
-        """True when ptxas reported any spill store or load."""
-        return self.spill_stores > 0 or self.spill_loads > 0
-
     def problems(self) -> list[str]:
         """Reasons this kernel fails the check; empty when it passes."""
         if self.error is not None:
             first = self.error.strip().splitlines()[0] if self.error.strip() else "error"
             return [f"compile failed: {first}"]
-        found = []
-        if self.spills:
-            found.append(f"spills {self.spill_stores} B stores / {self.spill_loads} B loads")
+        found = self.spill_problems()
         if self.expect_mma and not self.has_mma:
             found.append("no mma/wgmma in PTX")
         return found

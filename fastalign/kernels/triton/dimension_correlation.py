@@ -16,13 +16,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import load_tile, load_tile_t
-from fastalign.ops._options import CORRELATION_MODES, CORRELATION_PATHS
+from fastalign.kernels.triton._common import load_tile, load_tile_t, lse_step, program_block
+from fastalign.ops import _options
 
-_MODE_BARLOW, _MODE_SOFTMAX = (CORRELATION_MODES.index(m) for m in ("barlow", "softmax"))
-_PATH_AUTO, _PATH_CORRELATION, _PATH_GRAM = (
-    CORRELATION_PATHS.index(p) for p in ("auto", "correlation", "gram")
-)
 # The Gram matrices enter tl.dot in the inputs' dtype, and their diagonal is about D: float16
 # takes the path through C beyond this D.
 _GRAM_MAX_D_FLOAT16 = 16384
@@ -38,13 +34,19 @@ def _column_pair_rows(x_ptr, y_ptr, rows, N, cols, col_ok, stride_x, stride_y):
 
 
 @triton.jit
+def _load_stats(stats_ptr, cols, col_ok, D):
+    """(mean, rstd) of the columns ``cols`` from one side's (2, D) statistics, 0 past D."""
+    mean = tl.load(stats_ptr + cols, mask=col_ok, other=0.0)
+    rstd = tl.load(stats_ptr + D + cols, mask=col_ok, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
 def _column_stats_kernel(
     a_ptr,
     b_ptr,
-    mean_a_ptr,
-    rstd_a_ptr,
-    mean_b_ptr,
-    rstd_b_ptr,
+    stats_a_ptr,
+    stats_b_ptr,
     diag_ptr,
     N,
     D,
@@ -54,9 +56,9 @@ def _column_stats_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per column of a and b: mean, 1/sqrt(biased var + eps) and C_kk."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    """Per column of a and b: mean, 1/sqrt(biased var + eps) (rows 0 and 1 of the side's
+    (2, D) statistics) and C_kk."""
+    cols, col_ok = program_block(0, BLOCK_D, D)
     offs_n = tl.arange(0, BLOCK_N)
     sum_a = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_b = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -80,10 +82,10 @@ def _column_stats_kernel(
         cross += tl.sum(x * y, axis=0)
     rstd_a = 1.0 / tl.sqrt(squares_a / N + eps)
     rstd_b = 1.0 / tl.sqrt(squares_b / N + eps)
-    tl.store(mean_a_ptr + cols, mean_a, mask=col_ok)
-    tl.store(rstd_a_ptr + cols, rstd_a, mask=col_ok)
-    tl.store(mean_b_ptr + cols, mean_b, mask=col_ok)
-    tl.store(rstd_b_ptr + cols, rstd_b, mask=col_ok)
+    tl.store(stats_a_ptr + cols, mean_a, mask=col_ok)
+    tl.store(stats_a_ptr + D + cols, rstd_a, mask=col_ok)
+    tl.store(stats_b_ptr + cols, mean_b, mask=col_ok)
+    tl.store(stats_b_ptr + D + cols, rstd_b, mask=col_ok)
     tl.store(diag_ptr + cols, cross * rstd_a * rstd_b / N, mask=col_ok)
 
 
@@ -108,10 +110,8 @@ def _standardized_tile(
 def _correlation_kernel(
     a_ptr,
     b_ptr,
-    mean_a_ptr,
-    rstd_a_ptr,
-    mean_b_ptr,
-    rstd_b_ptr,
+    stats_a_ptr,
+    stats_b_ptr,
     c_ptr,
     loss_ptr,
     N,
@@ -133,10 +133,8 @@ def _correlation_kernel(
     ls = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     k_ok = ks < D
     l_ok = ls < D
-    mean_a = tl.load(mean_a_ptr + ks, mask=k_ok, other=0.0)
-    rstd_a = tl.load(rstd_a_ptr + ks, mask=k_ok, other=0.0)
-    mean_b = tl.load(mean_b_ptr + ls, mask=l_ok, other=0.0)
-    rstd_b = tl.load(rstd_b_ptr + ls, mask=l_ok, other=0.0)
+    mean_a, rstd_a = _load_stats(stats_a_ptr, ks, k_ok, D)
+    mean_b, rstd_b = _load_stats(stats_b_ptr, ls, l_ok, D)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_K, BLOCK_L], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -159,8 +157,7 @@ def _logsumexp_kernel(
     c_ptr, lse_ptr, D, stride_r, stride_c, inv_tau, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):
     """lse[r] = log sum_c exp(C[r, c] / tau), rows r along stride_r (rows or columns of C)."""
-    rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rs < D
+    rs, r_ok = program_block(0, BLOCK_R, D)
     offs_c = tl.arange(0, BLOCK_C)
     scale = inv_tau * 1.4426950408889634  # base-2 exponentials
     best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
@@ -174,10 +171,7 @@ def _logsumexp_kernel(
             other=float("-inf"),
         )
         x = tl.where(ok, x * scale, float("-inf"))
-        new_best = tl.maximum(best, tl.max(x, axis=1))
-        new_best = tl.where(r_ok, new_best, 0.0)  # rows past D: keep finite, never stored
-        total = total * tl.exp2(best - new_best) + tl.sum(tl.exp2(x - new_best[:, None]), axis=1)
-        best = new_best
+        best, total = lse_step(best, total, x, 1.0, r_ok, 1)  # a NaN in C makes its sum NaN
     lse = (best + tl.log2(tl.where(r_ok, total, 1.0))) / 1.4426950408889634
     tl.store(lse_ptr + rs, lse, mask=r_ok)
 
@@ -185,8 +179,7 @@ def _logsumexp_kernel(
 @triton.jit
 def _correlation_grad_kernel(
     x_ptr,
-    mean_ptr,
-    rstd_ptr,
+    stats_ptr,
     c_ptr,
     diag_ptr,
     lse_i_ptr,
@@ -214,21 +207,18 @@ def _correlation_grad_kernel(
     softmax: G = exp(C / tau - lse_i[i]) + exp(C / tau - lse_j[j]) - 2 I (scale holds the
     1 / (2 D tau)); both terms are symmetric in i and j, so one formula serves both sides.
     """
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
-    js = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = js < D
+    js, j_ok = program_block(1, BLOCK_J, D)
     offs_i = tl.arange(0, BLOCK_I)
     exp_scale = inv_tau * 1.4426950408889634
-    if MODE == 1:
+    if MODE == _options.CORRELATION_MODE_SOFTMAX:
         lse_j = tl.load(lse_j_ptr + js, mask=j_ok, other=0.0) * 1.4426950408889634
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for i0 in range(0, D, BLOCK_I):
         cols = i0 + offs_i
         i_ok = cols < D
-        mean = tl.load(mean_ptr + cols, mask=i_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + cols, mask=i_ok, other=0.0)
+        mean, rstd = _load_stats(stats_ptr, cols, i_ok, D)
         x = _standardized_tile(x_ptr, rows64, row_ok, cols, i_ok, stride_x, mean, rstd, False)
         ok = i_ok[:, None] & j_ok[None, :]
         c = tl.load(
@@ -237,7 +227,7 @@ def _correlation_grad_kernel(
             other=0.0,
         )
         on_diagonal = cols[:, None] == js[None, :]
-        if MODE == 0:
+        if MODE == _options.CORRELATION_MODE_BARLOW:
             diag = tl.load(diag_ptr + cols, mask=i_ok, other=0.0)
             g = tl.where(on_diagonal, -2.0 * (1.0 - diag[:, None]), 2.0 * off_diagonal_weight * c)
         else:
@@ -255,10 +245,8 @@ def _correlation_grad_kernel(
 def _gram_kernel(
     a_ptr,
     b_ptr,
-    mean_a_ptr,
-    rstd_a_ptr,
-    mean_b_ptr,
-    rstd_b_ptr,
+    stats_a_ptr,
+    stats_b_ptr,
     gram_a_ptr,
     gram_b_ptr,
     loss_ptr,
@@ -289,10 +277,8 @@ def _gram_kernel(
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + offs_d
             d_ok = cols < D
-            mean_a = tl.load(mean_a_ptr + cols, mask=d_ok, other=0.0)
-            rstd_a = tl.load(rstd_a_ptr + cols, mask=d_ok, other=0.0)
-            mean_b = tl.load(mean_b_ptr + cols, mask=d_ok, other=0.0)
-            rstd_b = tl.load(rstd_b_ptr + cols, mask=d_ok, other=0.0)
+            mean_a, rstd_a = _load_stats(stats_a_ptr, cols, d_ok, D)
+            mean_b, rstd_b = _load_stats(stats_b_ptr, cols, d_ok, D)
             x = _standardized_tile(a_ptr, rs64, r_ok, cols, d_ok, stride_a, mean_a, rstd_a, False)
             x_t = _standardized_tile(a_ptr, ss64, s_ok, cols, d_ok, stride_a, mean_a, rstd_a, True)
             acc_a = tl.dot(x, x_t, acc_a, input_precision=PRECISION)
@@ -315,10 +301,8 @@ def _gram_kernel(
 def _gram_grad_kernel(
     x_ptr,
     y_ptr,
-    mean_x_ptr,
-    rstd_x_ptr,
-    mean_y_ptr,
-    rstd_y_ptr,
+    stats_x_ptr,
+    stats_y_ptr,
     gram_ptr,
     g_ptr,
     out_ptr,
@@ -335,13 +319,10 @@ def _gram_grad_kernel(
 ):
     """out[n, d] = coef * sum_m Gram_y[n, m] X_hat[m, d] + Y_hat[n, d] * g[d]: the barlow
     gradient w.r.t. X_hat without C (x = a, y = b for dL/dA_hat; the reverse for dL/dB_hat)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    mean_x = tl.load(mean_x_ptr + cols, mask=col_ok, other=0.0)
-    rstd_x = tl.load(rstd_x_ptr + cols, mask=col_ok, other=0.0)
+    cols, col_ok = program_block(1, BLOCK_D, D)
+    mean_x, rstd_x = _load_stats(stats_x_ptr, cols, col_ok, D)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, N, BLOCK_M):
@@ -357,8 +338,7 @@ def _gram_grad_kernel(
         )
         acc = tl.dot(gram.to(x_ptr.dtype.element_ty), x, acc, input_precision=PRECISION)
     ok = row_ok[:, None] & col_ok[None, :]
-    mean_y = tl.load(mean_y_ptr + cols, mask=col_ok, other=0.0)
-    rstd_y = tl.load(rstd_y_ptr + cols, mask=col_ok, other=0.0)
+    mean_y, rstd_y = _load_stats(stats_y_ptr, cols, col_ok, D)
     g = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
     y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
     y = (y.to(tl.float32) - mean_y[None, :]) * rstd_y[None, :]
@@ -369,8 +349,7 @@ def _gram_grad_kernel(
 @triton.jit
 def _standardize_backward_kernel(
     x_ptr,
-    mean_ptr,
-    rstd_ptr,
+    stats_ptr,
     g_ptr,
     out_ptr,
     N,
@@ -383,10 +362,8 @@ def _standardize_backward_kernel(
 ):
     """out = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) per column: the gradient through
     the standardisation, x_hat recomputed from x."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    mean = tl.load(mean_ptr + cols, mask=col_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + cols, mask=col_ok, other=0.0)
+    cols, col_ok = program_block(0, BLOCK_D, D)
+    mean, rstd = _load_stats(stats_ptr, cols, col_ok, D)
     offs_n = tl.arange(0, BLOCK_N)
     sum_g = tl.zeros([BLOCK_D], dtype=tl.float32)
     sum_gx = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -416,9 +393,9 @@ def _use_gram(n: int, d: int, mode: int, path: int, dtype) -> bool:
     """Through C: N D^2 multiply-adds (+ 2 N D^2 for the gradients); through the symmetric
     Gram matrices (tiles on and above the diagonal): about N^2 D (+ 2 N^2 D). Gram when N < D.
     """
-    if mode != _MODE_BARLOW or path == _PATH_CORRELATION:
+    if mode != _options.CORRELATION_MODE_BARLOW or path == _options.CORRELATION_PATH_CORRELATION:
         return False
-    if path == _PATH_GRAM:
+    if path == _options.CORRELATION_PATH_GRAM:
         return True
     if dtype == torch.float16 and d > _GRAM_MAX_D_FLOAT16:
         return False
@@ -431,7 +408,9 @@ def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: floa
     tile = _common.matrix_tile(a.dtype)
     grid = (triton.cdiv(d, tile), triton.cdiv(d, tile))
     partials = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-    _correlation_kernel[grid](
+    _common.launch(
+        _correlation_kernel,
+        grid,
         a,
         b,
         *stats,
@@ -446,9 +425,7 @@ def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: floa
         BLOCK_N=_common.reduction_block(a.dtype),
         BLOCK_K=tile,
         BLOCK_L=tile,
-        PRECISION=_common.dot_precision(a.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=a.dtype,
     )
     return partials
 
@@ -458,7 +435,9 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
     lse = torch.empty(d, dtype=torch.float32, device=c.device)
     strides = (c.stride(0), c.stride(1)) if along_rows else (c.stride(1), c.stride(0))
     block_r, block_c = (16, 64) if along_rows else (64, 16)  # coalesced along C's rows
-    _logsumexp_kernel[(triton.cdiv(d, block_r),)](
+    _common.launch(
+        _logsumexp_kernel,
+        (triton.cdiv(d, block_r),),
         c,
         lse,
         d,
@@ -466,21 +445,20 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
         1.0 / tau,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return lse
 
 
-def _launch_correlation_grad(x, mean, rstd, c, diag, lse_i, lse_j, transpose_c, o, scale):
+def _launch_correlation_grad(x, stats_x, c, diag, lse_i, lse_j, transpose_c, o, scale):
     """dL/dX_hat (float32) through C: X_hat G^T / N when transpose_c (x = b), else X_hat G / N."""
     n, d = x.shape
     out, tile, grid = _common.tiled_output(n, d, x)
     c_strides = (c.stride(1), c.stride(0)) if transpose_c else (c.stride(0), c.stride(1))
-    _correlation_grad_kernel[grid](
+    _common.launch(
+        _correlation_grad_kernel,
+        grid,
         x,
-        mean,
-        rstd,
+        stats_x,
         c,
         diag,
         lse_i,
@@ -498,9 +476,7 @@ def _launch_correlation_grad(x, mean, rstd, c, diag, lse_i, lse_j, transpose_c, 
         BLOCK_N=tile,
         BLOCK_I=_common.reduction_block(x.dtype),
         BLOCK_J=tile,
-        PRECISION=_common.dot_precision(x.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=x.dtype,
     )
     return out
 
@@ -518,7 +494,9 @@ def _launch_gram(a, b, stats, store: bool):
     gram_a = torch.empty(shape, dtype=torch.float32, device=a.device)
     gram_b = torch.empty(shape, dtype=torch.float32, device=a.device)
     partials = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-    _gram_kernel[grid](
+    _common.launch(
+        _gram_kernel,
+        grid,
         a,
         b,
         *stats,
@@ -532,9 +510,7 @@ def _launch_gram(a, b, stats, store: bool):
         STORE=store,
         BLOCK_M=block,
         BLOCK_D=_common.reduction_block(a.dtype),
-        PRECISION=_common.dot_precision(a.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=a.dtype,
     )
     return partials, gram_a, gram_b
 
@@ -545,11 +521,13 @@ _GRAM_GRAD_WARPS = 8  # a 64 x 64 accumulator, a Gram tile and the epilogue's lo
 def _launch_gram_grad(x, y, stats_x, stats_y, gram_y, g, coef) -> Tensor:
     n, d = x.shape
     out, tile, grid = _common.tiled_output(n, d, x)
-    _gram_grad_kernel[grid](
+    _common.launch(
+        _gram_grad_kernel,
+        grid,
         x,
         y,
-        *stats_x,
-        *stats_y,
+        stats_x,
+        stats_y,
         gram_y,
         g,
         out,
@@ -562,20 +540,20 @@ def _launch_gram_grad(x, y, stats_x, stats_y, gram_y, g, coef) -> Tensor:
         BLOCK_N=tile,
         BLOCK_M=_common.reduction_block(x.dtype),
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_GRAM_GRAD_WARPS,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
 
-def _launch_standardize_backward(x, mean, rstd, grad_hat) -> Tensor:
+def _launch_standardize_backward(x, stats_x, grad_hat) -> Tensor:
     n, d = x.shape
     out = torch.empty_like(x)
-    _standardize_backward_kernel[(triton.cdiv(d, _COLUMN_BLOCK),)](
+    _common.launch(
+        _standardize_backward_kernel,
+        (triton.cdiv(d, _COLUMN_BLOCK),),
         x,
-        mean,
-        rstd,
+        stats_x,
         grad_hat,
         out,
         n,
@@ -585,8 +563,6 @@ def _launch_standardize_backward(x, mean, rstd, grad_hat) -> Tensor:
         out.stride(0),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -599,7 +575,7 @@ def dimension_correlation_loss_forward(
     tau: float,
     eps: float,
     need_grad: bool,
-    path: int = _PATH_AUTO,
+    path: int = _options.CORRELATION_PATH_AUTO,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused dimension-correlation loss and, when ``need_grad``, its gradients.
 
@@ -620,14 +596,16 @@ def dimension_correlation_loss_forward(
         a, b = a.contiguous(), b.contiguous()
     device = a.device
     f32 = dict(dtype=torch.float32, device=device)
-    mean_a, rstd_a, mean_b, rstd_b, diag = (torch.empty(d, **f32) for _ in range(5))
-    _column_stats_kernel[(triton.cdiv(d, _COLUMN_BLOCK),)](
+    # per side (a, b): the columns' mean and 1 / std, rows of one (2, D) block
+    stats_a, stats_b = stats = torch.empty(2, 2, d, **f32)
+    diag = torch.empty(d, **f32)
+    _common.launch(
+        _column_stats_kernel,
+        (triton.cdiv(d, _COLUMN_BLOCK),),
         a,
         b,
-        mean_a,
-        rstd_a,
-        mean_b,
-        rstd_b,
+        stats_a,
+        stats_b,
         diag,
         n,
         d,
@@ -636,15 +614,11 @@ def dimension_correlation_loss_forward(
         float(eps),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
-    stats_a, stats_b = (mean_a, rstd_a), (mean_b, rstd_b)
-    stats = (*stats_a, *stats_b)
     o = dict(mode=mode, off_diagonal_weight=off_diagonal_weight, tau=tau)
     empty = torch.empty(0, **f32)
     grad_a_hat = grad_b_hat = None
-    if mode == _MODE_SOFTMAX:
+    if mode == _options.CORRELATION_MODE_SOFTMAX:
         c = torch.empty(d, d, **f32)
         _launch_correlation(a, b, stats, c, True, 0.0)
         lse_rows = _launch_logsumexp(c, tau, along_rows=True)
@@ -654,10 +628,10 @@ def dimension_correlation_loss_forward(
         if need_grad:
             scale = 1.0 / (2 * d * tau * n)
             grad_a_hat = _launch_correlation_grad(
-                b, mean_b, rstd_b, c, diag, lse_cols, lse_rows, True, o, scale
+                b, stats_b, c, diag, lse_cols, lse_rows, True, o, scale
             )
             grad_b_hat = _launch_correlation_grad(
-                a, mean_a, rstd_a, c, diag, lse_rows, lse_cols, False, o, scale
+                a, stats_a, c, diag, lse_rows, lse_cols, False, o, scale
             )
     elif _use_gram(n, d, mode, path, a.dtype):
         partials, gram_a, gram_b = _launch_gram(a, b, stats, need_grad)
@@ -676,16 +650,16 @@ def dimension_correlation_loss_forward(
         loss = (1 - diag.double()).pow(2).sum() + partials.double().sum()
         if need_grad:
             grad_a_hat = _launch_correlation_grad(
-                b, mean_b, rstd_b, c, diag, empty, empty, True, o, 1.0 / n
+                b, stats_b, c, diag, empty, empty, True, o, 1.0 / n
             )
             grad_b_hat = _launch_correlation_grad(
-                a, mean_a, rstd_a, c, diag, empty, empty, False, o, 1.0 / n
+                a, stats_a, c, diag, empty, empty, False, o, 1.0 / n
             )
     if not need_grad:  # fresh empties: the outputs of a custom op must not alias
         no_grad = (torch.empty(0, dtype=a.dtype, device=device) for _ in range(2))
         return (loss.to(a.dtype), *no_grad)
-    grad_a = _launch_standardize_backward(a, mean_a, rstd_a, grad_a_hat)
-    grad_b = _launch_standardize_backward(b, mean_b, rstd_b, grad_b_hat)
+    grad_a = _launch_standardize_backward(a, stats_a, grad_a_hat)
+    grad_b = _launch_standardize_backward(b, stats_b, grad_b_hat)
     return loss.to(a.dtype), grad_a, grad_b
 
 
@@ -722,7 +696,10 @@ def aot_specs() -> list[dict]:
                 True,
             )
         )
-        for mode_name, mode in (("barlow", _MODE_BARLOW), ("softmax", _MODE_SOFTMAX)):
+        for mode_name, mode in (
+            ("barlow", _options.CORRELATION_MODE_BARLOW),
+            ("softmax", _options.CORRELATION_MODE_SOFTMAX),
+        ):
             specs.append(
                 _spec(
                     f"dimension_correlation_grad_{mode_name}_{ty}",

@@ -21,11 +21,18 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import dot_rows, load_tile, load_tile_t
-from fastalign.ops._options import ASSIGN_MODES
+from fastalign.kernels.triton._common import (
+    argmax_nan,
+    dot_rows,
+    load_tile,
+    load_tile_t,
+    lse_step,
+    max_nan,
+    merge_max,
+    program_block,
+)
+from fastalign.ops import _options
 
-_STATS_NONE, _STATS_LSE, _STATS_ARGMAX = 0, 1, 2
-_MODE_SOFTMAX, _MODE_HARD, _MODE_SINKHORN = (ASSIGN_MODES.index(m) for m in ASSIGN_MODES)
 _NORM_EPS = 1e-12  # F.normalize's
 
 
@@ -36,8 +43,8 @@ def _cosine_tile(
     inv_x,
     y_ptr,
     inv_y_ptr,
-    cols,
-    col_ok,
+    n0,
+    N,
     stride_y,
     D,
     BLOCK_M: tl.constexpr,
@@ -45,14 +52,18 @@ def _cosine_tile(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(dots, dots * inv_x[m] * inv_y[n]): the (BLOCK_M x BLOCK_N) dot products of a block of x
-    rows (pointers ``x_rows``) with the rows ``cols`` of y, raw and scaled by the inverse norms
-    (the raw tiles enter tl.dot; scaling the product is cheaper than normalising both)."""
+    """(cols, col_ok, dots, dots * inv_x[m] * inv_y[n]): the rows n0 .. n0 + BLOCK_N of y (N
+    rows), which of them exist, and the (BLOCK_M x BLOCK_N) dot products of a block of x rows
+    (pointers ``x_rows``) with them, raw and scaled by the inverse norms (the raw tiles enter
+    tl.dot; scaling the product is cheaper than normalising both). One step of the loop over y
+    that the logits and the top-m mixture run."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
     dots = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     y_rows = y_ptr + cols.to(tl.int64) * stride_y
     dots = dot_rows(dots, x_rows, row_ok, y_rows, col_ok, D, BLOCK_D, PRECISION)
     inv_y = tl.load(inv_y_ptr + cols, mask=col_ok, other=0.0)
-    return dots, dots * inv_x[:, None] * inv_y[None, :]
+    return cols, col_ok, dots, dots * inv_x[:, None] * inv_y[None, :]
 
 
 @triton.jit
@@ -71,48 +82,39 @@ def _logits_kernel(
     stride_p,
     stride_out,
     scale,
-    STATS: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """out[n, k] = scale * <x_n, p_k> / (|x_n| |p_k|) (inverse norms given) for a block of
-    rows, all K; with the row log-sum-exp (STATS 1) or the first arg-max (STATS 2)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, all K; with what the assignment MODE needs of each row: its log-sum-exp (softmax)
+    or its first arg-max (hard)."""
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0) * scale
-    offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows64 * stride_x
     best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        col_ok = cols < K
-        _, s = _cosine_tile(
-            x_rows, row_ok, inv_x, p_ptr, inv_p_ptr, cols, col_ok, stride_p, D,
+        cols, col_ok, _, s = _cosine_tile(
+            x_rows, row_ok, inv_x, p_ptr, inv_p_ptr, k0, K, stride_p, D,
             BLOCK_N, BLOCK_K, BLOCK_D, PRECISION,
         )  # fmt: skip
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], s, mask=ok)
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        tile_max = tl.max(s, axis=1)
-        if STATS == 1:
-            new_best = tl.maximum(best, tile_max)
-            total = total * tl.exp2((best - new_best) * 1.4426950408889634) + tl.sum(
-                tl.exp2((s - new_best[:, None]) * 1.4426950408889634), axis=1
-            )
-            best = new_best
-        if STATS == 2:  # strict >: an equal maximum in a later tile keeps the earlier index
-            tile_arg = tl.argmax(s, axis=1).to(tl.int32) + k0
-            best_idx = tl.where(tile_max > best, tile_arg, best_idx)
-            best = tl.maximum(best, tile_max)
-    if STATS == 1:
+        if MODE == _options.ASSIGN_MODE_SOFTMAX:  # a NaN logit makes its sum NaN
+            best, total = lse_step(best, total, s, 1.4426950408889634, row_ok, 1)
+        if MODE == _options.ASSIGN_MODE_HARD:  # the first maximum, or the first NaN
+            tile_arg = argmax_nan(s, 1).to(tl.int32) + k0
+            best, best_idx = merge_max(best, best_idx, max_nan(s, 1), tile_arg)
+    if MODE == _options.ASSIGN_MODE_SOFTMAX:
         lse = best + tl.log2(tl.where(row_ok, total, 1.0)) / 1.4426950408889634
         tl.store(stat_ptr + rows, lse, mask=row_ok)
-    if STATS == 2:
+    if MODE == _options.ASSIGN_MODE_HARD:
         tl.store(arg_ptr + rows, best_idx, mask=row_ok)
 
 
@@ -129,8 +131,7 @@ def _sinkhorn_columns_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Column step: col_shift[k] = logsumexp_n(logq[n, k] - row_shift[n]) - log(N / K)."""
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
+    cols, col_ok = program_block(0, BLOCK_K, K)
     offs_n = tl.arange(0, BLOCK_N)
     best = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -145,12 +146,7 @@ def _sinkhorn_columns_kernel(
         )
         shift = tl.load(row_shift_ptr + rows, mask=row_ok, other=0.0)
         v = tl.where(ok, v - shift[:, None], float("-inf"))
-        new_best = tl.maximum(best, tl.max(v, axis=0))
-        new_best = tl.where(col_ok, new_best, 0.0)  # columns past K: finite, never stored
-        total = total * tl.exp2((best - new_best) * 1.4426950408889634) + tl.sum(
-            tl.exp2((v - new_best[None, :]) * 1.4426950408889634), axis=0
-        )
-        best = new_best
+        best, total = lse_step(best, total, v, 1.4426950408889634, col_ok, 0)
     lse = best + tl.log2(tl.where(col_ok, total, 1.0)) / 1.4426950408889634
     tl.store(col_shift_ptr + cols, lse - log_column_mass, mask=col_ok)
 
@@ -168,8 +164,7 @@ def _sinkhorn_rows_kernel(
 ):
     """Row step after a column step: logq[n, k] -= row_shift[n] + col_shift[k] (stored), and
     row_shift[n] = logsumexp_k of the result (applied by the next pass)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
     old_shift = tl.load(row_shift_ptr + rows, mask=row_ok, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
@@ -184,12 +179,7 @@ def _sinkhorn_rows_kernel(
         v = tl.load(ptrs, mask=ok, other=0.0) - old_shift[:, None] - col_shift[None, :]
         tl.store(ptrs, v, mask=ok)
         v = tl.where(ok, v, float("-inf"))
-        new_best = tl.maximum(best, tl.max(v, axis=1))
-        new_best = tl.where(row_ok, new_best, 0.0)
-        total = total * tl.exp2((best - new_best) * 1.4426950408889634) + tl.sum(
-            tl.exp2((v - new_best[:, None]) * 1.4426950408889634), axis=1
-        )
-        best = new_best
+        best, total = lse_step(best, total, v, 1.4426950408889634, row_ok, 1)
     lse = best + tl.log2(tl.where(row_ok, total, 1.0)) / 1.4426950408889634
     tl.store(row_shift_ptr + rows, lse, mask=row_ok)
 
@@ -230,8 +220,7 @@ def _row_dot_kernel(
     g_ptr, a_ptr, dot_ptr, N, K, stride_g, stride_a, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     """dot[n] = <G_n, P_n>, the softmax backward's row term."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    rows, row_ok = program_block(0, BLOCK_N, N)
     rows64 = rows.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -269,10 +258,8 @@ def _assign_grad_kernel(
     """out[i, d] = sum_j dS(i, j) Y[j, d] / |Y_j|, dS = P (G - row_dot) / tau read through
     (stride_gm, stride_gj) from G and P (same strides): dL/dx_unit (i = n, j = k, row_dot
     on i, DOT_ON_M) or dL/dp_unit (i = k, j = n, the transposed view, row_dot on j)."""
-    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
+    ms, m_ok = program_block(0, BLOCK_M, M)
+    ds, d_ok = program_block(1, BLOCK_D, D)
     offs_j = tl.arange(0, BLOCK_J)
     if DOT_ON_M:
         dot_m = tl.load(row_dot_ptr + ms, mask=m_ok, other=0.0)
@@ -319,10 +306,8 @@ def _update_kernel(
 ):
     """out[k] = momentum p_k + (1 - momentum) sum_n a_nk x_n / mass_k where mass_k = sum_n a_nk
     > 0, else p_k; also stores mass_k. A (BLOCK_K, BLOCK_D) tile reducing over N."""
-    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-    ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = ds < D
+    ks, k_ok = program_block(0, BLOCK_K, K)
+    ds, d_ok = program_block(1, BLOCK_D, D)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     mass = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -380,9 +365,8 @@ def _topk_mix_forward_kernel(
     equals) and, if it beats the worst entry, replaces it (the highest index among equal worst
     entries goes). Tile elements arrive in decreasing order and after all earlier tiles, so
     an element equal to the worst entry always has the higher index and never enters."""
-    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows, row_ok = program_block(0, BLOCK_Q, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
     inv_q = tl.load(inv_q_ptr + rows, mask=row_ok, other=0.0)
     slots = tl.arange(0, M_PAD)
     slot_ok = slots < m
@@ -392,15 +376,14 @@ def _topk_mix_forward_kernel(
     )
     top_dot = tl.zeros([BLOCK_Q, M_PAD], dtype=tl.float32)
     top_idx = -1 - slots[None, :] + tl.zeros([BLOCK_Q, M_PAD], dtype=tl.int32)
-    offs_k = tl.arange(0, BLOCK_K)
     q_rows = q_ptr + rows64 * stride_q
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + offs_k
-        col_ok = cols < K
-        dots, cos = _cosine_tile(
-            q_rows, row_ok, inv_q, k_ptr, inv_k_ptr, cols, col_ok, stride_k, D,
+        cols, col_ok, dots, cos = _cosine_tile(
+            q_rows, row_ok, inv_q, k_ptr, inv_k_ptr, k0, K, stride_k, D,
             BLOCK_Q, BLOCK_K, BLOCK_D, PRECISION,
         )  # fmt: skip
+        # torch.sort puts a NaN first; +inf (never a cosine) stands for it, lowest index first
+        cos = tl.where(cos != cos, float("inf"), cos)
         cos = tl.where(col_ok[None, :], cos, float("-inf"))
         worst = tl.min(top_cos, axis=1)
         best = tl.max(cos, axis=1)
@@ -467,9 +450,8 @@ def _topk_mix_backward_kernel(
 ):
     """Through the m selected keys: gv_j = <G_n, v_j>, c_j = w_j (gv_j - sum_i w_i gv_i) / tau;
     dq_n = sum_j c_j k_j (stored), dk_j += c_j q_n and dv_j += w_j G_n (float32 atomics)."""
-    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rows, row_ok = program_block(0, BLOCK_Q, N)
     rows64 = rows.to(tl.int64)
-    row_ok = rows < N
     slots = tl.arange(0, M_PAD)
     ok = row_ok[:, None] & (slots < m)[None, :]
     idx = tl.load(idx_ptr + rows64[:, None] * m + slots[None, :], mask=ok, other=0)
@@ -550,9 +532,10 @@ def prototype_assign_forward(
     logits = torch.empty(n, k, dtype=torch.float32, device=device)
     shift = torch.zeros(n, dtype=torch.float32, device=device)
     arg = torch.empty(n, dtype=torch.int32, device=device)
-    stats = {_MODE_SOFTMAX: _STATS_LSE, _MODE_HARD: _STATS_ARGMAX}.get(mode, _STATS_NONE)
     tile = _common.matrix_tile(x.dtype)
-    _logits_kernel[(triton.cdiv(n, tile),)](
+    _common.launch(
+        _logits_kernel,
+        (triton.cdiv(n, tile),),
         x,
         prototypes,
         _inverse_norms(x, normalize),
@@ -566,19 +549,20 @@ def prototype_assign_forward(
         x.stride(0),
         prototypes.stride(0),
         logits.stride(0),
-        1.0 if mode == _MODE_HARD else 1.0 / tau,
-        STATS=stats,
+        1.0 if mode == _options.ASSIGN_MODE_HARD else 1.0 / tau,
+        MODE=mode,
         BLOCK_N=tile,
         BLOCK_K=tile,
         BLOCK_D=_REDUCTION_BLOCK,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_warps(_logits_kernel),
-        maxnreg=_common.MAXNREG,
     )
-    if mode == _MODE_SINKHORN:
+    if mode == _options.ASSIGN_MODE_SINKHORN:
         column_shift = torch.empty(k, dtype=torch.float32, device=device)
         for _ in range(iters):
-            _sinkhorn_columns_kernel[(triton.cdiv(k, _COL_BLOCK),)](
+            _common.launch(
+                _sinkhorn_columns_kernel,
+                (triton.cdiv(k, _COL_BLOCK),),
                 logits,
                 shift,
                 column_shift,
@@ -588,9 +572,10 @@ def prototype_assign_forward(
                 math.log(n / k),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
-                num_warps=4,
             )
-            _sinkhorn_rows_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+            _common.launch(
+                _sinkhorn_rows_kernel,
+                (triton.cdiv(n, _ROW_BLOCK),),
                 logits,
                 shift,
                 column_shift,
@@ -599,11 +584,12 @@ def prototype_assign_forward(
                 logits.stride(0),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
-                num_warps=4,
             )
     # float32 results overwrite the logits in place (each element is read, then written)
     out = logits if x.dtype == torch.float32 else torch.empty(n, k, dtype=x.dtype, device=device)
-    _finish_kernel[(triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK))](
+    _common.launch(
+        _finish_kernel,
+        (triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK)),
         logits,
         shift,
         arg,
@@ -612,10 +598,9 @@ def prototype_assign_forward(
         k,
         logits.stride(0),
         out.stride(0),
-        HARD=mode == _MODE_HARD,
+        HARD=mode == _options.ASSIGN_MODE_HARD,
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
-        num_warps=4,
     )
     return out
 
@@ -627,7 +612,9 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
     d = y.shape[1]
     out, tile, grid = _common.tiled_output(rows, d, y)
     strides = (1, k) if transposed else (k, 1)
-    _assign_grad_kernel[grid](
+    _common.launch(
+        _assign_grad_kernel,
+        grid,
         grad,
         assignments,
         row_dot,
@@ -645,9 +632,8 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
         BLOCK_M=tile,
         BLOCK_J=_REDUCTION_BLOCK,
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(y.dtype),
+        dot_dtype=y.dtype,
         num_warps=_warps(_assign_grad_kernel),
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -660,7 +646,9 @@ def prototype_assign_backward(
     x, prototypes = x.contiguous(), prototypes.contiguous()
     n, k = assignments.shape
     row_dot = torch.empty(n, dtype=torch.float32, device=x.device)
-    _row_dot_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _row_dot_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         grad,
         assignments,
         row_dot,
@@ -670,7 +658,6 @@ def prototype_assign_backward(
         assignments.stride(0),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
-        num_warps=4,
     )
     inv_x, inv_p = _inverse_norms(x, normalize), _inverse_norms(prototypes, normalize)
     grad_x = _launch_assign_grad(grad, assignments, row_dot, prototypes, inv_p, False, tau)
@@ -688,7 +675,9 @@ def prototype_update(
     (k, d), n = prototypes.shape, x.shape[0]
     out, tile, grid = _common.tiled_output(k, d, x)
     mass = torch.empty(k, dtype=torch.float32, device=x.device)
-    _update_kernel[grid](
+    _common.launch(
+        _update_kernel,
+        grid,
         prototypes,
         x,
         assignments,
@@ -705,9 +694,7 @@ def prototype_update(
         BLOCK_N=_REDUCTION_BLOCK,
         BLOCK_K=tile,
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(x.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=x.dtype,
     )
     if normalize:  # only the prototypes that moved
         unit = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(_NORM_EPS)
@@ -735,7 +722,9 @@ def prototype_topk_mix_forward(
     indices = torch.empty(n, m, dtype=torch.int64, device=device)
     weights = torch.empty(n, m, dtype=torch.float32, device=device)
     block_k = _common.matrix_tile(queries.dtype)
-    _topk_mix_forward_kernel[(triton.cdiv(n, _QUERY_BLOCK),)](
+    _common.launch(
+        _topk_mix_forward_kernel,
+        (triton.cdiv(n, _QUERY_BLOCK),),
         queries,
         keys,
         values,
@@ -758,9 +747,7 @@ def prototype_topk_mix_forward(
         BLOCK_K=block_k,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
-        PRECISION=_common.dot_precision(queries.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=queries.dtype,
     )
     return out, indices, weights.to(queries.dtype)
 
@@ -783,7 +770,9 @@ def prototype_topk_mix_backward(
     grad_q = torch.empty(n, d, **f32)
     grad_k = torch.zeros(keys.shape, **f32)
     grad_v = torch.zeros(values.shape, **f32)
-    _topk_mix_backward_kernel[(triton.cdiv(n, _QUERY_BLOCK),)](
+    _common.launch(
+        _topk_mix_backward_kernel,
+        (triton.cdiv(n, _QUERY_BLOCK),),
         grad,
         queries,
         keys,
@@ -805,8 +794,6 @@ def prototype_topk_mix_backward(
         BLOCK_Q=_QUERY_BLOCK,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return grad_q.to(queries.dtype), grad_k.to(keys.dtype), grad_v.to(values.dtype)
 
@@ -844,7 +831,13 @@ def aot_specs() -> list[dict]:
                 f"prototype_logits_lse_{ty}",
                 _logits_kernel,
                 ty,
-                dict(STATS=_STATS_LSE, BLOCK_N=tile, BLOCK_K=tile, BLOCK_D=_REDUCTION_BLOCK, **dot),
+                dict(
+                    MODE=_options.ASSIGN_MODE_SOFTMAX,
+                    BLOCK_N=tile,
+                    BLOCK_K=tile,
+                    BLOCK_D=_REDUCTION_BLOCK,
+                    **dot,
+                ),
                 True,
             ),
             _spec(
@@ -878,7 +871,8 @@ def aot_specs() -> list[dict]:
     rows = dict(BLOCK_N=_ROW_BLOCK, BLOCK_K=_COL_BLOCK)
     specs += [
         _spec("prototype_logits_argmax_fp16", _logits_kernel, "fp16",
-              dict(STATS=_STATS_ARGMAX, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, **dot), True),
+              dict(MODE=_options.ASSIGN_MODE_HARD, BLOCK_N=64, BLOCK_K=64, BLOCK_D=32, **dot),
+              True),
         _spec("prototype_sinkhorn_columns", _sinkhorn_columns_kernel, "fp32", rows, False),
         _spec("prototype_sinkhorn_rows", _sinkhorn_rows_kernel, "fp32", rows, False),
         _spec("prototype_finish_fp16", _finish_kernel, "fp16", dict(HARD=False, **rows), False),

@@ -13,10 +13,16 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import dot_rows, load_tile
-
-_DIRECTION_T2I, _DIRECTION_I2T, _DIRECTION_BOTH = 0, 1, 2
-_ALIGN_MAX, _ALIGN_LSE = 0, 1
+from fastalign.kernels.triton._common import (
+    argmax_nan,
+    dot_rows,
+    load_tile,
+    lse_step,
+    max_nan,
+    merge_max,
+    program_block,
+)
+from fastalign.ops import _options
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _region_word_fwd_kernel(
     agg_scale = 1.4426950408889634 / aggregate_tau
 
     # aggregate state over query tokens, reduced block by block (every block has a valid row)
-    if AGGREGATE <= 1:
+    if AGGREGATE == _options.AGGREGATE_MEAN or AGGREGATE == _options.AGGREGATE_SUM:
         agg = tl.sum(tl.zeros([BLOCK_Q], dtype=tl.float32), axis=0)
     else:
         agg = tl.max(tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32), axis=0)
@@ -95,19 +101,16 @@ def _region_word_fwd_kernel(
             s = dot_rows(s, q_rows, row_ok, k_rows, col_ok, D, BLOCK_D, PRECISION)
             s = _activate(s, LEAKY)
             s = tl.where(col_ok[None, :], s, float("-inf"))
-            tile_max = tl.max(s, axis=1)
-            if ALIGN == 0:
+            if ALIGN == _options.ALIGN_MAX:  # a NaN score is the maximum, as in torch.max
+                tile_max = max_nan(s, 1)
                 if STORE_IDX:
-                    tile_arg = tl.argmax(s, axis=1).to(tl.int32) + k0
-                    best_idx = tl.where(tile_max > best, tile_arg, best_idx)
-                best = tl.maximum(best, tile_max)
-            else:
-                new_max = tl.maximum(best, tile_max)
-                run_sum = run_sum * tl.exp2((best - new_max) * align_scale) + tl.sum(
-                    tl.exp2((s - new_max[:, None]) * align_scale), axis=1
-                )
-                best = new_max
-        if ALIGN == 0:
+                    tile_arg = argmax_nan(s, 1).to(tl.int32) + k0
+                    best, best_idx = merge_max(best, best_idx, tile_max, tile_arg)
+                else:
+                    best = tl.maximum(best, tile_max, propagate_nan=tl.PropagateNan.ALL)
+            else:  # a NaN score makes its sum NaN
+                best, run_sum = lse_step(best, run_sum, s, align_scale, row_ok, 1)
+        if ALIGN == _options.ALIGN_MAX:
             aligned = best
         else:
             aligned = best + align_tau * tl.log(run_sum)
@@ -116,23 +119,18 @@ def _region_word_fwd_kernel(
         if STORE_IDX:
             tl.store(idx_ptr + aux_off + rows, tl.where(row_ok, best_idx, 0), mask=row_ok)
 
-        if AGGREGATE <= 1:
+        if AGGREGATE == _options.AGGREGATE_MEAN or AGGREGATE == _options.AGGREGATE_SUM:
             agg += tl.sum(tl.where(row_ok, aligned, 0.0), axis=0)
         else:
-            block_max = tl.max(tl.where(row_ok, aligned, float("-inf")), axis=0)
-            if AGGREGATE == 3:
-                new_max = tl.maximum(agg, block_max)
-                agg_sum = agg_sum * tl.exp2((agg - new_max) * agg_scale) + tl.sum(
-                    tl.exp2((tl.where(row_ok, aligned, float("-inf")) - new_max) * agg_scale),
-                    axis=0,
-                )
-                agg = new_max
+            aligned = tl.where(row_ok, aligned, float("-inf"))
+            if AGGREGATE == _options.AGGREGATE_LSE:
+                agg, agg_sum = lse_step(agg, agg_sum, aligned, agg_scale, True, 0)
             else:
-                agg = tl.maximum(agg, block_max)
+                agg = tl.maximum(agg, max_nan(aligned, 0), propagate_nan=tl.PropagateNan.ALL)
 
-    if AGGREGATE == 0:
+    if AGGREGATE == _options.AGGREGATE_MEAN:
         score = agg / q_len.to(tl.float32)
-    elif AGGREGATE == 3:
+    elif AGGREGATE == _options.AGGREGATE_LSE:
         score = agg + aggregate_tau * tl.log(agg_sum)
     else:
         score = agg
@@ -190,8 +188,7 @@ def _region_word_bwd_kernel(
     offs_u = u0 + tl.arange(0, BLOCK_U)
     u_ok = offs_u < x_len
     offs_v = tl.arange(0, BLOCK_V)
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    do_ok = offs_do < D
+    offs_do, do_ok = program_block(1, BLOCK_DO, D)
     x_base = x_ptr + xi * stride_x_item
     align_scale = 1.4426950408889634 / align_tau
 
@@ -207,7 +204,7 @@ def _region_word_bwd_kernel(
         y_len = tl.load(y_len_ptr + yi).to(tl.int32)
         if HAS_Q:
             cq = tl.load(cq_base + offs_u, mask=u_ok, other=0.0)
-            if ALIGN == 0:
+            if ALIGN == _options.ALIGN_MAX:
                 iq = tl.load(auxq_base + offs_u, mask=u_ok, other=-1)
             else:
                 aq = tl.load(auxq_base + offs_u, mask=u_ok, other=0.0)
@@ -218,7 +215,7 @@ def _region_word_bwd_kernel(
             g = tl.zeros([BLOCK_U, BLOCK_V], dtype=tl.float32)
             if HAS_K:
                 ck = tl.load(ck_base + cols, mask=v_ok, other=0.0)
-            if ALIGN == 0:
+            if ALIGN == _options.ALIGN_MAX:
                 if HAS_Q:
                     g += tl.where(iq[:, None] == cols[None, :], cq[:, None], 0.0)
                 if HAS_K:
@@ -262,12 +259,12 @@ def _d_block(dtype: torch.dtype) -> int:
 
 def _out_block(align: int, dim: int) -> int:
     """D chunk of one backward program; lse recomputes the scores once per chunk, so wider."""
-    return min(64 if align == _ALIGN_MAX else 128, max(16, triton.next_power_of_2(dim)))
+    return min(64 if align == _options.ALIGN_MAX else 128, max(16, triton.next_power_of_2(dim)))
 
 
 def _backward_warps(align: int) -> int:
     """The lse backward holds a (BLOCK_U x 128) fp32 accumulator and a score tile: 8 warps."""
-    return 4 if align == _ALIGN_MAX else 8
+    return 4 if align == _options.ALIGN_MAX else 8
 
 
 def _launch_forward(
@@ -300,7 +297,9 @@ def _launch_forward(
     aux_strides = (shape[1] * len_q, len_q)
     if n_q * n_k == 0:
         return a_out, idx_out
-    _region_word_fwd_kernel[(n_q * n_k,)](
+    _common.launch(
+        _region_word_fwd_kernel,
+        (n_q * n_k,),
         queries,
         keys,
         query_lengths,
@@ -329,9 +328,7 @@ def _launch_forward(
         BLOCK_Q=_token_block(len_q),
         BLOCK_K=_token_block(len_k),
         BLOCK_D=_d_block(queries.dtype),
-        PRECISION=_common.dot_precision(queries.dtype),
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
+        dot_dtype=queries.dtype,
     )
     return a_out, idx_out
 
@@ -376,10 +373,10 @@ def region_word_forward(
     """
     device = regions.device
     scores = torch.empty((regions.shape[0], words.shape[0]), dtype=torch.float32, device=device)
-    store_idx = need_indices and align == _ALIGN_MAX
+    store_idx = need_indices and align == _options.ALIGN_MAX
     options = (align, aggregate, align_tau, aggregate_tau, leaky, need_values, store_idx)
-    t2i = direction in (_DIRECTION_T2I, _DIRECTION_BOTH)
-    i2t = direction in (_DIRECTION_I2T, _DIRECTION_BOTH)
+    t2i = direction in (_options.DIRECTION_T2I, _options.DIRECTION_BOTH)
+    i2t = direction in (_options.DIRECTION_I2T, _options.DIRECTION_BOTH)
     # t2i: the words query the regions; i2t: the regions query the words, added to t2i for both
     a_t2i, idx_t2i = (
         _launch_forward(
@@ -426,7 +423,9 @@ def _launch_backward(
     block_v = _token_block(y.shape[1])
     block_do = _out_block(align, dim)
     grid = (n_x * triton.cdiv(len_x, block_u), triton.cdiv(dim, block_do))
-    _region_word_bwd_kernel[grid](
+    _common.launch(
+        _region_word_bwd_kernel,
+        grid,
         x,
         y,
         x_lengths,
@@ -456,9 +455,8 @@ def _launch_backward(
         BLOCK_V=block_v,
         BLOCK_D=_d_block(x.dtype),
         BLOCK_DO=block_do,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_backward_warps(align),
-        maxnreg=_common.MAXNREG,
     )
     return grad
 
@@ -530,8 +528,8 @@ def aot_specs() -> list[dict]:
     specs = []
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         fwd_const = {
-            "ALIGN": _ALIGN_MAX,
-            "AGGREGATE": 0,
+            "ALIGN": _options.ALIGN_MAX,
+            "AGGREGATE": _options.AGGREGATE_MEAN,
             "LEAKY": True,
             "STORE_A": True,
             "STORE_IDX": True,
@@ -543,17 +541,20 @@ def aot_specs() -> list[dict]:
         }
         pointers = {"q_ptr": ty, "k_ptr": ty, "q_len_ptr": "i64", "k_len_ptr": "i64"}
         pointers["idx_ptr"] = "i32"
-        for align_name, align in (("max", _ALIGN_MAX), ("lse", _ALIGN_LSE)):
-            const = dict(fwd_const, ALIGN=align, STORE_IDX=align == _ALIGN_MAX)
-            if align == _ALIGN_LSE:
-                const["AGGREGATE"] = 3
+        for align_name, align in (("max", _options.ALIGN_MAX), ("lse", _options.ALIGN_LSE)):
+            const = dict(fwd_const, ALIGN=align, STORE_IDX=align == _options.ALIGN_MAX)
+            if align == _options.ALIGN_LSE:
+                const["AGGREGATE"] = _options.AGGREGATE_LSE
             fn = _region_word_fwd_kernel
             floats = ("align_tau", "aggregate_tau")
             name = f"region_word_fwd_{align_name}_{ty}"
             specs.append(
                 _common.aot_spec(name, fn, const, 4, True, pointers, floats, _divisible(fn))
             )
-    for align_name, align, aux_ty in (("max", _ALIGN_MAX, "i32"), ("lse", _ALIGN_LSE, "fp32")):
+    for align_name, align, aux_ty in (
+        ("max", _options.ALIGN_MAX, "i32"),
+        ("lse", _options.ALIGN_LSE, "fp32"),
+    ):
         bwd_const = {
             "ALIGN": align,
             "LEAKY": True,
@@ -562,7 +563,7 @@ def aot_specs() -> list[dict]:
             "BLOCK_U": 32,
             "BLOCK_V": 32,
             "BLOCK_D": 64,
-            "BLOCK_DO": 64 if align == _ALIGN_MAX else 128,
+            "BLOCK_DO": 64 if align == _options.ALIGN_MAX else 128,
             "PRECISION": "tf32",
         }
         pointers = {"x_ptr": "fp16", "y_ptr": "fp16", "grad_ptr": "fp16"}

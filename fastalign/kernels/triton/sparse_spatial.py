@@ -18,11 +18,10 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import load_tile, load_tile_t
+from fastalign.kernels.triton._common import load_tile, load_tile_t, max_nan, program_block
 from fastalign.kernels.triton.dimension_correlation import _spec
+from fastalign.ops import _options
 
-_KIND_INTER, _KIND_INTRA = 0, 1
-_SELECT_THRESHOLD, _SELECT_SOFT, _SELECT_TOPK = 0, 1, 2
 # F.normalize's eps, as on every backend.
 _NORM_EPS = 1e-12
 
@@ -30,8 +29,7 @@ _NORM_EPS = 1e-12
 @triton.jit
 def _row_norm_kernel(x_ptr, norm_ptr, N, D, stride_x, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """||x_r|| (float32) for a block of rows."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
+    rows, row_ok = program_block(0, BLOCK_R, N)
     offs_d = tl.arange(0, BLOCK_D)
     squares = tl.zeros([BLOCK_R], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -92,7 +90,7 @@ def _discrepancy_kernel(
             v_i = _normalized_tile(y_ptr, norm_y_ptr, ri, i_ok, cols, k_ok, stride_y, eps, False)
             u_j = _normalized_tile(x_ptr, norm_x_ptr, rj, j_ok, cols, k_ok, stride_x, eps, True)
             v_j = _normalized_tile(y_ptr, norm_y_ptr, rj, j_ok, cols, k_ok, stride_y, eps, True)
-            if KIND == 0:
+            if KIND == _options.SPATIAL_KIND_INTER:
                 acc = tl.dot(v_i, u_j, acc, input_precision=PRECISION)
                 acc = tl.dot(-u_i, v_j, acc, input_precision=PRECISION)
             else:
@@ -101,7 +99,7 @@ def _discrepancy_kernel(
         ok = i_ok[:, None] & j_ok[None, :]
         tl.store(d_ptr + ri[:, None].to(tl.int64) * N + rj[None, :], acc, mask=ok)
         if pid_j > pid_i:
-            mirror = -acc if KIND == 0 else acc
+            mirror = -acc if KIND == _options.SPATIAL_KIND_INTER else acc
             tl.store(d_ptr + rj[None, :].to(tl.int64) * N + ri[:, None], mirror, mask=ok)
 
 
@@ -113,11 +111,12 @@ def _off_diagonal(rows, row_ok, cols, N):
 
 @triton.jit
 def _selection_key(base, cols, ok, LARGEST: tl.constexpr):
-    """int32 keys that order like the selection (larger first when LARGEST); -1 off limits."""
+    """int32 keys that order like the selection (larger first when LARGEST); -1 off limits.
+    A NaN comes first either way, as in the reference's descending torch.sort."""
     e = tl.abs(tl.load(base + cols[None, :], mask=ok, other=0.0))
     bits = e.to(tl.int32, bitcast=True)
     key = bits if LARGEST else 0x7FFFFFFF - bits
-    return tl.where(ok, key, -1)
+    return tl.where(ok, tl.where(e != e, 0x7FFFFFFF, key), -1)
 
 
 @triton.jit
@@ -139,8 +138,7 @@ def _select_kernel(
     (a row of equal entries: that value and 0), the selection, sum_j w E^2 per row, dL/dalpha
     per row (soft) and, when NEED_GRAD, Gamma = sign(D) dL/dE in place (see the C++ kernel for
     the formulas)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
+    rows, row_ok = program_block(0, BLOCK_R, N)
     base = d_ptr + rows[:, None].to(tl.int64) * N
     offs_c = tl.arange(0, BLOCK_C)
     m = N - 1
@@ -153,8 +151,11 @@ def _select_kernel(
         ok = _off_diagonal(rows, row_ok, cols, N)
         e = tl.abs(tl.load(base + cols[None, :], mask=ok, other=0.0))
         total += tl.sum(e, axis=1)
-        low = tl.minimum(low, tl.min(tl.where(ok, e, float("inf")), axis=1))
-        high = tl.maximum(high, tl.max(tl.where(ok, e, float("-inf")), axis=1))
+        # NaN-keeping, as torch.amin / amax: a row with a NaN is never "constant"
+        low_here = -max_nan(tl.where(ok, -e, float("-inf")), 1)
+        low = tl.minimum(low, low_here, propagate_nan=tl.PropagateNan.ALL)
+        high_here = max_nan(tl.where(ok, e, float("-inf")), 1)
+        high = tl.maximum(high, high_here, propagate_nan=tl.PropagateNan.ALL)
     constant = low == high
     mu = tl.where(constant, low, total / m)
     squares = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -167,7 +168,7 @@ def _select_kernel(
     sigma = tl.where(constant, 0.0, tl.sqrt(squares / m))
     alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
     threshold = mu + sign * alpha * sigma
-    if SELECT == 2:
+    if SELECT == _options.SPATIAL_SELECT_TOPK:
         # The k-th key of the row, keys ordered as the selection (E >= 0, so its float bits
         # order like it): the largest prefix with at least k keys >= it, bit by bit.
         prefix = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -195,26 +196,26 @@ def _select_kernel(
         ok = _off_diagonal(rows, row_ok, cols, N)
         dv = tl.load(base + cols[None, :], mask=ok, other=0.0)
         e = tl.abs(dv)
-        if SELECT == 2:
+        if SELECT == _options.SPATIAL_SELECT_TOPK:
             key = _selection_key(base, cols, ok, LARGEST)
             tie = (key == prefix[:, None]).to(tl.int32)
             rank = ties_seen[:, None] + tl.cumsum(tie, axis=1)
             chosen = (key > prefix[:, None]) | ((tie != 0) & (rank <= ties_wanted[:, None]))
             w = tl.where(chosen, 1.0, 0.0)
             ties_seen += tl.sum(tie, axis=1)
-        elif SELECT == 0:
+        elif SELECT == _options.SPATIAL_SELECT_THRESHOLD:
             w = tl.where(sign * (e - threshold[:, None]) > 0.0, 1.0, 0.0)
         else:
             w = tl.sigmoid(sign * (e - threshold[:, None]) * inv_tau)
             curvature += tl.sum(tl.where(ok, e * e * w * (1.0 - w), 0.0), axis=1) * inv_tau
         w = tl.where(ok, w, 0.0)
         loss += tl.sum(w * e * e, axis=1)
-        if NEED_GRAD and SELECT != 1:  # G = 2 w E / N and sign(D) E = D
+        if NEED_GRAD and SELECT != _options.SPATIAL_SELECT_SOFT:  # G = 2 w E / N and sign(D) E = D
             tl.store(
                 base + cols[None, :], 2.0 * w * dv / N, mask=row_ok[:, None] & (cols < N)[None, :]
             )
     tl.store(loss_ptr + rows, loss, mask=row_ok)
-    if SELECT == 1:
+    if SELECT == _options.SPATIAL_SELECT_SOFT:
         tl.store(grad_alpha_ptr + rows, -curvature * sigma / N, mask=row_ok)
         if NEED_GRAD:
             r = -sign * curvature / N  # dL/dthreshold
@@ -255,10 +256,8 @@ def _gradient_kernel(
     """out[n, d] = sum_m Omega[n, m] W[m, d] (float32), Omega = Gamma + MIRROR_SIGN Gamma^T
     built tile by tile, W the rows of x normalised. Omega enters tl.dot times `scale` (N: its
     entries are O(1/N), below float16's normal range for large N) and leaves divided by it."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
+    rows, row_ok = program_block(0, BLOCK_N, N)
+    cols, col_ok = program_block(1, BLOCK_D, D)
     offs_m = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for m0 in range(0, N, BLOCK_M):
@@ -291,8 +290,7 @@ def _normalize_backward_kernel(
 ):
     """out = scale * (g - u (u . g)) / ||x|| per row, u = x / ||x||, g = dL/du / scale; a row
     of norm below eps: out = scale * g / eps (F.normalize's backward)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
+    rows, row_ok = program_block(0, BLOCK_R, N)
     norm = tl.load(norm_ptr + rows, mask=row_ok, other=1.0)
     inv_norm = 1.0 / tl.maximum(norm, eps)
     rows64 = rows.to(tl.int64)
@@ -328,7 +326,9 @@ _MATRIX_WARPS = 8
 def _row_norms(x: Tensor) -> Tensor:
     n, d = x.shape
     norm = torch.empty(n, dtype=torch.float32, device=x.device)
-    _row_norm_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _row_norm_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         x,
         norm,
         n,
@@ -336,8 +336,6 @@ def _row_norms(x: Tensor) -> Tensor:
         x.stride(0),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return norm
 
@@ -345,7 +343,9 @@ def _row_norms(x: Tensor) -> Tensor:
 def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
     n, d = x.shape
     out, tile, grid = _common.tiled_output(n, d, x)
-    _gradient_kernel[grid](
+    _common.launch(
+        _gradient_kernel,
+        grid,
         gamma,
         x,
         norm,
@@ -360,9 +360,8 @@ def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
         BLOCK_N=tile,
         BLOCK_M=_common.reduction_block(x.dtype),
         BLOCK_D=tile,
-        PRECISION=_common.dot_precision(x.dtype),
+        dot_dtype=x.dtype,
         num_warps=_MATRIX_WARPS,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -370,7 +369,9 @@ def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
 def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
     n, d = x.shape
     out = torch.empty_like(x)
-    _normalize_backward_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _normalize_backward_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         x,
         norm,
         grad_hat,
@@ -384,8 +385,6 @@ def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
         float(sign),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     return out
 
@@ -422,7 +421,9 @@ def sparse_spatial_loss_forward(
     norm_img, norm_txt = _row_norms(img), _row_norms(txt)
     discrepancy = torch.empty(n, n, **f32)  # D, then Gamma in place
     tile = _common.matrix_tile(img.dtype)
-    _discrepancy_kernel[(triton.cdiv(n, tile), triton.cdiv(n, tile))](
+    _common.launch(
+        _discrepancy_kernel,
+        (triton.cdiv(n, tile), triton.cdiv(n, tile)),
         img,
         txt,
         norm_img,
@@ -436,13 +437,14 @@ def sparse_spatial_loss_forward(
         KIND=kind,
         BLOCK_M=tile,
         BLOCK_K=_common.reduction_block(img.dtype),
-        PRECISION=_common.dot_precision(img.dtype),
+        dot_dtype=img.dtype,
         num_warps=_MATRIX_WARPS,
-        maxnreg=_common.MAXNREG,
     )
     row_loss = torch.empty(n, **f32)
     grad_alpha = torch.zeros(n, **f32)
-    _select_kernel[(triton.cdiv(n, _ROW_BLOCK),)](
+    _common.launch(
+        _select_kernel,
+        (triton.cdiv(n, _ROW_BLOCK),),
         discrepancy,
         alpha.to(torch.float32).contiguous(),
         row_loss,
@@ -455,17 +457,17 @@ def sparse_spatial_loss_forward(
         NEED_GRAD=need_grad,
         BLOCK_R=_ROW_BLOCK,
         BLOCK_C=_SELECT_COLUMNS,
-        num_warps=4,
-        maxnreg=_common.MAXNREG,
     )
     loss = (row_loss.double().sum() / n).to(img.dtype)
     if not need_grad:  # fresh empties: the outputs of a custom op must not alias
         return (loss, *(torch.empty(0, dtype=img.dtype, device=device) for _ in range(3)))
     # inter: dL/dU = -Omega V, dL/dV = Omega U (Omega antisymmetric); intra: dL/dU = -Omega U,
     # dL/dV = Omega V (Omega symmetric).
-    mirror_sign = -1 if kind == _KIND_INTER else 1
+    mirror_sign = -1 if kind == _options.SPATIAL_KIND_INTER else 1
     sources = (
-        (txt, norm_txt, img, norm_img) if kind == _KIND_INTER else (img, norm_img, txt, norm_txt)
+        (txt, norm_txt, img, norm_img)
+        if kind == _options.SPATIAL_KIND_INTER
+        else (img, norm_img, txt, norm_txt)
     )
     grad_u = _launch_gradient(discrepancy, sources[0], sources[1], mirror_sign)
     grad_v = _launch_gradient(discrepancy, sources[2], sources[3], mirror_sign)
@@ -482,7 +484,10 @@ def aot_specs() -> list[dict]:
     for dtype, ty in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         tile, block = _common.matrix_tile(dtype), _common.reduction_block(dtype)
         dot = dict(PRECISION="tf32")
-        for kind_name, kind in (("inter", _KIND_INTER), ("intra", _KIND_INTRA)):
+        for kind_name, kind in (
+            ("inter", _options.SPATIAL_KIND_INTER),
+            ("intra", _options.SPATIAL_KIND_INTRA),
+        ):
             specs.append(
                 _spec(
                     f"sparse_spatial_discrepancy_{kind_name}_{ty}",
@@ -517,9 +522,9 @@ def aot_specs() -> list[dict]:
         )
     )
     for select_name, select in (
-        ("threshold", _SELECT_THRESHOLD),
-        ("soft", _SELECT_SOFT),
-        ("topk", _SELECT_TOPK),
+        ("threshold", _options.SPATIAL_SELECT_THRESHOLD),
+        ("soft", _options.SPATIAL_SELECT_SOFT),
+        ("topk", _options.SPATIAL_SELECT_TOPK),
     ):
         constexprs = dict(
             SELECT=select, LARGEST=True, NEED_GRAD=True, BLOCK_R=_ROW_BLOCK, BLOCK_C=_SELECT_COLUMNS
