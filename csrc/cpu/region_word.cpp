@@ -15,6 +15,7 @@
 
 #include "../checks/region_word.h"
 #include "../option_codes.h"
+#include "../ranking.h"  // takes_over: the inputs are finite, but a dot product can overflow
 
 namespace fastalign {
 namespace {
@@ -81,13 +82,6 @@ std::vector<int64_t> group_by_tokens(const std::vector<int64_t>& offset, int64_t
     if (i > bounds.back() && offset[i + 1] - offset[bounds.back()] > budget) bounds.push_back(i);
   bounds.push_back(n);
   return bounds;
-}
-
-// a > b, or a is a NaN and b is not: a running max over it keeps the first NaN, as torch.max
-// does (the inputs are finite, but a dot product can still overflow to inf - inf).
-template <typename T>
-inline bool takes_over(T a, T b) {
-  return a > b || (a != a && b == b);
 }
 
 template <typename acc_t>
