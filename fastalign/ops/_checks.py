@@ -80,8 +80,9 @@ def set_finite_checks(enabled: bool) -> None:
 
     CPU inputs are always checked. On CUDA the check costs one device synchronisation per call,
     so it is off by default; the environment variable ``FASTALIGN_CHECK_FINITE=1`` turns it on
-    at import. With it off, a non-finite CUDA input gives whatever the kernels compute from it
-    (for instance a Triton max-align may pass over a NaN that ``torch.max`` would return).
+    at import. With it off, the hand-written CUDA kernels (backend "cuda") give the reference's
+    answer for a NaN wherever it sits, and the Triton kernels whatever they compute from it (for
+    instance a Triton max-align may pass over a NaN that ``torch.max`` would return).
     Under torch.compile no input is checked: the check depends on the data.
     """
     global _check_finite_on_device
