@@ -260,13 +260,10 @@ FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __r
                          key_index_s);
       if (!align_max) {  // the 64 x 64 scores of x rows u0.. and y rows v0.., over all of D
         accumulator_zero(scores, lane);
-        for (int d0 = 0; d0 < dim; d0 += kTileK) {
+        tile_product_over_k(scores, a_s, b_s, dim, row0, col0, lane, [&](int d0) {
           stage_tokens(a_s, x, x_item, kTileM, x_len, 0, u0, d0, x_padded, dim, false);
           stage_tokens(b_s, y, y_item, kTileN, y_len, 0, v0, d0, y_padded, dim, true);
-          fa_syncthreads();
-          tile_product(scores, a_s, b_s, row0, col0, lane);
-          fa_syncthreads();
-        }
+        });
         accumulator_store(scores, g_s, row0, col0, lane);
       }
       fa_syncthreads();
