@@ -4,13 +4,14 @@ gradients, the EMA update, the top-m mixture with its gradients; shapes that cro
 GEMM tiles, the 16-wide feature steps, the 4-row and 32-column blocks; exact ties, a small
 temperature, float16 / bfloat16 inputs and the inputs the host code rejects."""
 
+import math
 import shutil
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import cuda_emulation
+from _helpers import assert_close_with_nans, cuda_emulation
 
 import fastalign
 from fastalign._backends import extension_has_cuda
@@ -207,6 +208,67 @@ def test_topk_many_queries_share_the_keys_their_gradients_add_up():
         assert_scaled_close(got, expected, 2e-5)
 
 
+# --------------------------------------------------------------------------- non-finite inputs
+# The host code looks for no NaN (reading a flag back would cost a device synchronisation); the
+# kernels rank a NaN above every number and propagate it as torch does, so the answer is the
+# reference's wherever the NaN sits: (normalize, tensor, row, column, value). An infinity is a
+# NaN once normalised; without normalize the GPU's products differ (see prototype_assign).
+NON_FINITE = [(normalize, *case) for normalize in (True, False) for case in
+              [("x", 0, 0, math.nan), ("x", 36, 7, math.nan), ("p", 5, 18, math.nan),
+               ("p", 69, 0, math.nan)]]  # fmt: skip
+NON_FINITE += [(True, "x", 20, 3, math.inf), (True, "p", 40, 9, -math.inf)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("normalize,where,row,col,value", NON_FINITE)
+def test_assignment_of_non_finite_inputs_is_the_references(mode, normalize, where, row, col, value):
+    gen = generator("non-finite", mode, normalize, where, row, col, value)
+    x, p = torch.randn(37, 19, generator=gen), torch.randn(70, 19, generator=gen)
+    (x if where == "x" else p)[row, col] = value
+    got = ops().prototype_assign_forward(x, p, MODES.index(mode), 0.3, 3, normalize)
+    want = prototype_assign_reference(x.double(), p.double(), mode, 0.3, 3, normalize)
+    if mode == "hard":  # the first NaN is the arg-max, as torch.argmax
+        assert torch.equal(got.double(), want)
+        return
+    assert want.isnan().any()
+    assert_close_with_nans(got, want, 1e-5, f"{mode} normalize={normalize}")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("where", ["prototypes", "x", "assignments"])
+def test_update_of_a_nan_input_is_the_references(normalize, where):
+    gen = generator("update nan", normalize, where)
+    x, p = torch.randn(37, 19, generator=gen), torch.randn(33, 19, generator=gen)
+    assignments = torch.softmax(3 * torch.randn(37, 33, generator=gen), dim=1)
+    {"prototypes": p, "x": x, "assignments": assignments}[where][4, 7] = math.nan
+    got = ops().prototype_update(p, x, assignments, 0.5, normalize)
+    want = prototype_update_reference(p.double(), x.double(), assignments.double(), 0.5, normalize)
+    # A NaN mass is not > 0: that prototype keeps its value, on both sides.
+    assert want.isnan().any() or where == "assignments"
+    assert_close_with_nans(got, want, 2e-6, f"update normalize={normalize}")
+
+
+@pytest.mark.parametrize("where,row", [("queries", 0), ("queries", 69), ("keys", 0),
+                                       ("keys", 77), ("keys", 129), ("values", None)])  # fmt: skip
+def test_topk_mix_of_a_nan_input_is_the_references(where, row):
+    """A NaN cosine ranks first (torch.sort's order; the lowest index among NaNs), in every key
+    range of the scan and in the merge of the ranges."""
+    gen = generator("mix nan", where, row)
+    q, keys = torch.randn(70, 19, generator=gen), torch.randn(130, 19, generator=gen)
+    values = torch.randn(130, 23, generator=gen)
+    if where == "values":  # a value row that some query mixes
+        cosine = F.normalize(q, dim=1) @ F.normalize(keys, dim=1).T
+        row = int(cosine[0].argmax())
+    {"queries": q, "keys": keys, "values": values}[where][row, 5] = math.nan
+    out, indices, weights = ops().prototype_topk_mix_forward(q, keys, values, 10, 0.7)
+    want = prototype_topk_mix_reference(q.double(), keys.double(), values.double(), 10, 0.7)
+    cosine = F.normalize(q.double(), dim=1) @ F.normalize(keys.double(), dim=1).T
+    want_indices = torch.sort(cosine, dim=1, descending=True, stable=True).indices[:, :10]
+    assert torch.equal(indices, want_indices)
+    assert want.isnan().any()
+    assert_close_with_nans(out, want, 1e-5, "out")
+
+
 # --------------------------------------------------------------------------- half precision
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
@@ -277,6 +339,9 @@ def _mix(q=None, keys=None, values=None, m=2, tau=1.0):
         (lambda: ops().prototype_update(torch.randn(5, 3), torch.randn(4, 3), torch.rand(4, 6),
                                         0.9, False),
          ValueError, r"assignments must have shape \(N, K\) = \[4, 5\]"),
+        (lambda: ops().prototype_update(torch.randn(5, 3), torch.randn(4, 3),
+                                        torch.rand(4, 5) - 2.0, 0.9, False),
+         ValueError, r"assignments\[0, 0\] = -1\.\d+, expected a non-negative weight"),
         (lambda: _mix(m=6), ValueError, "m = 6, expected 1 <= m <= K = 5"),
         (lambda: _mix(m=0), ValueError, "m = 0, expected 1 <= m <= K = 5"),
         (lambda: _mix(tau=-1.0), ValueError, "tau = -1, expected a finite number > 0"),

@@ -343,6 +343,7 @@ BAD = [
         _set("assignments", (0, 0), math.inf),
         r"assignments holds a non-finite value \(inf\) at \[0, 0\]",
     ),
+    (PU, _set("assignments", (2, 1), -0.5), r"assignments\[2, 1\] = -0.5, expected a non-negative"),
     # prototype_topk_mix_forward
     (PT, dict(m=0), "m = 0, expected 1 <= m <= K = 5"),
     (PT, dict(m=6), "m = 6, expected 1 <= m <= K = 5"),

@@ -6,7 +6,8 @@
 // Device synchronisation: shape, dtype, device and option checks read only metadata. Checks of
 // the values inside a tensor (lengths, saved indices) are free on CPU tensors; on CUDA tensors
 // check_range costs one aminmax and a copy of two numbers to the host, i.e. one device
-// synchronisation per checked tensor.
+// synchronisation per checked tensor. Checks of float data (check_non_negative, check_finite)
+// run on CPU tensors only: on CUDA the Python layer does them (fastalign/ops/_checks.py).
 //
 // Non-finite inputs: the CPU kernels raise on a NaN or an infinity in any input they read,
 // naming the tensor and its first bad element (check_finite: one vectorised pass, next to the
@@ -150,6 +151,32 @@ inline at::Tensor checked_lengths(const char* op, const char* name, const at::Te
   const at::Tensor out = lengths.to(at::kLong).contiguous();
   check_range(op, name, out, 1, padded, "length");
   return out;
+}
+
+template <typename scalar_t>
+void check_non_negative_items(const char* op, const char* name, const at::Tensor& x,
+                              const char* what) {
+  const scalar_t* v = x.data_ptr<scalar_t>();
+  const int64_t n = x.numel();
+  int64_t negatives = 0;
+#pragma omp simd reduction(+ : negatives)
+  for (int64_t e = 0; e < n; ++e) negatives += v[e] < scalar_t(0) ? 1 : 0;
+  if (negatives == 0) return;
+  int64_t e = 0;
+  while (!(v[e] < scalar_t(0))) ++e;
+  TORCH_CHECK_VALUE(false, op, ": ", name, position(x.sizes(), e), " = ",
+                    static_cast<double>(v[e]), ", expected a non-negative ", what);
+}
+
+// Every value of the floating tensor x is >= 0 (a NaN passes: check_finite names it), on CPU
+// tensors: one vectorised pass. CUDA tensors are not read (a device synchronisation per call).
+inline void check_non_negative(const char* op, const char* name, const at::Tensor& x,
+                               const char* what) {
+  if (!x.is_cpu() || x.numel() == 0) return;
+  const at::Tensor values = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, values.scalar_type(), "check_non_negative",
+      [&] { check_non_negative_items<scalar_t>(op, name, values, what); });
 }
 
 // Whether x[0..n) is all finite: one vectorised pass (v - v is NaN exactly when v is a NaN or an

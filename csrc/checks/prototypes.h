@@ -55,6 +55,9 @@ inline void check_prototype_assign_backward(Kernels kernels, const at::Tensor& g
   check_number(op, "tau", tau, 0.0, false);
 }
 
+// The assignments are weights, >= 0 as the Python layer requires: checked on CPU tensors (the
+// CPU op's and the host emulation's); on CUDA that would cost a device synchronisation per call,
+// so there only the Python layer checks them.
 inline void check_prototype_update(Kernels kernels, const at::Tensor& prototypes,
                                    const at::Tensor& x, const at::Tensor& assignments,
                                    double momentum) {
@@ -66,6 +69,7 @@ inline void check_prototype_update(Kernels kernels, const at::Tensor& prototypes
   check_floating(op, kernels, {{"prototypes", prototypes}, {"x", x}, {"assignments", assignments}});
   TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": momentum = ", momentum,
                     ", expected 0 <= momentum <= 1");
+  check_non_negative(op, "assignments", assignments, "weight");
 }
 
 inline void check_topk_mix_inputs(const char* op, Kernels kernels, const at::Tensor& queries,

@@ -15,6 +15,7 @@
 
 #include "../checks/prototypes.h"
 #include "../option_codes.h"
+#include "../ranking.h"
 
 namespace fastalign {
 namespace {
@@ -321,18 +322,10 @@ struct TopList {
 
   scalar_t worst() const { return cosine[m - 1]; }
 
-  // Called when c > worst(): (c, raw, j) goes after every entry >= c, the last one drops out.
-  // Keys arrive in increasing index order, so on a tie the lower index stays ahead.
+  // Called when c takes over worst(); keys arrive in increasing index order, so on a tie the
+  // lower index stays ahead (the insertion is the CUDA scan's, csrc/ranking.h).
   void insert(scalar_t c, scalar_t raw, int64_t j) {
-    int64_t pos = m - 1;
-    for (; pos > 0 && cosine[pos - 1] < c; --pos) {
-      cosine[pos] = cosine[pos - 1];
-      dot[pos] = dot[pos - 1];
-      index[pos] = index[pos - 1];
-    }
-    cosine[pos] = c;
-    dot[pos] = raw;
-    index[pos] = j;
+    top_list_insert(cosine, dot, index, m, c, raw, j);
   }
 };
 
@@ -353,6 +346,9 @@ void topk_mix_forward(const at::Tensor& q, const at::Tensor& keys, const at::Ten
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = block * kQueryRows, rows = std::min(kQueryRows, n - r0);
       std::fill(cosine.begin(), cosine.end(), -std::numeric_limits<scalar_t>::infinity());
+      std::fill(dot.begin(), dot.end(), -std::numeric_limits<scalar_t>::infinity());
+      // A key index even where a cosine overflows to -inf and never enters.
+      std::fill(idx + r0 * m, idx + (r0 + rows) * m, int64_t(0));
       auto list = [&](int64_t r) {
         return TopList<scalar_t>{cosine.data() + r * m, dot.data() + r * m, idx + (r0 + r) * m,
                                  m};
@@ -370,7 +366,7 @@ void topk_mix_forward(const at::Tensor& q, const at::Tensor& keys, const at::Ten
           scalar_t worst = top.worst();
           for (int64_t c = 0; c < cols; ++c) {
             const scalar_t cos = row[c] * scale * ik[c0 + c];
-            if (cos > worst) {
+            if (takes_over(cos, worst)) {
               top.insert(cos, row[c], c0 + c);
               worst = top.worst();
             }

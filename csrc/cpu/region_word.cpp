@@ -15,6 +15,7 @@
 
 #include "../checks/region_word.h"
 #include "../option_codes.h"
+#include "../ranking.h"  // takes_over: the inputs are finite, but a dot product can overflow
 
 namespace fastalign {
 namespace {
@@ -81,13 +82,6 @@ std::vector<int64_t> group_by_tokens(const std::vector<int64_t>& offset, int64_t
     if (i > bounds.back() && offset[i + 1] - offset[bounds.back()] > budget) bounds.push_back(i);
   bounds.push_back(n);
   return bounds;
-}
-
-// a > b, or a is a NaN and b is not: a running max over it keeps the first NaN, as torch.max
-// does (the inputs are finite, but a dot product can still overflow to inf - inf).
-template <typename T>
-inline bool takes_over(T a, T b) {
-  return a > b || (a != a && b == b);
 }
 
 template <typename acc_t>
@@ -310,73 +304,84 @@ inline void axpy(acc_t* y, const scalar_t* x, acc_t c, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += c * static_cast<acc_t>(x[d]);
 }
 
+// One side of the align-max backward (regions or words): its tokens (items, padded, dim), valid
+// lengths and float accumulation gradient.
+template <typename scalar_t, typename acc_t>
+struct MaxSide {
+  const scalar_t* tokens;
+  const int64_t* lengths;
+  int64_t items, padded;
+  acc_t* grad;
+};
+
+// One direction's dL/da and arg-max key tokens, both indexed by (image, caption, query token).
+template <typename acc_t>
+struct MaxDirection {
+  Coefficients<acc_t> coef;
+  const int32_t* index;
+};
+
+// The gradient of own's tokens, item by item in parallel and feature block by feature block. As
+// the queries of as_query, own's tokens gather c * their arg-max key of every other item; as the
+// keys of as_key, they receive c * every query token of other that picked them. Only own's rows
+// are written: the two sides run one after the other without races.
+template <typename scalar_t, typename acc_t>
+void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar_t, acc_t>& other,
+                       bool own_is_image, const MaxDirection<acc_t>& as_query,
+                       const MaxDirection<acc_t>& as_key, int64_t dim) {
+  const int64_t n_captions = own_is_image ? other.items : own.items;
+  // (image, caption) of own item o and other item x, flattened, and the coefficient of a token.
+  auto pair = [&](int64_t o, int64_t x) {
+    return own_is_image ? o * n_captions + x : x * n_captions + o;
+  };
+  auto coef = [&](const Coefficients<acc_t>& c, int64_t o, int64_t x, int64_t token) {
+    return own_is_image ? c(o, x, token) : c(x, o, token);
+  };
+  at::parallel_for(0, own.items, 1, [&](int64_t begin, int64_t end) {
+    acc_t acc[kFeatureBlock];
+    for (int64_t o = begin; o < end; ++o)
+      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
+        const int64_t dn = std::min(kFeatureBlock, dim - d0);
+        for (int64_t q = 0; as_query.coef && q < own.lengths[o]; ++q) {
+          std::fill(acc, acc + dn, acc_t(0));
+          for (int64_t x = 0; x < other.items; ++x) {
+            const acc_t c = coef(as_query.coef, o, x, q);
+            if (c == 0) continue;
+            const int64_t key = as_query.index[pair(o, x) * own.padded + q];
+            axpy(acc, other.tokens + (x * other.padded + key) * dim + d0, c, dn);
+          }
+          axpy(own.grad + (o * own.padded + q) * dim + d0, acc, acc_t(1), dn);
+        }
+        for (int64_t x = 0; as_key.coef && x < other.items; ++x)
+          for (int64_t q = 0; q < other.lengths[x]; ++q) {
+            const acc_t c = coef(as_key.coef, o, x, q);
+            if (c == 0) continue;
+            const int64_t key = as_key.index[pair(o, x) * other.padded + q];
+            axpy(own.grad + (o * own.padded + key) * dim + d0,
+                 other.tokens + (x * other.padded + q) * dim + d0, c, dn);
+          }
+      }
+  });
+}
+
 // Align max: every query token's gradient goes to its one arg-max key, so the backward is
 // a gather-accumulate over (image, caption, token) triples, done feature block by feature
-// block. Pass one owns the rows of each caption, pass two those of each image: no races.
+// block: words first (queries of t2i, keys of i2t), then regions (the reverse roles).
 template <typename scalar_t>
 void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const at::Tensor& coef_i2t,
                   const at::Tensor& idx_i2t, const at::Tensor& regions, const at::Tensor& words,
                   const int64_t* region_len, const int64_t* word_len, at::Tensor& grad_regions,
                   at::Tensor& grad_words) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_images = regions.size(0), max_regions = regions.size(1), dim = regions.size(2);
-  const int64_t n_captions = words.size(0), max_words = words.size(1);
-  const scalar_t* region = regions.data_ptr<scalar_t>();
-  const scalar_t* word = words.data_ptr<scalar_t>();
   const auto c_t2i = coefficients<acc_t>(coef_t2i), c_i2t = coefficients<acc_t>(coef_i2t);
-  const int32_t* k_t2i = c_t2i ? idx_t2i.data_ptr<int32_t>() : nullptr;
-  const int32_t* k_i2t = c_i2t ? idx_i2t.data_ptr<int32_t>() : nullptr;
-  acc_t* g_region = grad_regions.data_ptr<acc_t>();
-  acc_t* g_word = grad_words.data_ptr<acc_t>();
-
-  at::parallel_for(0, n_captions, 1, [&](int64_t begin, int64_t end) {
-    acc_t acc[kFeatureBlock];
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
-        const int64_t dn = std::min(kFeatureBlock, dim - d0);
-        for (int64_t w = 0; c_t2i && w < word_len[t]; ++w) {
-          std::fill(acc, acc + dn, acc_t(0));
-          for (int64_t i = 0; i < n_images; ++i) {
-            const int64_t at = (i * n_captions + t) * max_words + w;
-            const acc_t c = c_t2i(i, t, w);
-            if (c != 0) axpy(acc, region + (i * max_regions + k_t2i[at]) * dim + d0, c, dn);
-          }
-          axpy(g_word + (t * max_words + w) * dim + d0, acc, acc_t(1), dn);
-        }
-        for (int64_t i = 0; c_i2t && i < n_images; ++i)
-          for (int64_t r = 0; r < region_len[i]; ++r) {
-            const int64_t at = (i * n_captions + t) * max_regions + r;
-            const acc_t c = c_i2t(i, t, r);
-            if (c != 0)
-              axpy(g_word + (t * max_words + k_i2t[at]) * dim + d0,
-                   region + (i * max_regions + r) * dim + d0, c, dn);
-          }
-      }
-  });
-  at::parallel_for(0, n_images, 1, [&](int64_t begin, int64_t end) {
-    acc_t acc[kFeatureBlock];
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
-        const int64_t dn = std::min(kFeatureBlock, dim - d0);
-        for (int64_t t = 0; c_t2i && t < n_captions; ++t)
-          for (int64_t w = 0; w < word_len[t]; ++w) {
-            const int64_t at = (i * n_captions + t) * max_words + w;
-            const acc_t c = c_t2i(i, t, w);
-            if (c != 0)
-              axpy(g_region + (i * max_regions + k_t2i[at]) * dim + d0,
-                   word + (t * max_words + w) * dim + d0, c, dn);
-          }
-        for (int64_t r = 0; c_i2t && r < region_len[i]; ++r) {
-          std::fill(acc, acc + dn, acc_t(0));
-          for (int64_t t = 0; t < n_captions; ++t) {
-            const int64_t at = (i * n_captions + t) * max_regions + r;
-            const acc_t c = c_i2t(i, t, r);
-            if (c != 0) axpy(acc, word + (t * max_words + k_i2t[at]) * dim + d0, c, dn);
-          }
-          axpy(g_region + (i * max_regions + r) * dim + d0, acc, acc_t(1), dn);
-        }
-      }
-  });
+  const MaxDirection<acc_t> t2i{c_t2i, c_t2i ? idx_t2i.data_ptr<int32_t>() : nullptr};
+  const MaxDirection<acc_t> i2t{c_i2t, c_i2t ? idx_i2t.data_ptr<int32_t>() : nullptr};
+  const MaxSide<scalar_t, acc_t> images{regions.data_ptr<scalar_t>(), region_len, regions.size(0),
+                                        regions.size(1), grad_regions.data_ptr<acc_t>()};
+  const MaxSide<scalar_t, acc_t> captions{words.data_ptr<scalar_t>(), word_len, words.size(0),
+                                          words.size(1), grad_words.data_ptr<acc_t>()};
+  backward_max_side(captions, images, false, t2i, i2t, regions.size(2));
+  backward_max_side(images, captions, true, i2t, t2i, regions.size(2));
 }
 
 // Align lse: every key token takes part, so each tile of scores is recomputed, turned in

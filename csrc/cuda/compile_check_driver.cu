@@ -12,7 +12,7 @@ namespace fastalign_cuda {
 
 #define FA_INSTANTIATE(T)                                                                    \
   template __global__ void column_stats_kernel<T>(const T*, const T*, int, int, float, float*, \
-                                                  float*, int*);                             \
+                                                  float*);                                   \
   template __global__ void std_backward_kernel<T>(const float*, const float*, const float*, int, \
                                                   int, T*, T*);                          \
   template __global__ void region_word_forward_kernel<T>(const T*, const T*, const int64_t*,     \
@@ -51,7 +51,7 @@ FA_INSTANTIATE_PROTOTYPES(__half)
 FA_INSTANTIATE_PROTOTYPES(__nv_bfloat16)
 #define FA_INSTANTIATE_SPARSE_SPATIAL(T)                                                        \
   template __global__ void normalize_rows_kernel<T>(const T*, const T*, int, int, float*, float*, \
-                                                    float*, int*);                               \
+                                                    float*);                                     \
   template __global__ void normalize_backward_kernel<T>(const float*, const float*, const float*, \
                                                         int, int, int, T*, T*);
 FA_INSTANTIATE_SPARSE_SPATIAL(float)

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "../ranking.h"
+
 #if defined(__CUDACC__)
 
 #include <cuda_runtime.h>
@@ -38,7 +40,6 @@ FA_DEVICE int fa_atomic_add(int* p, int v) { return atomicAdd(p, v); }
 FA_DEVICE float fa_rsqrt(float x) { return rsqrtf(x); }
 FA_DEVICE float fa_exp(float x) { return __expf(x); }
 FA_DEVICE float fa_log(float x) { return __logf(x); }
-FA_DEVICE bool fa_isfinite(float x) { return isfinite(x); }
 
 #else  // host emulation
 
@@ -67,7 +68,6 @@ inline int fa_popc(uint32_t bits) { return fa_emu::popc(bits); }
 inline float fa_rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline float fa_exp(float x) { return std::exp(x); }
 inline float fa_log(float x) { return std::log(x); }
-inline bool fa_isfinite(float x) { return std::isfinite(x); }
 
 #endif
 
@@ -83,12 +83,15 @@ FA_DEVICE float fa_warp_sum(float v) {
   return v;
 }
 
+// Maximum over the 32 lanes, a NaN when any lane holds one (as torch.max; fmaxf would drop it).
 FA_DEVICE float fa_warp_max(float v) {
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) v = fmaxf(v, fa_shfl_xor(v, mask));
+  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) {
+    v = fastalign::nan_max(v, fa_shfl_xor(v, mask));
+  }
   return v;
 }
 
-// Sum (is_max false) or max over the whole block; every thread gets the result. `scratch`
+// Sum (is_max false) or max (NaN if any is) over the whole block; every thread gets it. `scratch`
 // holds at least 32 floats of shared memory; the block has a multiple of 32 threads.
 FA_DEVICE float fa_block_reduce(float v, float* scratch, bool is_max) {
   const int tid = fa_thread_linear();
@@ -98,6 +101,8 @@ FA_DEVICE float fa_block_reduce(float v, float* scratch, bool is_max) {
   if (tid % kWarpSize == 0) scratch[tid / kWarpSize] = v;
   fa_syncthreads();
   float total = scratch[0];
-  for (int w = 1; w < warps; ++w) total = is_max ? fmaxf(total, scratch[w]) : total + scratch[w];
+  for (int w = 1; w < warps; ++w) {
+    total = is_max ? fastalign::nan_max(total, scratch[w]) : total + scratch[w];
+  }
   return total;
 }

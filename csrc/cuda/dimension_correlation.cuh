@@ -13,13 +13,15 @@ namespace fastalign_cuda {
 
 constexpr int kColumns = 32, kRowPhases = 8, kLineThreads = 256;
 
-// grid (ceil(d / 32), 2): blockIdx.y 0 standardises a, 1 b; block (32, 8).
+// grid (ceil(d / 32), 2): blockIdx.y 0 standardises a, 1 b; block (32, 8). A NaN or an
+// infinity in a column makes its mean, and so the whole standardised column, NaN: C, the loss
+// and the gradients then hold NaN as the reference's do (no check here: it would cost the host
+// a device synchronisation).
 template <typename T>
 FA_GLOBAL void column_stats_kernel(const T* __restrict__ a, const T* __restrict__ b, int n, int d,
                                    float eps, float* __restrict__ standardized,
-                                   float* __restrict__ rstd, int* __restrict__ nonfinite) {
+                                   float* __restrict__ rstd) {
   FA_SHARED(float, partial, kRowPhases * (kColumns + 1));
-  FA_SHARED(int, bad_partial, kRowPhases * (kColumns + 1));
   const int which = fa_block_y();
   const T* x = which == 0 ? a : b;
   float* xs = standardized + static_cast<long>(which) * n * d;
@@ -27,23 +29,15 @@ FA_GLOBAL void column_stats_kernel(const T* __restrict__ a, const T* __restrict_
   const int col = fa_block_x() * kColumns + tx;
   const bool valid = col < d;
   float sum = 0.0f;
-  int bad = 0;
   if (valid) {
     for (int r = ty; r < n; r += kRowPhases) {
-      const float v = static_cast<float>(x[static_cast<long>(r) * d + col]);
-      sum += v;
-      bad |= fa_isfinite(v) ? 0 : 1;
+      sum += static_cast<float>(x[static_cast<long>(r) * d + col]);
     }
   }
   partial[ty * (kColumns + 1) + tx] = sum;
-  bad_partial[ty * (kColumns + 1) + tx] = bad;
   fa_syncthreads();
   float mean = 0.0f;
-  int any_bad = 0;
-  for (int y = 0; y < kRowPhases; ++y) {
-    mean += partial[y * (kColumns + 1) + tx];
-    any_bad |= bad_partial[y * (kColumns + 1) + tx];
-  }
+  for (int y = 0; y < kRowPhases; ++y) mean += partial[y * (kColumns + 1) + tx];
   mean /= n;
   fa_syncthreads();
   float squares = 0.0f;
@@ -63,10 +57,7 @@ FA_GLOBAL void column_stats_kernel(const T* __restrict__ a, const T* __restrict_
       const long i = static_cast<long>(r) * d + col;
       xs[i] = (static_cast<float>(x[i]) - mean) * r_std;
     }
-    if (ty == 0) {
-      rstd[which * d + col] = r_std;
-      nonfinite[which * d + col] = any_bad;
-    }
+    if (ty == 0) rstd[which * d + col] = r_std;
   }
 }
 
@@ -100,7 +91,9 @@ FA_GLOBAL void line_lse_kernel(const float* __restrict__ c, int d, long line_str
   FA_SHARED(float, scratch, kWarpSize);
   const float* line = c + fa_block_x() * line_stride;
   float m = -INFINITY;
-  for (int j = fa_thread_x(); j < d; j += kLineThreads) m = fmaxf(m, line[j * element_stride]);
+  for (int j = fa_thread_x(); j < d; j += kLineThreads) {
+    m = fastalign::nan_max(m, line[j * element_stride]);  // a NaN in the line: lse NaN
+  }
   m = fa_block_reduce(m, scratch, true) * inv_tau;
   float s = 0.0f;
   for (int j = fa_thread_x(); j < d; j += kLineThreads) {

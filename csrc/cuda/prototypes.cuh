@@ -9,10 +9,16 @@
 // value gradients with float atomics. Every sum accumulates in float32.
 #pragma once
 
+#include "../ranking.h"
 #include "device_api.h"
 #include "tile_gemm.cuh"
 
 namespace fastalign_cuda {
+
+// NaN ranks above every number and a clamped NaN norm stays NaN, as in torch (csrc/ranking.h):
+// a NaN input gives the reference's NaN rows, arg-max and top-m choice wherever it sits.
+using fastalign::nan_max;
+using fastalign::takes_over;
 
 constexpr int kPrototypeRowWarps = 4, kPrototypeRowThreads = kPrototypeRowWarps * kWarpSize;
 constexpr int kPrototypeColumns = 32, kPrototypeRowPhases = 8;
@@ -70,7 +76,7 @@ FA_GLOBAL void prototype_scaled_rows_kernel(const T* __restrict__ x, int rows, i
   const float norm = sqrtf(fa_warp_sum(squares));
   if (norms != nullptr && lane == 0) norms[row] = norm;
   if (out == nullptr) return;
-  const float factor = normalize ? scale / fmaxf(norm, kPrototypeNormEps) : scale;
+  const float factor = normalize ? scale / nan_max(norm, kPrototypeNormEps) : scale;
   float* o = out + static_cast<long>(row) * cols;
   for (int c = lane; c < cols; c += kWarpSize) o[c] = static_cast<float>(xr[c]) * factor;
 }
@@ -119,21 +125,24 @@ FA_DEVICE int prototype_lowest_lane(uint32_t ballot) {
   return lane;
 }
 
-// out[r] = one-hot of the first arg-max of logits[r] (n x k): the warp's maximum, then the
-// first 32-column chunk holding it, whose lowest matching lane is the index (torch.argmax's
-// tie rule). out may be logits itself: a lane reads and writes only its own columns.
-// grid ceil(n / kPrototypeRowWarps), block kPrototypeRowThreads.
+// out[r] = one-hot of the first arg-max of logits[r] (n x k): the warp's maximum (a NaN if the
+// row holds one), then the first 32-column chunk holding it, whose lowest matching lane is the
+// index (torch.argmax's rule: the first maximum, or the first NaN). out may be logits itself: a
+// lane reads and writes only its own columns. grid ceil(n / kPrototypeRowWarps), block
+// kPrototypeRowThreads.
 template <typename T>
 FA_GLOBAL void prototype_row_argmax_kernel(const float* logits, int n, int k, T* out) {
   const int row = prototype_warp_row(), lane = prototype_lane();
   if (row >= n) return;
   const float* lr = logits + static_cast<long>(row) * k;
   float best = -INFINITY;
-  for (int c = lane; c < k; c += kWarpSize) best = fmaxf(best, lr[c]);
+  for (int c = lane; c < k; c += kWarpSize) best = nan_max(best, lr[c]);
   best = fa_warp_max(best);
+  const bool nan_best = best != best;
   int arg = 0;
   for (int c0 = 0; c0 < k; c0 += kWarpSize) {
-    const uint32_t hits = fa_ballot(c0 + lane < k && lr[c0 + lane] == best);
+    const int c = c0 + lane;
+    const uint32_t hits = fa_ballot(c < k && (nan_best ? lr[c] != lr[c] : lr[c] == best));
     if (hits != 0u) {
       arg = c0 + prototype_lowest_lane(hits);
       break;
@@ -165,7 +174,7 @@ FA_GLOBAL void prototype_sinkhorn_columns_kernel(const float* __restrict__ logq,
   if (ty != 0 || col >= k) return;
   float column_best = -INFINITY;
   for (int y = 0; y < kPrototypeRowPhases; ++y) {
-    column_best = fmaxf(column_best, phase_best[y * kPrototypeColumns + tx]);
+    column_best = nan_max(column_best, phase_best[y * kPrototypeColumns + tx]);
   }
   float column_total = 0.0f;
   for (int y = 0; y < kPrototypeRowPhases; ++y) {
@@ -237,7 +246,7 @@ FA_GLOBAL void prototype_unit_rows_backward_kernel(const float* __restrict__ gra
   float along = 0.0f;
   for (int c = lane; c < cols; c += kWarpSize) along += g[c] * y[c];
   along = clamped ? 0.0f : fa_warp_sum(along);
-  const float inv_norm = 1.0f / fmaxf(norm, kPrototypeNormEps);
+  const float inv_norm = 1.0f / nan_max(norm, kPrototypeNormEps);
   for (int c = lane; c < cols; c += kWarpSize) {
     o[c] = static_cast<T>((g[c] - along * y[c]) * inv_norm);
   }
@@ -268,7 +277,7 @@ FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __r
     squares += moved[c] * moved[c];
   }
   const float factor =
-      normalize ? 1.0f / fmaxf(sqrtf(fa_warp_sum(squares)), kPrototypeNormEps) : 1.0f;
+      normalize ? 1.0f / nan_max(sqrtf(fa_warp_sum(squares)), kPrototypeNormEps) : 1.0f;
   for (int c = lane; c < d; c += kWarpSize) o[c] = static_cast<T>(moved[c] * factor);
 }
 
@@ -277,10 +286,11 @@ FA_GLOBAL void prototype_ema_kernel(const T* __restrict__ prototypes, float* __r
 // every 64-key tile, the raw dot products through tile_gemm.cuh's tile product into shared
 // memory, then thread t < 64 merges row t into its query's running top-m of the range (list
 // (split, query) of top_cos, top_dot, top_index: (splits, n, m) in global memory, sorted by
-// cosine, descending). A key enters only when its cosine beats the worst entry, and goes after
-// every entry >= it: keys come in index order, so the lowest index wins ties, as on the CPU.
-// Entries a short range cannot fill keep cosine -inf. cosine = dot / (max(|q|, eps)
-// max(|key|, eps)) from the given norms.
+// cosine, descending, a NaN above every number). A key enters only when its cosine takes over
+// the worst entry, and goes after every entry it does not take over (top_list_insert, shared
+// with the CPU): keys come in index order, so the lowest index wins ties, as in the reference's
+// stable sort. Entries a short range cannot fill keep cosine -inf (and a valid index). cosine =
+// dot / (max(|q|, eps) max(|key|, eps)) from the given norms.
 template <typename T>
 FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T* __restrict__ keys,
                                           const float* __restrict__ query_norms,
@@ -306,13 +316,17 @@ FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T
   int* index_list = top_index + list;
   float inv_query_norm = 0.0f, worst = -INFINITY;
   if (merges) {
-    inv_query_norm = 1.0f / fmaxf(query_norms[query], kPrototypeNormEps);
-    for (int j = 0; j < m; ++j) cos_list[j] = -INFINITY;
+    inv_query_norm = 1.0f / nan_max(query_norms[query], kPrototypeNormEps);
+    for (int j = 0; j < m; ++j) {  // a key index even where a cosine overflows to -inf
+      cos_list[j] = -INFINITY;
+      dot_list[j] = -INFINITY;
+      index_list[j] = key_begin;
+    }
   }
   for (int key0 = key_begin; key0 < key_end; key0 += kTileN) {
     WarpAccumulator acc;
     accumulator_zero(acc, lane);
-    for (int d0 = 0; d0 < d; d0 += kTileK) {
+    tile_product_over_k(acc, q_s, key_s, d, row0, col0, lane, [&](int d0) {
       for (int e = tid; e < kTileM * kTileK; e += kGemmThreads) {
         const int qq = e / kTileK, dd = e % kTileK;
         const int gq = query0 + qq, gd = d0 + dd;
@@ -326,14 +340,11 @@ FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T
                                      ? static_cast<float>(keys[static_cast<long>(gk) * d + gd])
                                      : 0.0f;
       }
-      fa_syncthreads();
-      tile_product(acc, q_s, key_s, row0, col0, lane);
-      fa_syncthreads();
-    }
+    });
     accumulator_store(acc, dots_s, row0, col0, lane);
     if (tid < kTileN) {
       inv_key_norm[tid] =
-          key0 + tid < key_end ? 1.0f / fmaxf(key_norms[key0 + tid], kPrototypeNormEps) : 0.0f;
+          key0 + tid < key_end ? 1.0f / nan_max(key_norms[key0 + tid], kPrototypeNormEps) : 0.0f;
     }
     fa_syncthreads();
     if (merges) {
@@ -341,16 +352,8 @@ FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T
       for (int c = 0; c < tile_keys; ++c) {
         const float dot = dots_s[tid * kPadB + c];
         const float cosine = dot * inv_query_norm * inv_key_norm[c];
-        if (!(cosine > worst)) continue;
-        int pos = m - 1;
-        for (; pos > 0 && cos_list[pos - 1] < cosine; --pos) {
-          cos_list[pos] = cos_list[pos - 1];
-          dot_list[pos] = dot_list[pos - 1];
-          index_list[pos] = index_list[pos - 1];
-        }
-        cos_list[pos] = cosine;
-        dot_list[pos] = dot;
-        index_list[pos] = key0 + c;
+        if (!takes_over(cosine, worst)) continue;
+        fastalign::top_list_insert(cos_list, dot_list, index_list, m, cosine, dot, key0 + c);
         worst = cos_list[m - 1];
       }
     }
@@ -360,7 +363,7 @@ FA_GLOBAL void prototype_topk_scan_kernel(const T* __restrict__ queries, const T
 
 // Top-m mixture from the scan's per-range lists, 64 queries per block (kGemmThreads threads),
 // grid ceil(n / 64): thread t < 64 merges its query's `splits` sorted lists (the highest
-// cosine first; on a tie the earlier range, whose keys have the lower indices: the CPU's order)
+// cosine first, a NaN above all; on a tie the earlier range, whose keys have the lower indices)
 // into top_index, softmax(top_dot / tau) into weights (the inputs' dtype) and into
 // final_weights (float32, n x m); then a warp per query writes out = sum_j w_j values[index_j].
 template <typename T>
@@ -386,7 +389,7 @@ FA_GLOBAL void prototype_topk_mix_finish_kernel(
       long best = 0;
       for (int s = 0; s < splits; ++s) {
         const long at = (static_cast<long>(s) * n + query) * m + cursor[s];
-        if (cursor[s] < m && (best_split < 0 || top_cos[at] > best_cos)) {
+        if (cursor[s] < m && (best_split < 0 || takes_over(top_cos[at], best_cos))) {
           best_split = s;
           best_cos = top_cos[at];
           best = at;
@@ -395,7 +398,7 @@ FA_GLOBAL void prototype_topk_mix_finish_kernel(
       ++cursor[best_split];
       indices[row + j] = top_index[best];
       w[j] = top_dot[best];
-      best_dot = fmaxf(best_dot, w[j]);
+      best_dot = nan_max(best_dot, w[j]);  // a NaN dot product: NaN weights, as softmax
     }
     float total = 0.0f;
     for (int j = 0; j < m; ++j) {

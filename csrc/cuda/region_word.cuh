@@ -24,6 +24,9 @@ constexpr float kLeakySlope = 0.1f;
 
 using fastalign::Aggregate;
 using fastalign::Align;
+// NaN propagates as in torch.max (csrc/ranking.h).
+using fastalign::nan_max;
+using fastalign::takes_over;
 
 struct RegionWordOptions {
   int align, aggregate;  // as the schema of fastalign::region_word_forward
@@ -42,15 +45,6 @@ struct PairOutputs {
 };
 
 FA_DEVICE float activate(float s, bool leaky) { return leaky && !(s > 0.0f) ? s * kLeakySlope : s; }
-
-// NaN propagates as in torch.max (fmaxf would drop it): a > b, or a is a NaN and b is not, so
-// a running max keeps the first NaN; nan_max is NaN when either is (a + b then is).
-FA_DEVICE bool takes_over(float a, float b) { return a > b || (a != a && b == b); }
-FA_DEVICE float nan_max(float a, float b) { return a != a || b != b ? a + b : fmaxf(a, b); }
-FA_DEVICE float warp_nan_max(float v) {
-  for (int mask = kWarpSize / 2; mask > 0; mask /= 2) v = nan_max(v, fa_shfl_xor(v, mask));
-  return v;
-}
 
 // The count of valid leading tokens, clamped to 0..padded (an item past the last has none).
 FA_DEVICE int valid_length(const int64_t* lengths, int item, int items, int padded) {
@@ -164,7 +158,7 @@ FA_GLOBAL void region_word_forward_kernel(const T* __restrict__ queries, const T
     if (!max_aggregate) {
       aggregate += fa_warp_sum(valid ? aligned : 0.0f);
     } else {
-      const float chunk_max = warp_nan_max(valid ? aligned : -INFINITY);  // row 0 is valid
+      const float chunk_max = fa_warp_max(valid ? aligned : -INFINITY);  // row 0 is valid
       const float new_max = nan_max(aggregate, chunk_max);
       if (options.aggregate != Aggregate::kMax) {  // lse
         const float e = valid ? fa_exp((aligned - new_max) * inv_aggregate_tau) : 0.0f;
@@ -266,13 +260,10 @@ FA_GLOBAL void region_word_backward_kernel(const T* __restrict__ x, const T* __r
                          key_index_s);
       if (!align_max) {  // the 64 x 64 scores of x rows u0.. and y rows v0.., over all of D
         accumulator_zero(scores, lane);
-        for (int d0 = 0; d0 < dim; d0 += kTileK) {
+        tile_product_over_k(scores, a_s, b_s, dim, row0, col0, lane, [&](int d0) {
           stage_tokens(a_s, x, x_item, kTileM, x_len, 0, u0, d0, x_padded, dim, false);
           stage_tokens(b_s, y, y_item, kTileN, y_len, 0, v0, d0, y_padded, dim, true);
-          fa_syncthreads();
-          tile_product(scores, a_s, b_s, row0, col0, lane);
-          fa_syncthreads();
-        }
+        });
         accumulator_store(scores, g_s, row0, col0, lane);
       }
       fa_syncthreads();

@@ -140,21 +140,29 @@ inline std::tuple<at::Tensor, at::Tensor> region_word_backward(
   // feature in one block, so each score tile is recomputed once, not once per chunk.
   const int d_splits = align_max ? ceil_div(dim, kTileN) : 1;
   const int d_per_split = align_max ? kTileN : ceil_div(dim, kTileN) * kTileN;
+  // One side of the pair: its item axis in coef and aux, counts, and the direction in which its
+  // tokens are the queries (regions: i2t, words: t2i); in the other they are the keys.
+  struct Side {
+    int axis, items, padded;
+    const at::Tensor *coef, *aux;
+    at::Tensor* grad;
+  };
+  const Side images{0, n_images, max_regions, &coef_i2t, &aux_i2t, &grad_regions};
+  const Side captions{1, n_captions, max_words, &coef_t2i, &aux_t2i, &grad_words};
   with_token_pointers(in, [&](const auto* region, const auto* word, const int64_t* region_len,
                               const int64_t* word_len) {
-    // Regions are the queries of i2t and the keys of t2i; words the reverse.
-    FA_LAUNCH(region_word_backward_kernel,
-              fa_dim3(n_images, ceil_div(max_regions, kTileM) * d_splits), fa_dim3(kGemmThreads),
-              region, word, region_len, word_len, n_captions, max_regions, max_words, dim,
-              token_coefficients(coef_i2t, aux_i2t, 0, align_max),
-              token_coefficients(coef_t2i, aux_t2i, 0, align_max), d_splits, d_per_split, options,
-              grad_regions.data_ptr<float>());
-    FA_LAUNCH(region_word_backward_kernel,
-              fa_dim3(n_captions, ceil_div(max_words, kTileM) * d_splits), fa_dim3(kGemmThreads),
-              word, region, word_len, region_len, n_images, max_words, max_regions, dim,
-              token_coefficients(coef_t2i, aux_t2i, 1, align_max),
-              token_coefficients(coef_i2t, aux_i2t, 1, align_max), d_splits, d_per_split, options,
-              grad_words.data_ptr<float>());
+    // The gradient of x's tokens against y's, one launch per side.
+    auto launch = [&](const Side& x, const Side& y, const auto* x_tokens, const auto* y_tokens,
+                      const int64_t* x_len, const int64_t* y_len) {
+      FA_LAUNCH(region_word_backward_kernel,
+                fa_dim3(x.items, ceil_div(x.padded, kTileM) * d_splits), fa_dim3(kGemmThreads),
+                x_tokens, y_tokens, x_len, y_len, y.items, x.padded, y.padded, dim,
+                token_coefficients(*x.coef, *x.aux, x.axis, align_max),
+                token_coefficients(*y.coef, *y.aux, x.axis, align_max), d_splits, d_per_split,
+                options, x.grad->data_ptr<float>());
+    };
+    launch(images, captions, region, word, region_len, word_len);
+    launch(captions, images, word, region, word_len, region_len);
   });
   return {grad_regions.to(regions.scalar_type()), grad_words.to(words.scalar_type())};
 }

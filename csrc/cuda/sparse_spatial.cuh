@@ -21,31 +21,28 @@ constexpr int kSelectThreshold = 0, kSelectSoft = 1, kSelectTopk = 2;
 // F.normalize's eps: a row of norm below it is divided by it instead (a zero row gives zeros).
 constexpr float kNormEps = 1e-12f;
 
-FA_DEVICE float clamped_norm(float norm) { return fmaxf(norm, kNormEps); }
+// A NaN norm stays NaN, as in F.normalize's clamp_min (fmaxf would give eps).
+FA_DEVICE float clamped_norm(float norm) { return fastalign::nan_max(norm, kNormEps); }
 
 // grid (n), block kRowThreads: row r of img and of txt normalised into normalized[r] = [u, v]
 // ((n, 2d) floats) and, when sum_diff is not null, sum_diff[r] = [v - u, v + u]; their norms
-// into norms[0 or 1][r] and a NaN / infinity flag into nonfinite[0 or 1][r].
+// into norms[0 or 1][r]. A NaN or an infinity in a row makes its normalised row hold NaN, and
+// through D the loss, as in the reference.
 template <typename T>
 FA_GLOBAL void normalize_rows_kernel(const T* __restrict__ img, const T* __restrict__ txt, int n,
                                      int d, float* __restrict__ normalized,
-                                     float* __restrict__ sum_diff, float* __restrict__ norms,
-                                     int* __restrict__ nonfinite) {
+                                     float* __restrict__ sum_diff, float* __restrict__ norms) {
   FA_SHARED(float, scratch, kWarpSize);
   const int r = fa_block_x(), tid = fa_thread_x();
   const long in_row = static_cast<long>(r) * d, out_row = 2 * in_row;
-  float squares_u = 0.0f, squares_v = 0.0f, check_u = 0.0f, check_v = 0.0f;
+  float squares_u = 0.0f, squares_v = 0.0f;
   for (int c = tid; c < d; c += kRowThreads) {
     const float x = static_cast<float>(img[in_row + c]), y = static_cast<float>(txt[in_row + c]);
     squares_u += x * x;
     squares_v += y * y;
-    check_u += x - x;  // NaN once a NaN or an infinity is seen
-    check_v += y - y;
   }
   const float norm_u = sqrtf(fa_block_reduce(squares_u, scratch, false));
   const float norm_v = sqrtf(fa_block_reduce(squares_v, scratch, false));
-  check_u = fa_block_reduce(check_u, scratch, false);
-  check_v = fa_block_reduce(check_v, scratch, false);
   // Divided, not multiplied by the inverse: one rounding, so D = 1 gives u = +-1 exactly.
   const float divisor_u = clamped_norm(norm_u), divisor_v = clamped_norm(norm_v);
   for (int c = tid; c < d; c += kRowThreads) {
@@ -61,8 +58,6 @@ FA_GLOBAL void normalize_rows_kernel(const T* __restrict__ img, const T* __restr
   if (tid == 0) {
     norms[r] = norm_u;
     norms[n + r] = norm_v;
-    nonfinite[r] = check_u == 0.0f ? 0 : 1;
-    nonfinite[n + r] = check_v == 0.0f ? 0 : 1;
   }
 }
 
@@ -142,13 +137,14 @@ FA_GLOBAL void select_rows_kernel(float* __restrict__ d, const float* __restrict
     if (b == a) continue;
     const float e = fabsf(row[b]);
     sum += e;
-    low = fminf(low, e);
-    high = fmaxf(high, e);
+    low = fastalign::nan_min(low, e);
+    high = fastalign::nan_max(high, e);
   }
   sum = fa_block_reduce(sum, scratch, false);
   high = fa_block_reduce(high, scratch, true);
   low = -fa_block_reduce(-low, scratch, true);
-  // Equal entries: mean = that value and std = 0 exactly (their rounded mean can differ).
+  // Equal entries: mean = that value and std = 0 exactly (their rounded mean can differ). A NaN
+  // entry makes low, high, mu and sigma NaN, so no entry is selected, as in the reference.
   float mu = low, sigma = 0.0f;
   if (low != high) {
     mu = sum / m;
@@ -225,14 +221,14 @@ FA_GLOBAL void select_rows_kernel(float* __restrict__ d, const float* __restrict
   const float through_sigma = sigma > 0.0f ? r * sign * alpha_a / (m * sigma) : 0.0f;
   for (int b = tid; b < n; b += kRowThreads) {
     if (b == a) {
-      row[b] = 0.0f;
+      row[b] *= 0.0f;  // w = 0 there; a NaN stays NaN, as the reference's 0 * dL/dE
       continue;
     }
     const float dv = row[b], e = fabsf(dv);
     const float w = 1.0f / (1.0f + fa_exp(-sign * (e - threshold) * inv_temperature));
     const float g = (2.0f * w * e + sign * e * e * w * (1.0f - w) * inv_temperature) * inv_n +
                     r / m + through_sigma * (e - mu);
-    row[b] = dv > 0.0f ? g : (dv < 0.0f ? -g : 0.0f);
+    row[b] = g * (dv > 0.0f ? 1.0f : (dv < 0.0f ? -1.0f : dv));  // sign(D); sign(NaN) NaN
   }
 }
 

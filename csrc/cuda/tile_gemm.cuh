@@ -98,6 +98,20 @@ FA_DEVICE void accumulator_store(const WarpAccumulator& acc, float* c_s, int row
 }
 #endif
 
+// acc += A B over the k columns of A in steps of kTileK: stage(k0) writes that step's operands
+// (A 64 x 16 into a_s, B 16 x 64 into b_s, zeros past the edges) with the whole block; the
+// barriers keep each stage whole while the warps multiply it.
+template <typename Stage>
+FA_DEVICE void tile_product_over_k(WarpAccumulator& acc, const float* a_s, const float* b_s, int k,
+                                   int row0, int col0, int lane, const Stage& stage) {
+  for (int k0 = 0; k0 < k; k0 += kTileK) {
+    stage(k0);
+    fa_syncthreads();
+    tile_product(acc, a_s, b_s, row0, col0, lane);
+    fa_syncthreads();
+  }
+}
+
 // grid (ceil(n_cols / 64), ceil(m / 64)), block kGemmThreads. static: every operator's object
 // file of the extension includes this header, and a kernel that is not a template would
 // otherwise be defined in each of them.
@@ -114,7 +128,7 @@ static FA_GLOBAL void strided_gemm_kernel(const float* __restrict__ a, const flo
   const bool a_m_contiguous = a_sm == 1, b_n_contiguous = b_sn == 1;
   WarpAccumulator acc;
   accumulator_zero(acc, lane);
-  for (int k0 = 0; k0 < k; k0 += kTileK) {
+  tile_product_over_k(acc, a_s, b_s, k, row0, col0, lane, [&](int k0) {
     for (int e = tid; e < kTileM * kTileK; e += kGemmThreads) {
       const int mm = a_m_contiguous ? e % kTileM : e / kTileK;
       const int kk = a_m_contiguous ? e / kTileM : e % kTileK;
@@ -127,10 +141,7 @@ static FA_GLOBAL void strided_gemm_kernel(const float* __restrict__ a, const flo
       const int gn = tile_n + nn, gk = k0 + kk;
       b_s[kk * kPadB + nn] = (gn < n && gk < k) ? b[gk * b_sk + gn * b_sn] : 0.0f;
     }
-    fa_syncthreads();
-    tile_product(acc, a_s, b_s, row0, col0, lane);
-    fa_syncthreads();
-  }
+  });
   accumulator_store(acc, c_s, row0, col0, lane);
   fa_syncthreads();
   for (int e = tid; e < kTileM * kTileN; e += kGemmThreads) {

@@ -80,12 +80,11 @@ def set_finite_checks(enabled: bool) -> None:
 
     CPU inputs are always checked. On CUDA the check costs one device synchronisation per call,
     so it is off by default; the environment variable ``FASTALIGN_CHECK_FINITE=1`` turns it on
-    at import. With it off, a non-finite CUDA input reaches the kernels: the Triton kernels give
-    NaN where the plain-PyTorch reference does and take a NaN for the largest value in every
-    max, arg-max and top-k, as ``torch.max`` / ``argmax`` / ``sort`` do (a max-align returns
-    the NaN); the region-word CUDA kernel does the same, the other CUDA kernels give whatever
-    they compute from it. Under torch.compile no input is checked: the check depends on the
-    data.
+    at import. With it off, a non-finite CUDA input reaches the kernels, and both GPU backends
+    give the reference's answer for a NaN wherever it sits: NaN where the plain-PyTorch
+    reference has it, and a NaN taken for the largest value in every max, arg-max and top-k, as
+    ``torch.max`` / ``argmax`` / ``sort`` do (a max-align returns the NaN). Under torch.compile
+    no input is checked: the check depends on the data.
     """
     global _check_finite_on_device
     if not isinstance(enabled, bool):

@@ -142,7 +142,8 @@ def dimension_correlation_loss(
         ValueError: when ``a`` or ``b`` holds a NaN or an infinity, naming the tensor and the
             index. CPU inputs are always checked; CUDA inputs only after
             ``fastalign.set_finite_checks(True)`` (or with FASTALIGN_CHECK_FINITE=1), as the
-            check costs a device synchronisation.
+            check costs a device synchronisation. Unchecked, the ``"cuda"`` kernels give the
+            reference's NaN loss and gradients.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

@@ -288,7 +288,11 @@ def prototype_assign(
         ValueError: K = 0, mismatched D, tau <= 0, iters < 1, an unknown mode; a NaN or an
             infinity in an input, naming the tensor and the index (CPU inputs are always
             checked, CUDA inputs only after ``fastalign.set_finite_checks(True)`` or with
-            FASTALIGN_CHECK_FINITE=1: the check costs a device synchronisation).
+            FASTALIGN_CHECK_FINITE=1: the check costs a device synchronisation). Unchecked,
+            the ``"cuda"`` kernels give the reference's answer for a NaN wherever it sits (NaN
+            rows; the first NaN as the hard arg-max, as torch.argmax). An infinity with
+            ``normalize=False`` is the exception: their tensor-core products turn it into NaN
+            where the reference keeps +-inf, so the hard arg-max may differ.
         TypeError: a wrong type or dtype.
     """
     if mode not in MODES:
@@ -337,7 +341,11 @@ def prototype_update(
         keeps its value (and is not re-normalised).
 
     Raises:
-        ValueError: as for :func:`prototype_assign` (non-finite inputs included).
+        ValueError: as for :func:`prototype_assign` (non-finite inputs included); negative
+            assignments (here on every device; the compiled op itself checks CPU tensors
+            only, as on CUDA that costs a device synchronisation). Unchecked, the ``"cuda"``
+            kernels give the reference's NaN for a NaN input, but an infinity in x becomes NaN
+            in their tensor-core products where the reference keeps +-inf.
     """
     check_number("momentum", momentum, 0.0, low_ok=True)
     if momentum > 1:
@@ -396,7 +404,9 @@ def prototype_topk_mix(
         m selected keys (the selection itself carries no gradient).
 
     Raises:
-        ValueError: as for :func:`prototype_assign` (non-finite inputs included).
+        ValueError: as for :func:`prototype_assign` (non-finite inputs included). Unchecked,
+            the ``"cuda"`` kernels rank a NaN cosine above every number, as the reference's
+            sort: the same keys, and NaN outputs where the reference has them.
     """
     _check_int("m", m, 1)
     check_number("tau", tau, 0.0, low_ok=False)

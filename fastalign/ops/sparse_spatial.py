@@ -266,7 +266,8 @@ def sparse_spatial_loss(
         ValueError: when img, txt or a tensor alpha holds a NaN or an infinity, naming the
             tensor and the index. CPU inputs are always checked; CUDA inputs only after
             ``fastalign.set_finite_checks(True)`` (or with FASTALIGN_CHECK_FINITE=1), as the
-            check costs a device synchronisation.
+            check costs a device synchronisation. Unchecked, the ``"cuda"`` kernels give the
+            reference's NaN loss and gradients.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
