@@ -26,6 +26,10 @@ class TrainConfig:
     ``"synthetic"`` means the bundled synthetic dataset of preset ``synthetic_preset`` and
     seed ``data_seed``, generated on first use in a folder under ``synthetic_root`` named
     after both (the training ``seed`` never changes the data).
+
+    ``dist_timeout_minutes``: under torchrun, how long a rank waits in a collective (the
+    gathers of the loss, the gradient all-reduce, the checkpoint barriers) for the others
+    before failing with an error that names the collective, instead of hanging.
     """
 
     name: str = "run"
@@ -56,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/run"
     val_every: int = 1
+    dist_timeout_minutes: float = 10.0
     # A registered method (fastalign.methods); "baseline" is the matching loss alone
     # (CHAN, LAPS by their model options).
     method: str = "baseline"

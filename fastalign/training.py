@@ -29,6 +29,7 @@ from fastalign.data import (
 from fastalign.encoders import caption_tokenizer
 from fastalign.methods import LossContext, get_method
 from fastalign.model_evaluation import evaluate_trained
+from fastalign.progress import progress_iter
 
 # What a run writes into its output_dir: an existing one is resumed or overwritten, never
 # silently replaced.
@@ -104,7 +105,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.progress = progress
         # Under torchrun every process trains on its share of each global batch.
-        self.device = distributed.setup_from_env()
+        self.device = distributed.setup_from_env(
+            timeout=distributed.timeout_from_minutes(config.dist_timeout_minutes)
+        )
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if config.batch_size % self.world_size:
             raise ValueError(
@@ -148,7 +151,8 @@ class Trainer:
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
+            with distributed.collective("broadcast of the initial parameters (DDP)"):
+                self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         self.optimizer = optimizers[config.optimizer](
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -177,7 +181,8 @@ class Trainer:
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if self.world_size > 1:
-            torch.distributed.barrier()
+            with distributed.collective("barrier after rank 0 cleared output_dir"):
+                torch.distributed.barrier()
 
     def _restore(self, checkpoint: dict) -> None:
         saved = TrainConfig.from_dict(checkpoint["config"])
@@ -237,7 +242,8 @@ class Trainer:
         # One reduction for every term: each is reported as its mean over the processes.
         term_values = torch.stack([term.detach().float() for term in terms.values()])
         if self.ddp is not None:
-            torch.distributed.all_reduce(term_values)
+            with distributed.collective("all_reduce of the loss values"):
+                torch.distributed.all_reduce(term_values)
             term_values /= self.world_size
         values = {f"loss_{name}": v for name, v in zip(terms, term_values.tolist())}
         loss = sum(weights[name] * values[f"loss_{name}"] for name in terms)
@@ -250,7 +256,9 @@ class Trainer:
         c = self.config
         loss, values = self._loss(batch, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Under DDP the backward all-reduces the gradients.
+        with distributed.collective("all_reduce of the gradients (backward)"):
+            loss.backward()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
@@ -334,7 +342,8 @@ class Trainer:
         if self.rank == 0:
             save_atomic(self._checkpoint(), self.output_dir / name)
         if self.world_size > 1:
-            torch.distributed.barrier()
+            with distributed.collective(f"barrier while rank 0 writes {name}"):
+                torch.distributed.barrier()
 
     def _write_log(self) -> None:
         columns = list(dict.fromkeys(k for row in self.history for k in row))
@@ -357,13 +366,8 @@ def _tensorboard_writer(folder: Path):
 
 
 def _progress(iterable, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    # Rank 0 only, on a terminal only: see fastalign.progress.
+    return progress_iter(iterable, description, enabled)
 
 
 def _term_label(name: str) -> str:
