@@ -121,7 +121,6 @@ class Trainer:
                 self.device = torch.device(config.device)
         if not resume:
             self._claim_output_dir(overwrite)
-        _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
         checkpoint = load_checkpoint(self.output_dir / "last.pt") if resume else None
@@ -146,6 +145,9 @@ class Trainer:
             config.captions_per_image,
             max_images=config.max_val_images,
         )
+        # Seeded once the data are ready: whatever preparing them ran (generating the
+        # synthetic set or not) cannot shift the random streams of the run.
+        _seed_everything(config.seed)
         self.method = get_method(config.method)(config)
         self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
         self.ddp = None
