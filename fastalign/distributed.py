@@ -97,8 +97,14 @@ def collective(name: str) -> Iterator[None]:
     except RuntimeError as exc:
         if isinstance(exc, CollectiveTimeoutError) or not _is_timeout(exc):
             raise
+        # Before the group exists (its rendezvous) only torchrun's variables say who we are.
+        who = (
+            f"rank {rank()} of {world_size()}"
+            if is_distributed()
+            else f"rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}"
+        )
         raise CollectiveTimeoutError(
-            f"rank {rank()} of {world_size()}: the {name} timed out after {_timeout_text()}: "
+            f"{who}: the {name} timed out after {_timeout_text()}: "
             "another rank did not join it (hung, crashed, or busy with something slower); "
             "check the other ranks' output. The limit is the dist_timeout_minutes setting."
         ) from exc
@@ -180,9 +186,9 @@ def setup_from_env(
         raise ValueError(f"timeout must be positive, got {timeout}")
     global _group_timeout
     kwargs = {} if timeout is None else {"timeout": timeout}
+    _group_timeout = timeout  # the rendezvous waits as long
     with collective(f"rendezvous of the {os.environ['WORLD_SIZE']} ranks (init_process_group)"):
         dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    _group_timeout = timeout
     return device
 
 
