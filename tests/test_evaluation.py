@@ -503,15 +503,15 @@ def test_similarity_matrix_with_a_custom_similarity(monkeypatch):
 def test_block_plan_respects_the_budget():
     # In-place float32 inputs cost nothing: all images, captions bounded by the pairs per
     # block (a progress bar of tens of steps on the f30k test matrix), else by the scores.
-    assert evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20) == (1000, 131)
-    assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20) == (5000, 26)
+    assert evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20) == (1000, 262)
+    assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20) == (5000, 52)
     plan = evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20, 10**9)
     assert plan == (1000, 5000)
     assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20, 10**9) == (
         5000,
         13421,
     )
-    assert evaluation._plan_blocks(1000, 5000, None, 200, 0, 0, 4, 256 * 2**20) == (655, 200)
+    assert evaluation._plan_blocks(1000, 5000, None, 400, 0, 0, 4, 256 * 2**20) == (655, 400)
     image, caption, pair = 36 * 1024 * 4, 40 * 1024 * 4, 4
     budget = 64 * 2**20
     for given in ((None, None), (100, None), (None, 300)):
