@@ -38,7 +38,7 @@ def _train(args) -> None:
         config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite
     )
     best = trainer.fit()
-    if best:
+    if best and trainer.rank == 0:  # under torchrun every rank holds the same results
         print(f"best validation (epoch checkpoint {config.output_dir}/best.pt):")
         print(format_results(best))
 

@@ -39,6 +39,9 @@ class TrainConfig:
     data rows at fault, keeping the last good checkpoint; with ``skip_nonfinite`` such a
     batch is skipped instead (no update) and counted (``skipped_batches`` in log.csv and
     on the epoch line).
+    ``dist_timeout_minutes``: under torchrun, how long a rank waits in a collective (the
+    gathers of the loss, the gradient all-reduce, the checkpoint barriers) for the others
+    before failing with an error that names the collective, instead of hanging.
     """
 
     name: str = "run"
@@ -70,6 +73,7 @@ class TrainConfig:
     seed: int = setting(0, minimum=0)
     output_dir: str = "runs/run"
     val_every: int = setting(1, minimum=1)
+    dist_timeout_minutes: float = setting(10.0, above=0)
     # A registered method (fastalign.methods); "baseline" is the matching loss alone
     # (CHAN, LAPS by their model options).
     method: str = "baseline"

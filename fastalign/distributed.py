@@ -29,7 +29,10 @@ rank's own row and column cross-entropies).
 from __future__ import annotations
 
 import datetime
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -40,18 +43,88 @@ from fastalign.losses import hinge_terms, info_nce_terms
 from fastalign.tokens import SimilarityFn, Tokens
 
 __all__ = [
+    "CollectiveTimeoutError",
     "all_gather_with_grad",
     "cleanup",
+    "collective",
     "gather_tokens",
     "global_batch_loss",
     "global_batch_scores",
     "is_distributed",
     "rank",
     "setup_from_env",
+    "timeout_from_minutes",
     "world_size",
 ]
 
 LOSSES = ("hinge", "infonce")
+
+# The timeout the default group was initialised with here (for error messages).
+_group_timeout: datetime.timedelta | None = None
+
+
+# --------------------------------------------------------------------------- timeouts
+class CollectiveTimeoutError(RuntimeError):
+    """A collective (all_gather, all_reduce, barrier, ...) did not complete within the
+    process group's timeout: another rank never joined it."""
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    # gloo: "Timed out waiting 600000ms for recv operation to complete"; the TCP store of
+    # the rendezvous: "... timed out after ..." / "Socket Timeout"; c10d: "timeout".
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _timeout_text() -> str:
+    if _group_timeout is None:
+        return "the process group's timeout"
+    minutes = _group_timeout.total_seconds() / 60
+    return f"{minutes:g} min" if minutes >= 1 else f"{_group_timeout.total_seconds():g} s"
+
+
+@contextmanager
+def collective(name: str) -> Iterator[None]:
+    """Runs the collective(s) of the ``with`` block; a timeout surfaces as a
+    :class:`CollectiveTimeoutError` that names ``name`` (say, ``"all_gather of the image
+    embeddings"``) and points at the other ranks. Other errors pass unchanged.
+
+    Without it a hung rank shows on the others as a bare transport error, or (NCCL) as the
+    watchdog's abort of the process.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, CollectiveTimeoutError) or not _is_timeout(exc):
+            raise
+        # Before the group exists (its rendezvous) only torchrun's variables say who we are.
+        who = (
+            f"rank {rank()} of {world_size()}"
+            if is_distributed()
+            else f"rank {os.environ.get('RANK', '0')} of {os.environ.get('WORLD_SIZE', '1')}"
+        )
+        raise CollectiveTimeoutError(
+            f"{who}: the {name} timed out after {_timeout_text()}: "
+            "another rank did not join it (hung, crashed, or busy with something slower); "
+            "check the other ranks' output. The limit is the dist_timeout_minutes setting."
+        ) from exc
+
+
+def timeout_from_minutes(minutes: float) -> datetime.timedelta:
+    """The process-group timeout of a ``dist_timeout_minutes`` setting.
+
+    Raises:
+        ValueError: not a positive, finite number.
+    """
+    if (
+        isinstance(minutes, bool)
+        or not isinstance(minutes, (int, float))
+        or not 0 < minutes < math.inf
+    ):
+        raise ValueError(
+            f"dist_timeout_minutes must be a positive number of minutes, got {minutes!r}"
+        )
+    return datetime.timedelta(minutes=minutes)
 
 
 # --------------------------------------------------------------------------- process group
@@ -83,7 +156,9 @@ def setup_from_env(
     Args:
         backend: ``"gloo"``, ``"nccl"`` or None: nccl when CUDA and nccl are available,
             else gloo.
-        timeout: passed to ``init_process_group`` (its default when None).
+        timeout: how long any collective (and the rendezvous) waits for the other ranks
+            before failing with :class:`CollectiveTimeoutError`; passed to
+            ``init_process_group`` (its default when None: 30 min for gloo).
 
     Returns:
         The device this process should use: ``cuda:LOCAL_RANK`` (made current) with the
@@ -107,8 +182,13 @@ def setup_from_env(
             f"WORLD_SIZE is set but {', '.join(missing)} is not: launch with torchrun or "
             f"set all of RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         )
+    if timeout is not None and not timeout > datetime.timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    global _group_timeout
     kwargs = {} if timeout is None else {"timeout": timeout}
-    dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    _group_timeout = timeout  # the rendezvous waits as long
+    with collective(f"rendezvous of the {os.environ['WORLD_SIZE']} ranks (init_process_group)"):
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
     return device
 
 
@@ -117,24 +197,29 @@ def cleanup() -> None:
     rank that tore its connections down while another still finished a collective on them
     would make gloo abort that process."""
     if is_distributed():
-        dist.barrier()
+        with collective("barrier before leaving the process group (cleanup)"):
+            dist.barrier()
         dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- gathers
-def _gather_shapes(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """(W, x.dim()) int64: the shape of ``x`` on every rank (one small all_gather)."""
+def _gather_shapes(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+    """(W, x.dim()) int64: the shape of ``x`` (the ``name``) on every rank (one small
+    all_gather)."""
     shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)
     parts = [torch.empty_like(shape) for _ in range(world_size(group))]
-    dist.all_gather(parts, shape, group=group)
+    with collective(f"all_gather of the shapes of the {name}"):
+        dist.all_gather(parts, shape, group=group)
     return torch.stack(parts).cpu()
 
 
-def _all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    """Concatenation along dim 0 of same-shaped ``x`` from every rank, without gradient."""
+def _all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+    """Concatenation along dim 0 of same-shaped ``x`` (the ``name``) from every rank,
+    without gradient."""
     x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(world_size(group))]
-    dist.all_gather(parts, x, group=group)
+    with collective(f"all_gather of the {name}"):
+        dist.all_gather(parts, x, group=group)
     return torch.cat(parts)
 
 
@@ -142,19 +227,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
     """Forward: all_gather + cat. Backward: all_reduce (sum) of the gradient, own slice."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+        ctx.group, ctx.name = group, name
         ctx.start = dist.get_rank(group) * x.shape[0]
         ctx.stop = ctx.start + x.shape[0]
-        return _all_gather_no_grad(x, group)
+        return _all_gather_no_grad(x, group, name)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         # Every rank's loss terms may depend on every slice: sum the gradients of all
         # ranks (a copy: the incoming buffer may be shared), then keep this rank's slice.
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.start : ctx.stop], None
+        with collective(f"all_reduce of the gradient of the gathered {ctx.name} (backward)"):
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start : ctx.stop], None, None
 
 
 def _check_tensor(name: str, x: object) -> None:
@@ -164,7 +250,9 @@ def _check_tensor(name: str, x: object) -> None:
         raise ValueError(f"{name} must have at least one dimension (the batch), got a scalar")
 
 
-def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def all_gather_with_grad(
+    x: Tensor, group: dist.ProcessGroup | None = None, *, name: str = "tensor"
+) -> Tensor:
     """Concatenate ``x`` (B, ...) of every rank along dim 0, differentiably.
 
     The backward all-reduces (sums) the incoming gradient over the ranks and returns this
@@ -175,6 +263,7 @@ def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> T
     Args:
         x: (B, ...) tensor, the same shape on every rank.
         group: the process group (the default group if None).
+        name: what ``x`` holds, for the error of a collective that times out.
 
     Returns:
         (W * B, ...) tensor, rank ``r``'s rows at ``[r * B, (r + 1) * B)``. Without a
@@ -186,16 +275,18 @@ def all_gather_with_grad(x: Tensor, group: dist.ProcessGroup | None = None) -> T
     _check_tensor("x", x)
     if world_size(group) == 1:
         return x
-    shapes = _gather_shapes(x, group)
+    shapes = _gather_shapes(x, group, name)
     if (shapes != shapes[0]).any():
         raise ValueError(
             "all_gather_with_grad needs the same shape on every rank, got "
             + ", ".join(f"rank {r}: {tuple(s.tolist())}" for r, s in enumerate(shapes))
         )
-    return _AllGatherWithGrad.apply(x, group)
+    return _AllGatherWithGrad.apply(x, group, name)
 
 
-def gather_tokens(tokens: Tokens, group: dist.ProcessGroup | None = None) -> Tokens:
+def gather_tokens(
+    tokens: Tokens, group: dist.ProcessGroup | None = None, *, name: str = "token embeddings"
+) -> Tokens:
     """Gather token sequences whose padded length differs between ranks.
 
     The embeddings are padded with zeros along the token dimension to the largest ``T``
@@ -206,6 +297,7 @@ def gather_tokens(tokens: Tokens, group: dist.ProcessGroup | None = None) -> Tok
         tokens: (B, T, D) embeddings and (B,) lengths; ``B`` and ``D`` equal on every rank,
             ``T`` free.
         group: the process group (the default group if None).
+        name: what the tokens are, for the error of a collective that times out.
 
     Returns:
         (W * B, T_max, D) embeddings and (W * B,) int64 lengths, in rank order. Without a
@@ -229,7 +321,7 @@ def gather_tokens(tokens: Tokens, group: dist.ProcessGroup | None = None) -> Tok
     lengths = lengths.to(torch.int64)
     if world_size(group) == 1:
         return Tokens(x, lengths)
-    shapes = _gather_shapes(x, group)
+    shapes = _gather_shapes(x, group, name)
     if (shapes[:, [0, 2]] != shapes[0, [0, 2]]).any():
         raise ValueError(
             "gather_tokens needs the same batch size B and feature size D on every rank, got "
@@ -238,7 +330,8 @@ def gather_tokens(tokens: Tokens, group: dist.ProcessGroup | None = None) -> Tok
     t_max = int(shapes[:, 1].max())
     if x.shape[1] < t_max:
         x = F.pad(x, (0, 0, 0, t_max - x.shape[1]))
-    return Tokens(_AllGatherWithGrad.apply(x, group), _all_gather_no_grad(lengths, group))
+    gathered = _AllGatherWithGrad.apply(x, group, name)
+    return Tokens(gathered, _all_gather_no_grad(lengths, group, f"lengths of the {name}"))
 
 
 # --------------------------------------------------------------------------- scores
@@ -271,8 +364,8 @@ def global_batch_scores(
             f"images and captions must hold the same number of pairs, got "
             f"{images[0].shape[0]} and {captions[0].shape[0]}"
         )
-    images_all = gather_tokens(images, group)
-    captions_all = gather_tokens(captions, group)
+    images_all = gather_tokens(images, group, name="image embeddings")
+    captions_all = gather_tokens(captions, group, name="caption embeddings")
     if world_size(group) == 1:
         scores = similarity_fn(images_all, captions_all)
         return scores, scores, 0
@@ -336,7 +429,11 @@ def global_batch_loss(
         image_index = torch.as_tensor(image_index, device=device)
         if image_index.shape != (n,):
             raise ValueError(f"image_index must have shape ({n},), got {tuple(image_index.shape)}")
-        index_all = image_index if n == n_global else _all_gather_no_grad(image_index, group)
+        index_all = (
+            image_index
+            if n == n_global
+            else _all_gather_no_grad(image_index, group, "image indices")
+        )
         # (B, B_global): same image, on any rank; plus the matched pair itself.
         positives = image_index[:, None] == index_all[None, :]
         positives[torch.arange(n, device=device), local] = True

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fastalign.data import PrecompDataset
 from fastalign.evaluation import evaluate, evaluate_folds, similarity_matrix
 from fastalign.methods import Method
+from fastalign.progress import progress_iter
 from fastalign.tokens import Tokens
 
 PROTOCOLS = ("f30k", "coco1k", "coco5k")
@@ -20,24 +21,28 @@ PROTOCOL_IMAGES = {"coco1k": 5000, "coco5k": 5000}
 
 @torch.no_grad()
 def encode_dataset(
-    model: nn.Module, dataset: PrecompDataset, batch_size: int = 256
+    model: nn.Module, dataset: PrecompDataset, batch_size: int = 256, progress: bool = False
 ) -> tuple[Tokens, Tokens]:
     """Float32 embeddings of every image (n_images, R', D) and caption (n_captions, L', D)
     of ``dataset`` with their lengths, on the model's device, as the model's encoders
     return them: one embedding per input token (R' = R, L' = the longest caption) or a
-    fixed number per sequence (one for global-embedding models)."""
+    fixed number per sequence (one for global-embedding models).
+
+    ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`)."""
     device = next(model.parameters()).device
     model.eval()
     images = dataset.images
     n_images, n_regions = images.shape[0], images.shape[1]
     image_tokens = _TokenStack(n_images, n_regions)
-    for start in range(0, n_images, batch_size):
+    starts = range(0, n_images, batch_size)
+    for start in progress_iter(starts, "encoding images", progress, unit="batch"):
         block = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
         lengths = torch.full((len(block),), n_regions, dtype=torch.long, device=device)
         image_tokens.put(start, model.encode_images(block.to(device), lengths), n_regions)
     captions = dataset.captions
     caption_tokens = _TokenStack(len(captions), int(max(captions.lengths)))
-    for start in range(0, len(captions), batch_size):
+    starts = range(0, len(captions), batch_size)
+    for start in progress_iter(starts, "encoding captions", progress, unit="batch"):
         ids, lengths = captions.padded(range(start, min(start + batch_size, len(captions))))
         ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
         caption_tokens.put(start, model.encode_captions(ids, lengths), ids.shape[1])
@@ -82,6 +87,8 @@ def evaluate_trained(
 
     ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole matrix; ``"coco1k"`` is the
     mean over 5 folds of 1000 images (:func:`fastalign.evaluation.evaluate_folds`).
+    ``progress``: progress bars of the encoding and of the scoring in blocks (see
+    :mod:`fastalign.progress`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -93,7 +100,7 @@ def evaluate_trained(
             f"whole matrix) or the COCO testall split"
         )
     dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
-    images, captions = encode_dataset(model, dataset)
+    images, captions = encode_dataset(model, dataset, progress=progress)
     sims = similarity_matrix(
         images,
         captions,

@@ -33,6 +33,7 @@ from fastalign.data import (
 from fastalign.encoders import caption_tokenizer
 from fastalign.methods import LossContext, get_method
 from fastalign.model_evaluation import evaluate_trained
+from fastalign.progress import progress_iter
 
 # What a run writes into its output_dir: an existing one is resumed or overwritten, never
 # silently replaced.
@@ -178,7 +179,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.progress = progress
         # Under torchrun every process trains on its share of each global batch.
-        self.device = distributed.setup_from_env()
+        self.device = distributed.setup_from_env(
+            timeout=distributed.timeout_from_minutes(config.dist_timeout_minutes)
+        )
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         if config.batch_size % self.world_size:
             raise ValueError(
@@ -204,7 +207,6 @@ class Trainer:
             self._claim_output_dir(overwrite)
         self.resumed = resume
         self._remove_partials()
-        _seed_everything(config.seed)
         self.data_root = root = data_root_of(config)
         self.data_fingerprint = data_fingerprint(root)
         if checkpoint is not None:
@@ -230,12 +232,16 @@ class Trainer:
         )
         for dataset in (self.train_set, self.val_set):
             dataset.check_feature_dim(config.model.feature_dim, "the model")
+        # Seeded once the data are ready: whatever preparing them ran (generating the
+        # synthetic set or not) cannot shift the random streams of the run.
+        _seed_everything(config.seed)
         self.method = get_method(config.method)(config)
         self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
+            with distributed.collective("broadcast of the initial parameters (DDP)"):
+                self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
         self.optimizer = optimizers[config.optimizer](
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
@@ -265,7 +271,8 @@ class Trainer:
                 path = self.output_dir / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         if self.world_size > 1:
-            torch.distributed.barrier()
+            with distributed.collective("barrier after rank 0 cleared output_dir"):
+                torch.distributed.barrier()
 
     def _check_resumed_config(self, checkpoint: dict) -> None:
         """ValueError naming every setting that differs from the run's saved configuration
@@ -356,7 +363,8 @@ class Trainer:
         # One reduction for every term: each is reported as its mean over the processes.
         term_values = torch.stack([term.detach().float() for term in terms.values()])
         if self.ddp is not None:
-            torch.distributed.all_reduce(term_values)
+            with distributed.collective("all_reduce of the loss values"):
+                torch.distributed.all_reduce(term_values)
             term_values /= self.world_size
         return total, dict(zip(terms, term_values))
 
@@ -392,7 +400,9 @@ class Trainer:
             if not self._nonfinite_images(batch):
                 raise
             return self._nonfinite_step(batch, {"loss": math.nan}, f"input ({exc})", exc)
-        total.backward()
+        # Under DDP the backward all-reduces the gradients.
+        with distributed.collective("all_reduce of the gradients (backward)"):
+            total.backward()
         grad_norm = self._grad_norm()
         # One sync per step reads the terms and the norm together.
         numbers = torch.cat([*(t.reshape(1) for t in terms.values()), grad_norm.reshape(1)])
@@ -578,7 +588,8 @@ class Trainer:
         if self.rank == 0:
             save_atomic(self._checkpoint(), self.output_dir / name)
         if self.world_size > 1:
-            torch.distributed.barrier()
+            with distributed.collective(f"barrier while rank 0 writes {name}"):
+                torch.distributed.barrier()
 
     def _write_log(self) -> None:
         """log.csv from the history (written whole or not at all)."""
@@ -601,13 +612,8 @@ def _tensorboard_writer(folder: Path):
 
 
 def _progress(iterable, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)
+    # Rank 0 only, on a terminal only: see fastalign.progress.
+    return progress_iter(iterable, description, enabled)
 
 
 def _term_label(name: str) -> str:

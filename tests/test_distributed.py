@@ -11,6 +11,7 @@ import datetime
 import functools
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -18,11 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastalign
 from fastalign import distributed as fd
+from fastalign.cli import main
 from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
 from fastalign.tokens import Tokens
 
@@ -231,20 +234,81 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """Results of both ranks of one 2-process gloo run."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(
-        _worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
+def _spawn(worker, *args) -> None:
+    """Runs ``worker(rank, *args)`` in WORLD spawned processes; fails after TIMEOUT_S."""
+    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """Results of both ranks of one 2-process gloo run."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    _spawn(_worker, free_port(), str(out_dir))
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _train_worker(rank: int, ports: tuple[int, int], config: str, out_dir: str) -> None:
+    """``fastalign train`` as torchrun starts it, this rank's stdout and stderr written to
+    files; then, in a new group with a 2 s timeout, rank 0 gathers while rank 1 hangs."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[0]),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    import fastalign.progress
+
+    fastalign.progress._interactive = lambda: True  # bars are drawn, as on a terminal
+    for number, name in ((1, "out"), (2, "err")):
+        with open(os.path.join(out_dir, f"rank{rank}.{name}"), "w") as f:
+            os.dup2(f.fileno(), number)
+    results = {}
+    try:
+        main(["train", "--config", config])
+        results["timeout_s"] = fd._group_timeout.total_seconds()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd.cleanup()
+    os.environ["MASTER_PORT"] = str(ports[1])
+    fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=2))
+    try:
+        if rank == 0:
+            tokens = Tokens.dense(torch.zeros(2, 3, 4))
+            try:
+                fd.global_batch_scores(tokens, tokens, region_word_scores)
+            except fd.CollectiveTimeoutError as exc:
+                results["error"] = str(exc)
+        else:
+            time.sleep(4)  # hung: rank 0 times out meanwhile
+    finally:
+        dist.destroy_process_group()  # no barrier: a timeout closes the group's connections
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def training_ranks(tmp_path_factory, tiny_data, tiny_config) -> list[dict]:
+    """Per rank: what ``fastalign train`` printed (``out``, ``err``) with 2 gloo processes
+    (1 epoch on the tiny data, progress bars on), the timeout of its process group, and the
+    error of a gather that timed out."""
+    out_dir = tmp_path_factory.mktemp("distributed_training")
+    config = tiny_config(tiny_data, out_dir / "run", epochs=1, dist_timeout_minutes=1.5)
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    _spawn(_train_worker, (free_port(), free_port()), str(path), str(out_dir))
+    return [
+        torch.load(out_dir / f"rank{r}.pt")
+        | {name: (out_dir / f"rank{r}.{name}").read_text() for name in ("out", "err")}
+        for r in range(WORLD)
+    ]
 
 
 # --------------------------------------------------------------------------- 2 processes
@@ -322,7 +386,48 @@ def test_two_processes_shape_errors(ranks):
         assert errors["after_errors"] == WORLD
 
 
+def test_two_process_training_prints_on_rank_0_only(training_ranks):
+    first, second = training_ranks
+    assert "epoch 1/1" in first["err"]  # the progress bar
+    assert "epoch 1:" in first["err"] and "val rSum" in first["err"]
+    assert "best validation" in first["out"] and "rSum" in first["out"]
+    assert second["out"] == "" and second["err"] == ""
+
+
+def test_two_process_training_uses_the_configured_timeout(training_ranks):
+    for result in training_ranks:
+        assert result["timeout_s"] == 90
+
+
+def test_two_processes_a_timed_out_gather_names_itself(training_ranks):
+    error = training_ranks[0]["error"]
+    assert "rank 0 of 2: the all_gather of the shapes of the image embeddings" in error
+    assert "timed out after 2 s" in error and "check the other ranks' output" in error
+    assert "dist_timeout_minutes" in error
+
+
 # --------------------------------------------------------------------------- 1 process
+def test_collective_errors(monkeypatch):
+    monkeypatch.setattr(fd, "_group_timeout", datetime.timedelta(minutes=10))
+    gloo = "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 600000ms for recv"
+    with pytest.raises(fd.CollectiveTimeoutError, match="rank 0 of 1: the barrier x timed out"):
+        with fd.collective("barrier x"):
+            raise RuntimeError(gloo)
+    with pytest.raises(fd.CollectiveTimeoutError, match="after 10 min") as info:
+        with fd.collective("outer"), fd.collective("inner"):  # the innermost name wins
+            raise RuntimeError(gloo)
+    assert "inner" in str(info.value) and "outer" not in str(info.value)
+    with pytest.raises(
+        RuntimeError, match="^Connection reset by peer$"
+    ):  # other errors pass unchanged
+        with fd.collective("barrier x"):
+            raise RuntimeError("Connection reset by peer")
+    assert fd.timeout_from_minutes(0.5) == datetime.timedelta(seconds=30)
+    for bad in (0, -1, float("inf"), "10", True):
+        with pytest.raises(ValueError, match="dist_timeout_minutes must be a positive number"):
+            fd.timeout_from_minutes(bad)
+
+
 def test_helpers_without_process_group():
     assert not fd.is_distributed()
     assert fd.rank() == 0

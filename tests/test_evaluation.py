@@ -11,7 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastalign
 import fastalign.evaluation as evaluation
+import fastalign.progress
 from fastalign._backends import extension_loaded
+from fastalign.config import TrainConfig
+from fastalign.data import PrecompDataset, Vocabulary, read_captions
 from fastalign.evaluation import (
     RESULT_KEYS,
     compute_ranks,
@@ -20,6 +23,9 @@ from fastalign.evaluation import (
     format_results,
     similarity_matrix,
 )
+from fastalign.methods import get_method
+from fastalign.model_evaluation import encode_dataset, evaluate_trained
+from fastalign.models import MatchingModel, ModelConfig
 from fastalign.tokens import Tokens
 
 needs_cpu_kernel = pytest.mark.skipif(not extension_loaded(), reason="fastalign._C not built")
@@ -369,15 +375,38 @@ def test_no_float64_in_the_whole_evaluation(monkeypatch):
 
 
 @needs_cpu_kernel
-def test_similarity_matrix_progress(capsys):
+def test_similarity_matrix_progress(capsys, monkeypatch):
     regions, region_lengths, words, word_lengths = make_features()
-    similarity_matrix(
-        Tokens(regions, region_lengths),
-        Tokens(words, word_lengths),
-        block_captions=10,
-        progress=True,
+    images, captions = Tokens(regions, region_lengths), Tokens(words, word_lengths)
+    similarity_matrix(images, captions, block_captions=10, progress=True)
+    assert capsys.readouterr().err == ""  # stderr is no terminal here: no bar
+    monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)
+    similarity_matrix(images, captions, block_captions=10, progress=False)
+    assert capsys.readouterr().err == ""
+    similarity_matrix(images, captions, block_captions=10, progress=True)
+    err = capsys.readouterr().err
+    assert "similarity_matrix" in err and "0/3" in err  # 29 captions in blocks of 10
+
+
+def test_encoding_and_scoring_show_progress(tiny_data, capsys, monkeypatch):
+    vocab = Vocabulary.build(read_captions(tiny_data, "train"))
+    dataset = PrecompDataset(tiny_data, "test", vocab)
+    config = TrainConfig(
+        model=ModelConfig(feature_dim=dataset.feature_dim, embed_dim=8, word_dim=8)
     )
-    assert "similarity_matrix" in capsys.readouterr().err
+    model = MatchingModel(len(vocab), config.model)
+    method = get_method("baseline")(config)
+    monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)
+    monkeypatch.setattr(evaluation, "_BLOCK_PAIRS", 12 * 20)  # 12 x 60 scores: 3 blocks
+    quiet = evaluate_trained(method, model, dataset)
+    assert capsys.readouterr().err == ""
+    assert evaluate_trained(method, model, dataset, progress=True) == quiet
+    err = capsys.readouterr().err
+    for bar in ("encoding images", "encoding captions", "similarity_matrix"):
+        assert bar in err, err
+    assert "0/3" in err  # 12 x 60 scores in blocks of 12 x 20
+    encode_dataset(model, dataset, batch_size=20, progress=True)  # 60 captions: 3 batches
+    assert "0/3" in capsys.readouterr().err
 
 
 def test_similarity_matrix_errors():
@@ -472,9 +501,17 @@ def test_similarity_matrix_with_a_custom_similarity(monkeypatch):
 
 
 def test_block_plan_respects_the_budget():
-    # In-place float32 inputs cost nothing: all images, captions bounded by the scores.
-    assert evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20) == (1000, 5000)
-    assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20) == (5000, 13421)
+    # In-place float32 inputs cost nothing: all images, captions bounded by the pairs per
+    # block (a progress bar of tens of steps on the f30k test matrix), else by the scores.
+    assert evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20) == (1000, 262)
+    assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20) == (5000, 52)
+    plan = evaluation._plan_blocks(1000, 5000, None, None, 0, 0, 4, 256 * 2**20, 10**9)
+    assert plan == (1000, 5000)
+    assert evaluation._plan_blocks(5000, 25000, None, None, 0, 0, 4, 256 * 2**20, 10**9) == (
+        5000,
+        13421,
+    )
+    assert evaluation._plan_blocks(1000, 5000, None, 400, 0, 0, 4, 256 * 2**20) == (655, 400)
     image, caption, pair = 36 * 1024 * 4, 40 * 1024 * 4, 4
     budget = 64 * 2**20
     for given in ((None, None), (100, None), (None, 300)):

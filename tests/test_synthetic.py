@@ -343,3 +343,28 @@ def test_fingerprint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         data_fingerprint(tmp_path / "empty")
+
+
+def test_generation_leaves_global_state_alone(tmp_path):
+    """Generating draws from its own generators only: the global ones (random, numpy,
+    torch) and torch's thread settings are as they were, so a run that generates its data
+    trains as one that finds them."""
+    import pickle
+    import random
+
+    import torch
+
+    def snapshot():
+        return (
+            pickle.dumps(random.getstate()),
+            pickle.dumps(np.random.get_state()),
+            torch.get_rng_state(),
+            torch.get_num_threads(),
+            torch.get_num_interop_threads(),
+        )
+
+    before = snapshot()
+    ensure_synthetic(tmp_path, seed=4, **SMALL)
+    after = snapshot()
+    assert before[:2] == after[:2] and before[3:] == after[3:]
+    assert torch.equal(before[2], after[2])

@@ -179,3 +179,55 @@ def test_compare_trains_every_config_on_the_same_data(tiny_data, tiny_config, tm
         assert float(row["peak_mib"]) > 0 and float(row["epoch_seconds"]) > 0
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--debug", *argv])
+
+
+def test_a_run_does_not_depend_on_generating_its_data(tmp_path, monkeypatch):
+    """The same run, bit for bit, whether it generated its synthetic data or found them, and
+    whatever preparing the data drew from the global random generators."""
+    import random
+
+    import numpy as np
+
+    from fastalign import training
+    from fastalign.data import ensure_synthetic, synthetic_folder
+
+    knobs = dict(
+        n_train=32, n_val=8, n_test=8, n_concepts=8, n_regions=6, feature_dim=16, word_dim=16
+    )
+    generated, draw = [], []
+
+    def ensure(base, preset, seed):  # a tiny dataset; records whether it was generated
+        generated.append(not synthetic_folder(base, preset, seed, **knobs).exists())
+        if draw:  # as a data library that uses the global generators would
+            random.random(), np.random.rand(), torch.rand(1)
+        return ensure_synthetic(base, preset=preset, seed=seed, **knobs)
+
+    monkeypatch.setattr(training, "ensure_synthetic", ensure)
+
+    def two_steps(name):
+        config = load_config(
+            None,
+            [
+                f"synthetic_root={tmp_path / 'synthetic'}",
+                f"output_dir={tmp_path / name}",
+                "seed=3",
+                "epochs=1",
+                "batch_size=80",  # 160 pairs: 2 steps
+                "model.feature_dim=16",
+                "model.word_dim=16",
+                "model.embed_dim=16",
+            ],
+        )
+        trainer = Trainer(config, progress=False)
+        trainer.train_epoch()
+        assert trainer.step == 2
+        return trainer.model.state_dict()
+
+    first = two_steps("generated")
+    found = two_steps("found")
+    draw.append(True)
+    after_draws = two_steps("drawn")
+    assert generated == [True, False, False]
+    for name, value in first.items():
+        assert torch.equal(value, found[name]), name
+        assert torch.equal(value, after_draws[name]), name
