@@ -16,6 +16,7 @@ from fastalign.data import (
     generate_synthetic,
     load_word_vectors,
     read_captions,
+    synthetic,
     synthetic_folder,
 )
 
@@ -109,19 +110,28 @@ def test_presets_and_errors(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_folder_naming(tmp_path):
+def test_folder_naming(tmp_path, monkeypatch):
     easy = PRESETS["easy"]
     default = synthetic_folder(tmp_path, "easy", 0)
-    assert default == tmp_path / f"easy-seed0-{easy['n_train']}x{easy['n_val']}x{easy['n_test']}"
+    sizes = f"{easy['n_train']}x{easy['n_val']}x{easy['n_test']}"
+    assert re.fullmatch(rf"easy-seed0-{sizes}-[0-9a-f]{{8}}", default.name)
+    assert default.parent == tmp_path
     assert synthetic_folder(tmp_path, "easy", 0, n_train=easy["n_train"]) == default
-    assert synthetic_folder(tmp_path, "hard", 3, n_train=10, n_val=2, n_test=4).name == (
-        "hard-seed3-10x2x4"
-    )
+    hard = synthetic_folder(tmp_path, "hard", 3, n_train=10, n_val=2, n_test=4)
+    assert re.fullmatch(r"hard-seed3-10x2x4-[0-9a-f]{8}", hard.name)
     small = synthetic_folder(tmp_path, "easy", 1, **SMALL)
     assert re.fullmatch(r"easy-seed1-24x6x8-[0-9a-f]{8}", small.name)
     assert small == synthetic_folder(tmp_path, seed=1, **SMALL)
     other = synthetic_folder(tmp_path, "easy", 1, **dict(SMALL, word_dim=16))
     assert other.name.startswith("easy-seed1-24x6x8-") and other != small
+    # another release's preset values or generator: another folder, never the old one
+    changed = dict(easy, region_noise=easy["region_noise"] + 0.5)
+    monkeypatch.setitem(PRESETS, "easy", changed)
+    assert synthetic_folder(tmp_path, "easy", 1, **SMALL) != small
+    monkeypatch.setitem(PRESETS, "easy", easy)
+    assert synthetic_folder(tmp_path, "easy", 1, **SMALL) == small
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert synthetic_folder(tmp_path, "easy", 1, **SMALL) != small
 
 
 def test_ensure_synthetic(tmp_path):

@@ -196,6 +196,10 @@ _HARD: dict[str, Any] = dict(
     word_offset_norm=0.5,
 )
 
+GENERATOR_VERSION = 1
+"""Raised whenever the generator writes other data for the same knobs; part of every
+synthetic folder's name, so that data of an older generator is never mistaken for today's."""
+
 PRESETS: dict[str, dict[str, Any]] = {"easy": _EASY, "hard": _HARD}
 """Preset name -> the value of every knob (see the module docstring for their meaning)."""
 
@@ -328,9 +332,10 @@ def resolve_params(preset: str = "easy", seed: int = 0, **knobs: Any) -> dict[st
 def synthetic_folder(base: str | os.PathLike, preset: str = "easy", seed: int = 0, **knobs) -> Path:
     """The folder, under ``base``, named by what generates the data.
 
-    ``base / f"{preset}-seed{seed}-{n_train}x{n_val}x{n_test}"``, plus ``-`` and an 8-digit
-    hex digest of the other knobs that differ from the preset's values, if any, so two
-    different datasets never share a folder.
+    ``base / f"{preset}-seed{seed}-{n_train}x{n_val}x{n_test}-{digest}"``, where ``digest``
+    is 8 hex digits of every other knob's value and of :data:`GENERATOR_VERSION`: two
+    different datasets never share a folder, also when a preset's values or the generator
+    change between releases (an older folder is then left alone, not reused).
 
     Args:
         base: the folder that holds synthetic datasets (e.g. ``.data/synthetic``).
@@ -338,16 +343,10 @@ def synthetic_folder(base: str | os.PathLike, preset: str = "easy", seed: int = 
     """
     p = resolve_params(preset, seed, **knobs)
     name = f"{preset}-seed{p['seed']}-{p['n_train']}x{p['n_val']}x{p['n_test']}"
-    defaults = resolve_params(preset, 0)
-    changed = {
-        k: v
-        for k, v in p.items()
-        if k not in ("preset", "seed", "n_train", "n_val", "n_test") and v != defaults[k]
-    }
-    if changed:
-        text = json.dumps(changed, sort_keys=True, separators=(",", ":"))
-        name += "-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
-    return Path(base) / name
+    identity = {k: v for k, v in p.items() if k not in ("seed", "n_train", "n_val", "n_test")}
+    identity["generator_version"] = GENERATOR_VERSION
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return Path(base) / f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------------------------------
