@@ -99,6 +99,8 @@ def _demo(args) -> None:
     results, trainer, test_set = train_and_test(
         config, progress=not args.no_progress, overwrite=True
     )
+    if trainer.rank != 0:  # under torchrun every rank holds the same results
+        return
     n_images = test_set.images.shape[0]
     print(
         f"\nsynthetic test set ({n_images} images), after "

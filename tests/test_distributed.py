@@ -311,6 +311,25 @@ def training_ranks(tmp_path_factory, tiny_data, tiny_config) -> list[dict]:
     ]
 
 
+def _demo_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
+    """``fastalign demo`` as torchrun starts it, this rank's stdout written to a file."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)
+    with open(os.path.join(out_dir, f"rank{rank}.out"), "w") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            main(["demo", "--no-progress", *overrides])
+        finally:
+            sys.stdout.flush()
+            fd.cleanup()
+
+
 # --------------------------------------------------------------------------- 2 processes
 def test_two_processes_helpers(ranks):
     for r, result in enumerate(ranks):
@@ -392,6 +411,22 @@ def test_two_process_training_prints_on_rank_0_only(training_ranks):
     assert "epoch 1:" in first["err"] and "val rSum" in first["err"]
     assert "best validation" in first["out"] and "rSum" in first["out"]
     assert second["out"] == "" and second["err"] == ""
+
+
+def test_two_process_demo_prints_on_rank_0_only(tmp_path, tiny_data):
+    overrides = [
+        f"data_root={tiny_data}",
+        f"word_vectors={tiny_data / 'glove_synthetic.txt'}",
+        f"output_dir={tmp_path / 'run'}",
+        "epochs=1",
+        "batch_size=16",
+        "model.word_dim=16",
+        "model.embed_dim=32",
+    ]
+    _spawn(_demo_worker, free_port(), overrides, str(tmp_path))
+    first, second = ((tmp_path / f"rank{r}.out").read_text() for r in range(WORLD))
+    assert "synthetic test set" in first and "for random scores (chance)" in first
+    assert second == ""
 
 
 def test_two_process_training_uses_the_configured_timeout(training_ranks):
