@@ -83,7 +83,7 @@ def _eval(args) -> None:
     else:
         check_same_data(recorded, data_root, fingerprint, "eval")
     dataset = PrecompDataset(data_root, args.split, tokenizer, config.captions_per_image)
-    results = evaluate_trained(method, model, dataset, args.protocol, progress=True)
+    results = evaluate_trained(method, model, dataset, args.protocol, progress=not args.no_progress)
     print(f"{args.protocol} on {data_root} / {args.split}:")
     print(format_results(results))
 
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=("f30k", "coco1k", "coco5k"),
         help="f30k / coco5k: the whole matrix; coco1k: mean of 5 folds",
     )
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.set_defaults(run=_eval)
 
     demo = add_command(

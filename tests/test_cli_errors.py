@@ -220,3 +220,15 @@ def test_good_values_load_and_only_int_becomes_float():
     assert isinstance(config.lr, float) and config.lr == 1.0
     assert config.max_val_images is None and config.lr_decay_epochs == [2, 4]
     assert load_config(None, ["margin=0"]).margin == 0.0
+
+
+def test_eval_progress_bars_and_no_progress(capsys, monkeypatch, trained):
+    import fastalign.progress
+
+    monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)  # as on a terminal
+    main(["eval", str(trained / "best.pt")])
+    shown = capsys.readouterr()
+    assert "rSum" in shown.out and "%" in shown.err
+    main(["eval", str(trained / "best.pt"), "--no-progress"])
+    quiet = capsys.readouterr()
+    assert "rSum" in quiet.out and quiet.err == ""
