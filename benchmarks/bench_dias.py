@@ -1,6 +1,6 @@
 """DIAS versus CHAN: recalls on the synthetic set, and what the DIAS regularizers cost.
 
-1. Recalls: the bundled configs ``demo_synthetic`` (CHAN's similarity and loss) and
+1. Recalls: the bundled configs ``chan_synthetic`` (CHAN's similarity and loss) and
    ``dias_synthetic`` (the same plus the DIAS regularizers; ``fastalign/configs/``) trained
    with the same seed, data and budget, evaluated on the synthetic test split, side by side.
 2. The DIAS loss alone (pooling + L_dim + L_inter + L_intra, forward + backward) on the
@@ -59,7 +59,7 @@ def dias_loss(images: Tokens, captions: Tokens, backend: str = "auto") -> Tensor
 def compare_recalls(epochs: int | None) -> None:
     overrides = [f"epochs={epochs}"] if epochs else []
     results = {}
-    for name in ("demo_synthetic", "dias_synthetic"):
+    for name in ("chan_synthetic", "dias_synthetic"):
         config = load_config(name, [*overrides, f"output_dir=runs/bench_{name}"])
         # A rerun of the benchmark trains from scratch again.
         results[name], _, test_set = train_and_test(config, progress=True, overwrite=True)
@@ -67,7 +67,7 @@ def compare_recalls(epochs: int | None) -> None:
     print(f"\nsynthetic test set ({test_set.images.shape[0]} images), same seed and budget:")
     print(f"{'':10}{'CHAN':>9}{'DIAS':>9}{'DIAS-CHAN':>11}{'chance':>9}")
     for key in RESULT_KEYS:
-        chan, dias = results["demo_synthetic"][key], results["dias_synthetic"][key]
+        chan, dias = results["chan_synthetic"][key], results["dias_synthetic"][key]
         print(f"{key:10}{chan:9.2f}{dias:9.2f}{dias - chan:+11.2f}{chance[key]:9.2f}")
 
 
