@@ -208,7 +208,8 @@ def _error_checks(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _as_torchrun_rank(rank: int, port: int) -> None:
+    """The environment torchrun gives ``rank`` of WORLD, one thread per process."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -217,6 +218,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         WORLD_SIZE=str(WORLD),
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    _as_torchrun_rank(rank, port)
     device = fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         results = {
@@ -256,14 +261,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def _train_worker(rank: int, ports: tuple[int, int], config: str, out_dir: str) -> None:
     """``fastalign train`` as torchrun starts it, this rank's stdout and stderr written to
     files; then, in a new group with a 2 s timeout, rank 0 gathers while rank 1 hangs."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(ports[0]),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, ports[0])
     import fastalign.progress
 
     fastalign.progress._interactive = lambda: True  # bars are drawn, as on a terminal
@@ -313,14 +311,7 @@ def training_ranks(tmp_path_factory, tiny_data, tiny_config) -> list[dict]:
 
 def _demo_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
     """``fastalign demo`` as torchrun starts it, this rank's stdout written to a file."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, port)
     with open(os.path.join(out_dir, f"rank{rank}.out"), "w") as f:
         os.dup2(f.fileno(), 1)
         try:
