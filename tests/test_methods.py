@@ -168,3 +168,94 @@ def test_two_processes_match_one_on_the_global_batch(name, tiny_data, tiny_confi
             atol=1e-4 * float(want.abs().max()),
             msg=lambda m, key=key: f"{key}: {m}",
         )
+
+
+_PLUGIN = '''
+from dataclasses import dataclass
+
+from fastalign.fields import setting
+from fastalign.methods import register_method
+from fastalign.methods.base import Method
+
+
+@dataclass
+class ScaledOptions:
+    scale: float = setting(1.0, above=0)
+
+
+@register_method
+class Scaled(Method):
+    """The backbone's score times ``scale``; counts the epochs it has seen (its state)."""
+
+    name = "scaled_plugin"
+    Options = ScaledOptions
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.epochs_seen = 0
+
+    def similarity(self, model, images, captions):
+        return self.options.scale * model.similarity(images, captions)
+
+    def on_epoch_end(self, model, epoch):
+        self.epochs_seen += 1
+
+    def state_dict(self):
+        return {"epochs_seen": self.epochs_seen}
+
+    def load_state_dict(self, state):
+        self.epochs_seen = state["epochs_seen"]
+'''
+
+
+def test_a_method_from_another_package_plugs_in(
+    tiny_data, tiny_config, tmp_path, monkeypatch, capsys
+):
+    """A method that lives in another installed package (an entry point in the group
+    ``fastalign.methods``) is listed, configured, trained, resumed and evaluated by the
+    command line, with no file of fastalign edited."""
+    import importlib
+
+    import fastalign.methods
+
+    site = tmp_path / "site"
+    (site / "scaled_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "scaled_plugin.py").write_text(_PLUGIN)
+    (site / "scaled_plugin-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: scaled-plugin\nVersion: 0.1\n"
+    )
+    (site / "scaled_plugin-0.1.dist-info" / "entry_points.txt").write_text(
+        "[fastalign.methods]\nscaled_plugin = scaled_plugin:Scaled\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    monkeypatch.setattr(fastalign.methods, "_REGISTRY", dict(fastalign.methods._REGISTRY))
+    monkeypatch.setattr(fastalign.methods, "_discovered", False)
+
+    main(["list"])
+    assert "scaled_plugin" in capsys.readouterr().out
+    config = tiny_config(tiny_data, tmp_path / "run", "method=scaled_plugin", epochs=1)
+    config_path = tmp_path / "scaled.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    main(["train", "--config", str(config_path), "--no-progress", "scaled_plugin.scale=2.0"])
+    main(
+        [
+            "train",
+            "--config",
+            str(config_path),
+            "--no-progress",
+            "scaled_plugin.scale=2.0",
+            "epochs=2",
+            "--resume",
+        ]
+    )
+    checkpoint = load_checkpoint(tmp_path / "run" / "last.pt")
+    method, _, _ = restore_trained(checkpoint)
+    assert type(method).__name__ == "Scaled" and method.options.scale == 2.0
+    assert method.epochs_seen == 2  # its state went through the checkpoint and the resume
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "run" / "last.pt"), "--split", "dev"])
+    assert re.search(r"rSum\s+[\d.]+", capsys.readouterr().out)
+    with pytest.raises(SystemExit):  # its options are checked like the bundled methods'
+        main(["train", "--config", str(config_path), "--overwrite", "scaled_plugin.scale=0"])
+    assert "scaled_plugin.scale must be > 0" in capsys.readouterr().err
