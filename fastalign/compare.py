@@ -28,6 +28,7 @@ RECALL_COLUMNS = ("r1_i2t", "r5_i2t", "r10_i2t", "r1_t2i", "r5_t2i", "r10_t2i")
 
 def _train_one(config_path: str, overrides: list[str], result_path: str) -> None:
     """One run, in its own process: train, test, write the result as JSON."""
+    _die_with_parent()
     import torch
 
     from fastalign.config import load_config
@@ -53,12 +54,34 @@ def _train_one(config_path: str, overrides: list[str], result_path: str) -> None
     os.replace(partial, result_path)
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies, so that a killed
+    ``fastalign compare`` leaves no training running (elsewhere: nothing to do)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the request
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run(config_path: str, overrides: list[str], result_path: Path) -> dict:
     process = multiprocessing.get_context("spawn").Process(
         target=_train_one, args=(config_path, overrides, str(result_path))
     )
     process.start()
-    process.join()
+    try:
+        process.join()
+    finally:  # interrupted (Ctrl-C, an exception): the run stops with compare
+        if process.is_alive():
+            process.terminate()
+            process.join()
     if process.exitcode != 0 or not result_path.is_file():
         raise RuntimeError(
             f"training {config_path} with {' '.join(overrides)} failed (exit code "

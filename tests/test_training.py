@@ -1,9 +1,16 @@
 """Training loop, checkpoints, run and data identity, configuration and the command line,
 on a tiny synthetic dataset (every method's own checks: test_methods.py)."""
 
+import contextlib
 import csv
 import dataclasses
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +186,51 @@ def test_compare_trains_every_config_on_the_same_data(tiny_data, tiny_config, tm
         assert float(row["peak_mib"]) > 0 and float(row["epoch_seconds"]) > 0
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--debug", *argv])
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_killing_compare_stops_its_training(tiny_data, tiny_config, tmp_path):
+    """SIGTERM to ``fastalign compare`` (not its process group) ends the run it started."""
+    config = tiny_config(tiny_data, tmp_path / "run", epochs=500)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    argv = [sys.executable, "-m", "fastalign.cli", "compare", str(path), "--seeds", "1"]
+    compare = subprocess.Popen([*argv, "--output", str(tmp_path / "out")])
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (children := _children(compare.pid)) and time.monotonic() < deadline:
+            assert compare.poll() is None, "compare ended before it started a run"
+            time.sleep(0.2)
+        assert children, "compare started no training process within 120 s"
+        time.sleep(2)  # the child is past its start-up
+        compare.send_signal(signal.SIGTERM)
+        compare.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        alive = [c for c in children if Path(f"/proc/{c}/stat").exists()]
+        alive = [c for c in alive if Path(f"/proc/{c}/stat").read_text().split()[2] != "Z"]
+        assert not alive, f"training processes {alive} outlived compare"
+    finally:
+        compare.kill()
+        compare.wait()
+        for child in children:  # after a failure: no run left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 def test_a_run_does_not_depend_on_generating_its_data(tmp_path, monkeypatch):
