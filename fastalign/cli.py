@@ -86,6 +86,9 @@ def _eval(args) -> None:
     results = evaluate_trained(method, model, dataset, args.protocol, progress=not args.no_progress)
     print(f"{args.protocol} on {data_root} / {args.split}:")
     print(format_results(results))
+    report = method.eval_report()
+    if report:
+        print(report)
 
 
 def _demo(args) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "collective",
     "gather_tokens",
     "global_batch_loss",
+    "global_batch_losses",
     "global_batch_scores",
     "is_distributed",
     "rank",
@@ -391,7 +392,34 @@ def global_batch_loss(
     temperature: float = 0.05,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """This rank's share of a matching loss on the global batch, scaled for DDP.
+    """This rank's share ``W * L_r`` of a matching loss on the global batch, scaled for DDP
+    (the first result of :func:`global_batch_losses`, which documents the arguments)."""
+    return global_batch_losses(
+        images,
+        captions,
+        image_index,
+        similarity_fn,
+        loss,
+        margin,
+        max_violation,
+        temperature,
+        group,
+    )[0]
+
+
+def global_batch_losses(
+    images: Tokens,
+    captions: Tokens,
+    image_index: Tensor | None,
+    similarity_fn: SimilarityFn,
+    loss: str = "hinge",
+    margin: float = 0.2,
+    max_violation: bool = True,
+    temperature: float = 0.05,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[Tensor, Tensor]:
+    """This rank's share of a matching loss on the global batch, scaled for DDP, and the
+    loss of each of its pairs.
 
     With ``L`` the single-process loss on the concatenated global batch
     (:func:`fastalign.losses.hinge_triplet_loss` for ``"hinge"``, summed over the batch;
@@ -413,7 +441,10 @@ def global_batch_loss(
         group: the process group (the default group if None).
 
     Returns:
-        Scalar tensor ``W * L_r``.
+        ``W * L_r`` (scalar) and the (B,) detached losses of this rank's pairs: pair k's
+        hinge terms of its image (row) and of its caption (column) summed, or for InfoNCE
+        the mean of its two cross-entropies (per-sample losses, for methods that track
+        them).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -445,8 +476,10 @@ def global_batch_loss(
         row_terms = hinge_terms(rows, rows[ar, local], positives, margin, max_violation)
         col_terms = hinge_terms(cols_t, cols_t[ar, local], positives, margin, max_violation)
         share = row_terms.sum() + col_terms.sum()
+        pair_losses = row_terms.detach() + col_terms.detach()
     else:
         row_terms = info_nce_terms(rows, local, positives, temperature)
         col_terms = info_nce_terms(cols_t, local, positives, temperature)
         share = (row_terms.sum() + col_terms.sum()) / (2 * n_global)
-    return share * world_size(group)  # undoes DDP's 1 / W, see the module docstring
+        pair_losses = (row_terms.detach() + col_terms.detach()) / 2
+    return share * world_size(group), pair_losses  # W: undoes DDP's 1 / W (module docstring)

@@ -535,6 +535,8 @@ class Trainer:
             means = self.train_epoch()
             self.epoch += 1
             self.method.on_epoch_end(self.model, self.epoch)
+            method_values = self._method_epoch_logs()
+            means |= method_values  # logged with the epoch's means
             self._check_finite_weights()
             if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
                 results = evaluate_trained(self.method, self.model, self.val_set)
@@ -548,7 +550,7 @@ class Trainer:
                     }
                 )
                 if self.rank == 0:
-                    print(_epoch_line(self.epoch, means, results), file=sys.stderr)
+                    print(_epoch_line(self.epoch, means, results, method_values), file=sys.stderr)
                 if self.tensorboard is not None:
                     for key, value in results.items():
                         self.tensorboard.add_scalar(f"val/{key}", value, self.step)
@@ -561,6 +563,20 @@ class Trainer:
                 self._write_log()
             self._save("last.pt")
         return self._best_results()
+
+    def _method_epoch_logs(self) -> dict[str, float]:
+        """The method's epoch values (:meth:`Method.epoch_logs`): its tensors go to TensorBoard
+        as histograms; its floats are returned, to be logged with the epoch's means."""
+        scalars = {}
+        for name, value in self.method.epoch_logs().items():
+            if isinstance(value, torch.Tensor):
+                if self.tensorboard is not None:
+                    self.tensorboard.add_histogram(f"method/{name}", value, self.step)
+                continue
+            scalars[name] = float(value)
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar(f"method/{name}", value, self.step)
+        return scalars
 
     def _best_results(self) -> dict:
         """The validation results of best.pt (from the history), or {} before any."""
@@ -621,14 +637,21 @@ def _term_label(name: str) -> str:
     return name.removeprefix("loss_")
 
 
-def _epoch_line(epoch: int, means: dict[str, float], results: dict[str, float]) -> str:
+def _epoch_line(
+    epoch: int,
+    means: dict[str, float],
+    results: dict[str, float],
+    method_values: dict[str, float],
+) -> str:
     terms = [f"{_term_label(k)} {v:.4g}" for k, v in means.items() if k.startswith("loss_")]
     skipped = means.get("skipped_batches", 0)
     plural = "es" if skipped > 1 else ""
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in method_values.items())
     return (
         f"epoch {epoch}: loss {means['loss']:.4f} ({', '.join(terms)})  "
         f"val rSum {results['rsum']:.1f}  [{means['epoch_seconds']:.0f} s]"
         + (f"  skipped {skipped} non-finite batch{plural}" if skipped else "")
+        + (f"  ({shown})" if shown else "")
     )
 
 

@@ -92,8 +92,15 @@ class Method:
     ) -> Tensor:
         """The trainer's matching loss (hinge with the hardest negative after the warm-up
         epochs, or InfoNCE) on :meth:`similarity`, over the global batch."""
+        return self.matching_losses(model, images, captions, context)[0]
+
+    def matching_losses(
+        self, model: nn.Module, images: Tokens, captions: Tokens, context: LossContext
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`matching_loss` and the (B,) detached matching losses of this process's
+        pairs (see :func:`fastalign.distributed.global_batch_losses`), from one scoring."""
         c = self.config
-        return distributed.global_batch_loss(
+        return distributed.global_batch_losses(
             images,
             captions,
             context.batch.image_index,
@@ -116,6 +123,16 @@ class Method:
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after each training epoch (1-based ``epoch``), before validation."""
+
+    def epoch_logs(self) -> dict[str, float | Tensor]:
+        """What the method reports after each epoch (after :meth:`on_epoch_end`): a float
+        goes to the epoch line, ``log.csv`` (the epoch's row) and TensorBoard
+        (``method/<name>``), a tensor to TensorBoard as a histogram. None by default."""
+        return {}
+
+    def eval_report(self) -> str:
+        """Text that ``fastalign eval`` prints after the recall table ("" for none)."""
+        return ""
 
     def state_dict(self) -> dict[str, Any]:
         """What the method keeps beyond the model's weights (saved in checkpoints)."""
