@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -186,3 +188,123 @@ class PrototypeBank(nn.Module):
         count, dim = self.prototypes.shape
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{count}, {dim}, {options}, momentum={self.momentum}"
+
+
+class FeedbackPrototypes(nn.Module):
+    """K prototypes of D-dimensional vectors, each weighted by how much the loss of its
+    samples fell (PICO's pseudo-style prototypes with performance feedback).
+
+    :meth:`step` on a batch of vectors x (N, D), their sample ids and current losses:
+
+    1. assigns x to the prototypes with :func:`fastalign.prototype_assign` in
+       ``"sinkhorn"`` mode (balanced, cosine scores at ``tau``, ``iters`` iterations);
+    2. feedback: a sample seen before contributes the decrease of its loss since then (a
+       per-sample loss buffer, grown to the largest id seen); prototype k's ``delta`` is the
+       EMA (``feedback_momentum``) over steps of the assignment-weighted mean decrease of
+       its samples (unchanged in a step where none of them was seen before), and
+       omega = softmax(beta * delta);
+    3. moves the prototypes with :func:`fastalign.prototype_update` (EMA ``momentum`` of the
+       assignment-weighted means, not re-normalised), each sample's row of the assignment
+       scaled by K * sum_k a_nk omega_k (1 for uniform omega).
+
+    With ``feedback=False`` omega stays uniform and no loss is kept. The prototypes start
+    as random unit rows drawn from ``seed`` (not from the global generator).
+
+    Buffers (in ``state_dict``): ``prototypes`` (K, D), ``delta`` (K,) and ``sample_loss``
+    (n,), NaN for the samples never seen; loading a state takes its ``sample_loss`` length.
+    """
+
+    prototypes: Tensor
+    delta: Tensor
+    sample_loss: Tensor
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        dim: int,
+        tau: float = 0.1,
+        iters: int = 3,
+        momentum: float = 0.9,
+        beta: float = 10.0,
+        feedback_momentum: float = 0.9,
+        feedback: bool = True,
+        seed: int = 0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        initial = F.normalize(torch.randn(num_prototypes, dim, generator=generator), dim=1)
+        self.register_buffer("prototypes", initial)
+        self.register_buffer("delta", torch.zeros(num_prototypes))
+        self.register_buffer("sample_loss", torch.zeros(0))
+        self.tau, self.iters, self.momentum = tau, iters, momentum
+        self.beta, self.feedback_momentum, self.feedback = beta, feedback_momentum, feedback
+        self.backend = backend
+
+    def omega(self) -> Tensor:
+        """(K,) feedback weights, summing to 1."""
+        return torch.softmax(self.beta * self.delta, dim=0)
+
+    def column_energy(self) -> Tensor:
+        """(D,) the omega-weighted mean over prototypes of each column's square,
+        sum_k omega_k P_kd^2 / sum_k omega_k."""
+        return self.omega() @ self.prototypes.square()
+
+    @torch.no_grad()
+    def step(self, x: Tensor, sample_ids: Tensor, losses: Tensor | None = None) -> Tensor:
+        """One feedback and update step (see the class); returns the (N, K) assignments.
+
+        Args:
+            x: (N, D) vectors, in the prototypes' dtype and device.
+            sample_ids: (N,) int64 ids (>= 0) of the samples, distinct.
+            losses: (N,) current losses of the samples; needed with ``feedback``.
+        """
+        x = x.to(self.prototypes)
+        assignments = prototype_assign(
+            x, self.prototypes, "sinkhorn", self.tau, self.iters, backend=self.backend
+        )
+        weights = assignments
+        if self.feedback:
+            if losses is None:
+                raise ValueError("losses are needed when feedback is on")
+            self._feedback(assignments, sample_ids, losses.to(self.delta))
+            # Rows scaled by their prototypes' weights: where a sample is shared between
+            # prototypes, those that lowered the loss take more of it.
+            scale = assignments @ self.omega() * assignments.shape[1]
+            weights = assignments * scale[:, None]
+        moved = prototype_update(
+            self.prototypes, x, weights, self.momentum, normalize=False, backend=self.backend
+        )
+        self.prototypes.copy_(moved)
+        return assignments
+
+    def _feedback(self, assignments: Tensor, sample_ids: Tensor, losses: Tensor) -> None:
+        """Moves ``delta`` by the loss decreases of the samples seen before and records the
+        current losses."""
+        needed = int(sample_ids.max()) + 1
+        if needed > self.sample_loss.numel():
+            grown = self.sample_loss.new_full((needed,), math.nan)
+            grown[: self.sample_loss.numel()] = self.sample_loss
+            self.sample_loss = grown
+        decrease = self.sample_loss[sample_ids] - losses  # NaN: never seen
+        seen = decrease.isfinite()
+        weights = assignments * seen[:, None]
+        mass = weights.sum(dim=0)
+        mean = (weights.T @ decrease.nan_to_num()) / mass.clamp(min=1e-12)
+        mixed = self.feedback_momentum * self.delta + (1 - self.feedback_momentum) * mean
+        self.delta.copy_(torch.where(mass > 0, mixed, self.delta))
+        self.sample_loss[sample_ids] = losses
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "sample_loss")
+        if saved is not None:  # the buffer grows with the ids seen: take the saved length
+            self.sample_loss = self.sample_loss.new_empty(saved.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        count, dim = self.prototypes.shape
+        return (
+            f"{count}, {dim}, tau={self.tau}, iters={self.iters}, momentum={self.momentum}, "
+            f"beta={self.beta}, feedback_momentum={self.feedback_momentum}, "
+            f"feedback={self.feedback}"
+        )
