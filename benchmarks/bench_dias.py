@@ -31,7 +31,7 @@ from _runner import (  # noqa: E402
     report,
     serve_memory_request,
 )
-from bench_train_step import LR, MARGIN, make_batch, make_model  # noqa: E402
+from bench_train_step import MARGIN, make_batch, make_model, training_step_case  # noqa: E402
 
 from fastalign.config import load_config  # noqa: E402
 from fastalign.evaluation import RESULT_KEYS, chance_results  # noqa: E402
@@ -97,22 +97,13 @@ def build_case(key: str):
         return dias_loss_and_gradients
 
     model = make_model("fastalign", device)
-    batch = make_batch(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     with_dias = impl == "chan+dias"
 
-    def training_step():
-        images, captions = model(*batch)
-        scores = model.similarity(images, captions)
-        loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
-        if with_dias:
-            loss = loss + dias_loss(images, captions)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    def loss_fn(images: Tokens, captions: Tokens) -> Tensor:
+        loss = hinge_triplet_loss(model.similarity(images, captions), MARGIN, max_violation=True)
+        return loss + dias_loss(images, captions) if with_dias else loss
 
-    return training_step
+    return training_step_case(model, make_batch(device), loss_fn)
 
 
 PARTS = {

@@ -155,11 +155,23 @@ def build_case(key: str):
 
         return similarity_and_loss
 
+    return training_step_case(
+        model,
+        (regions, region_lengths, captions, word_lengths),
+        lambda images, texts: hinge_triplet_loss(
+            model.similarity(images, texts), MARGIN, max_violation=True
+        ),
+    )
+
+
+def training_step_case(model, batch: tuple, loss_fn):
+    """A zero-argument training step in the trainer's order: ``model(*batch)`` (image and
+    caption tokens), ``loss_fn(images, captions)``, ``zero_grad``, backward, Adam step;
+    returns the detached loss."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
 
     def training_step():
-        scores = model.similarity(*model(regions, region_lengths, captions, word_lengths))
-        loss = hinge_triplet_loss(scores, MARGIN, max_violation=True)
+        loss = loss_fn(*model(*batch))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -33,6 +33,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -381,30 +382,10 @@ def global_batch_scores(
 
 
 # --------------------------------------------------------------------------- loss
-def global_batch_loss(
-    images: Tokens,
-    captions: Tokens,
-    image_index: Tensor | None,
-    similarity_fn: SimilarityFn,
-    loss: str = "hinge",
-    margin: float = 0.2,
-    max_violation: bool = True,
-    temperature: float = 0.05,
-    group: dist.ProcessGroup | None = None,
-) -> Tensor:
-    """This rank's share ``W * L_r`` of a matching loss on the global batch, scaled for DDP
-    (the first result of :func:`global_batch_losses`, which documents the arguments)."""
-    return global_batch_losses(
-        images,
-        captions,
-        image_index,
-        similarity_fn,
-        loss,
-        margin,
-        max_violation,
-        temperature,
-        group,
-    )[0]
+def global_batch_loss(*args: Any, **kwargs: Any) -> Tensor:
+    """This rank's share ``W * L_r`` of a matching loss on the global batch, scaled for DDP:
+    the first result of :func:`global_batch_losses`, which takes the same arguments."""
+    return global_batch_losses(*args, **kwargs)[0]
 
 
 def global_batch_losses(

@@ -529,6 +529,29 @@ def test_global_batch_loss_without_image_index():
         torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
 
 
+def test_global_batch_losses_gives_each_pairs_own_loss():
+    """The per-pair losses come from the same scores: row k's plus column k's hinge term (the
+    hinge loss is their sum), or the mean of the two cross-entropies (InfoNCE: their mean)."""
+    scores_fn = functools.partial(region_word_scores, direction="both")
+    g = torch.Generator().manual_seed(5)
+    regions = Tokens.dense(torch.randn(7, 3, 6, generator=g, dtype=torch.float64))
+    words = Tokens.dense(torch.randn(7, 5, 6, generator=g, dtype=torch.float64))
+    image_index = torch.tensor([0, 1, 1, 2, 3, 4, 5])  # pairs 1 and 2 share an image
+    scores = fastalign.region_word_similarity(regions.embs, words.embs, direction="both")
+    positives = image_index[:, None] == image_index[None, :]
+    for loss, reduce in (("hinge", torch.sum), ("infonce", torch.mean)):
+        total, pairs = fd.global_batch_losses(regions, words, image_index, scores_fn, loss=loss)
+        assert not pairs.requires_grad and pairs.shape == (7,)
+        torch.testing.assert_close(reduce(pairs), total, rtol=1e-12, atol=1e-12)
+        assert torch.equal(
+            total, fd.global_batch_loss(regions, words, image_index, scores_fn, loss=loss)
+        )
+    cost = (0.2 + scores - scores.diagonal()[:, None]).clamp(min=0).masked_fill(positives, 0)
+    cost_t = (0.2 + scores - scores.diagonal()[None, :]).clamp(min=0).masked_fill(positives, 0)
+    _, pairs = fd.global_batch_losses(regions, words, image_index, scores_fn)
+    torch.testing.assert_close(pairs, cost.amax(1) + cost_t.amax(0), rtol=1e-12, atol=1e-12)
+
+
 def test_global_batch_loss_argument_errors():
     regions, words = Tokens.dense(torch.randn(2, 3, 4)), Tokens.dense(torch.randn(2, 3, 4))
     fn = region_word_scores
