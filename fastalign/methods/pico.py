@@ -40,7 +40,7 @@ Ablation switches (fields of :class:`PicoOptions`, the ``pico`` config section):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,9 @@ from fastalign.methods import register_method
 from fastalign.methods.base import LossContext, Method
 from fastalign.nn import FeedbackPrototypes
 from fastalign.tokens import Tokens
+
+if TYPE_CHECKING:
+    from fastalign.config import TrainConfig
 
 # Columns the evaluation report names.
 REPORTED_COLUMNS = 10
@@ -193,7 +196,7 @@ class Pico(Method):
     base = "baseline"
     additions_off = {"semantic_weights": False}
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
         self.state = PicoState(
             config.model.embed_dim, self.options, config.seed, config.model.backend
