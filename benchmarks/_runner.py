@@ -86,6 +86,21 @@ def operator_case(
     return forward_backward
 
 
+def compare_parts(
+    parts: dict[str, tuple[str, tuple[str, ...]]],
+    build_case: Callable[[str], Callable[[], object]],
+    device: torch.device,
+    repeat: int,
+) -> list[dict]:
+    """:func:`compare_cases` for every part: ``parts`` maps a part to (its table label, its
+    implementations, the first the baseline); case keys are ``part:impl:device``."""
+    rows = []
+    for part, (label, impls) in parts.items():
+        keys = {impl: f"{part}:{impl}:{device}" for impl in impls}
+        rows += compare_cases({"case": label}, keys, build_case, device, repeat)
+    return rows
+
+
 def compare_cases(
     labels: dict[str, object],
     keys: dict[str, str],

@@ -26,7 +26,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
-    compare_cases,
+    compare_parts,
     machine_description,
     report,
     serve_memory_request,
@@ -123,10 +123,7 @@ def main() -> None:
     if not args.skip_training:
         compare_recalls(args.epochs)
 
-    rows = []
-    for part, (label, impls) in PARTS.items():
-        keys = {impl: f"{part}:{impl}:{device}" for impl in impls}
-        rows += compare_cases({"case": label}, keys, build_case, device, args.repeat)
+    rows = compare_parts(PARTS, build_case, device, args.repeat)
     title = (
         f"DIAS regularizers (batch 128, R 36, Flickr30K-like lengths, D 1024) on "
         f"{machine_description(device)}"

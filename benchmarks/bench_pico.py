@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import (  # noqa: E402
-    compare_cases,
+    compare_parts,
     machine_description,
     report,
     serve_memory_request,
@@ -93,10 +93,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     args = parser.parse_args()
     device = torch.device(args.device)
-    rows = []
-    for part, (label, impls) in PARTS.items():
-        keys = {impl: f"{part}:{impl}:{device}" for impl in impls}
-        rows += compare_cases({"case": label}, keys, build_case, device, args.repeat)
+    rows = compare_parts(PARTS, build_case, device, args.repeat)
     title = (
         f"PICO versus LAPS (batch {BATCH}, R 36, Flickr30K-like lengths, D 1024) on "
         f"{machine_description(device)}"
