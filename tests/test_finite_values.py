@@ -1,10 +1,11 @@
 """One finite-value policy for every operator: a NaN or an infinity in an input raises a
 ValueError naming the tensor and the index of the first bad element.
 
-The check runs above dispatch (fastalign/ops/_checks.py: check_finite), so the reference, the
-C++ kernels and the Triton kernels (under the interpreter) all raise the same error and no kernel
-ever sees a non-finite CPU input. CUDA inputs are checked only when asked for (one device sync per
-call otherwise); that decision is tested through finite_check_applies, as no GPU is here.
+The reference and Triton paths check above dispatch (fastalign/ops/_checks.py: check_finite);
+the C++ CPU kernels check what they read themselves (inside their own passes where they can),
+with the same message, so every backend raises the same error. CUDA inputs are checked only when
+asked for (one device sync per call otherwise); that decision is tested through
+finite_check_applies, as no GPU is here.
 """
 
 import math

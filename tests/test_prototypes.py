@@ -491,7 +491,8 @@ def good_assign():
 
 
 def good_topk():
-    return dict(queries=torch.randn(6, 5), keys=torch.randn(4, 5), values=torch.randn(4, 3))
+    # m within 1..K: each case below makes one thing bad
+    return dict(queries=torch.randn(6, 5), keys=torch.randn(4, 5), values=torch.randn(4, 3), m=2)
 
 
 def good_update():

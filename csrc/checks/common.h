@@ -153,6 +153,12 @@ inline at::Tensor checked_lengths(const char* op, const char* name, const at::Te
   return out;
 }
 
+// A finite value below 0: NaN and -inf are check_finite's to name (where it runs: not on CUDA).
+template <typename scalar_t>
+bool finite_negative(scalar_t v) {
+  return v < scalar_t(0) && v > -std::numeric_limits<scalar_t>::infinity();
+}
+
 template <typename scalar_t>
 void check_non_negative_items(const char* op, const char* name, const at::Tensor& x,
                               const char* what) {
@@ -160,15 +166,15 @@ void check_non_negative_items(const char* op, const char* name, const at::Tensor
   const int64_t n = x.numel();
   int64_t negatives = 0;
 #pragma omp simd reduction(+ : negatives)
-  for (int64_t e = 0; e < n; ++e) negatives += v[e] < scalar_t(0) ? 1 : 0;
+  for (int64_t e = 0; e < n; ++e) negatives += finite_negative(v[e]) ? 1 : 0;
   if (negatives == 0) return;
   int64_t e = 0;
-  while (!(v[e] < scalar_t(0))) ++e;
+  while (!finite_negative(v[e])) ++e;
   TORCH_CHECK_VALUE(false, op, ": ", name, position(x.sizes(), e), " = ",
                     static_cast<double>(v[e]), ", expected a non-negative ", what);
 }
 
-// Every value of the floating tensor x is >= 0 (a NaN passes: check_finite names it), on CPU
+// Every value of the floating tensor x is >= 0 (NaN and -inf pass: check_finite names them), on CPU
 // tensors: one vectorised pass. CUDA tensors are not read (a device synchronisation per call).
 inline void check_non_negative(const char* op, const char* name, const at::Tensor& x,
                                const char* what) {

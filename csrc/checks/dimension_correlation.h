@@ -1,7 +1,8 @@
 // Argument checks of fastalign::dimension_correlation_loss_forward (csrc/schemas.h), shared by
 // the CPU op (csrc/cpu/dimension_correlation.cpp) and the CUDA host code
-// (csrc/cuda/dimension_correlation_host.h, also run by the host emulation). The kernels
-// themselves raise on a non-finite column (one device synchronisation on CUDA).
+// (csrc/cuda/dimension_correlation_host.h, also run by the host emulation). The CPU kernel raises
+// on a non-finite element itself (its column-statistics pass finds it); the CUDA host code does
+// not look (that would cost a device synchronisation).
 #pragma once
 
 #include "../option_codes.h"

@@ -1,7 +1,8 @@
 // Argument checks of fastalign::sparse_spatial_loss_forward (csrc/schemas.h), shared by the CPU
 // op (csrc/cpu/sparse_spatial.cpp) and the CUDA host code (csrc/cuda/sparse_spatial_host.h,
-// also run by the host emulation), so that every device raises the same errors. The kernels
-// themselves raise on a non-finite img or txt row (one device synchronisation on CUDA).
+// also run by the host emulation), so that every device raises the same errors. The CPU kernel
+// raises on a non-finite img or txt element itself (its norm pass finds it); the CUDA host code
+// does not look (that would cost a device synchronisation).
 #pragma once
 
 #include "../option_codes.h"

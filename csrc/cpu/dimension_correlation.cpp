@@ -92,7 +92,7 @@ struct Stats {
 };
 
 // One pass over the rows of a and b (rows, cols), shifted by the first row so that a large
-// mean costs no precision. Raises ValueError on a NaN or an infinity.
+// mean costs no precision. Raises ValueError naming the first NaN or infinity.
 template <typename scalar_t>
 Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows, int64_t cols,
                              double eps) {
@@ -123,10 +123,14 @@ Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows,
     }
   });
   for (const auto& [name, check] : {std::pair{"a", kCheckA}, std::pair{"b", kCheckB}}) {
-    for (int64_t c = 0; c < cols; ++c)
-      TORCH_CHECK_VALUE(sums[check * cols + c] == 0.0, "dimension_correlation_loss_forward: ",
-                        name, "[:, ", c,
-                        "] holds a NaN or an infinity: the loss needs finite inputs");
+    for (int64_t c = 0; c < cols; ++c) {
+      if (sums[check * cols + c] == 0.0) continue;
+      // located only now: the first non-finite element in row-major order, as everywhere
+      const at::Tensor x = at::from_blob(const_cast<scalar_t*>(check == kCheckA ? a : b),
+                                         {rows, cols}, at::dtype<scalar_t>());
+      checks::check_finite("dimension_correlation_loss_forward", name, x);
+      TORCH_INTERNAL_ASSERT(false, "a non-finite column of ", name, " holds no such element");
+    }
   }
   Stats<scalar_t> s{std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),
                     std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),

@@ -202,6 +202,7 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const scalar_t* ap = assign.data_ptr<scalar_t>();
   std::vector<double> row_dot(n);
+  std::vector<char> finite(n);
   at::parallel_for(0, ceil_div(n, kAssignRows), 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kAssignRows, k}, x.options());
     for (int64_t block = begin; block < end; ++block) {
@@ -209,9 +210,14 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
       at::Tensor tile = buffer.narrow(0, 0, rows);
       for (int64_t r = r0; r < r0 + rows; ++r) {  // the row's dS right after its <G, P>: in L2
         double dot = 0.0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < k; ++c) dot += static_cast<double>(gp[r * k + c]) * ap[r * k + c];
+        scalar_t check = 0;  // NaN once a NaN or an infinity is read (v - v)
+#pragma omp simd reduction(+ : dot, check)
+        for (int64_t c = 0; c < k; ++c) {
+          dot += static_cast<double>(gp[r * k + c]) * ap[r * k + c];
+          check += (gp[r * k + c] - gp[r * k + c]) + (ap[r * k + c] - ap[r * k + c]);
+        }
         row_dot[r] = dot;
+        finite[r] = check == scalar_t(0);
         scalar_t* tile_row = tile.data_ptr<scalar_t>() + (r - r0) * k;
         logits_gradient(gp, ap, row_dot, k, r, 1, 0, k, inv_tau, tile_row);
       }
@@ -219,6 +225,11 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
       at::mm_out(grad_rows, tile, p_unit);
     }
   });
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {  // located only now
+    check_finite("prototype_assign_backward", "grad", g);
+    check_finite("prototype_assign_backward", "assignments", assign);
+    TORCH_INTERNAL_ASSERT(false, "a non-finite row of grad or assignments without such element");
+  }
   at::parallel_for(0, ceil_div(k, kGradPrototypes), 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({n, kGradPrototypes}, x.options());
     for (int64_t block = begin; block < end; ++block) {
@@ -246,9 +257,7 @@ std::tuple<at::Tensor, at::Tensor> prototype_assign_backward_cpu(
   const at::Tensor g = as_data(grad_in).to(x_in.scalar_type());
   const at::Tensor assign = as_data(assign_in), x = as_data(x_in), p = as_data(p_in);
   constexpr const char* op = "prototype_assign_backward";
-  check_finite(op, "grad", g);
-  check_finite(op, "assignments", assign);
-  check_finite(op, "x", x);
+  check_finite(op, "x", x);  // grad and assignments: in the kernel's first pass
   check_finite(op, "prototypes", p);
   const int64_t n = x.size(0), k = p.size(0), d = x.size(1);
   const at::Tensor x_unit = scaled_rows(x, normalize, 1.0);

@@ -50,7 +50,7 @@ struct Options {
 
 // 1 / max(||x_r||, eps) for every row, x normalised into out; clamped[r] when ||x_r|| < eps
 // (the norm then carries no gradient, as in F.normalize). Raises ValueError naming the first
-// row that holds a NaN or an infinity.
+// NaN or infinity (found in the same pass, located only then).
 template <typename scalar_t>
 void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
                     std::vector<double>& rnorm, std::vector<char>& clamped) {
@@ -78,10 +78,10 @@ void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
       for (int64_t c = 0; c < d; ++c) dst[c] = row[c] * scale;
     }
   });
-  const auto bad = std::find(finite.begin(), finite.end(), 0);
-  TORCH_CHECK_VALUE(bad == finite.end(), "sparse_spatial_loss_forward: ", name, "[",
-                    bad - finite.begin(),
-                    "] holds a NaN or an infinity: the loss needs finite inputs");
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {
+    checks::check_finite("sparse_spatial_loss_forward", name, x);  // names the element, raises
+    TORCH_INTERNAL_ASSERT(false, "a non-finite row of ", name, " holds no non-finite element");
+  }
 }
 
 // (G_ab, G_ba) = f(G_ab, G_ba) for every pair a < b of the n x n row-major g, by pairs of

@@ -1,11 +1,13 @@
 """fastalign operators: each module holds its reference, dispatch and autograd.
 
 Adding an operator: its line in fastalign._backends.OPERATOR_OPS (the public name and its ops,
-the forward first); its schemas in csrc/ops.cpp and kernels in csrc/cpu and csrc/cuda; one
-launcher per op in fastalign/kernels/triton/<name>.py, named like the op, with aot_specs();
-and fastalign/ops/<name>.py with the reference, the argument checks (check_finite on every
-tensor input), typed fake kernels and one define_ops (define_loss_ops for a loss that computes
-its gradient in the forward) call, which registers fakes and autograd on both fast backends.
+the forward first); its schemas in csrc/schemas.h (listed in csrc/ops.cpp), its argument
+checks in csrc/checks/<name>.h and kernels in csrc/cpu and csrc/cuda; one launcher per op in
+fastalign/kernels/triton/<name>.py, named like the op, with aot_specs(); and
+fastalign/ops/<name>.py with the reference, the argument checks (check_finite on every tensor
+input, left to the C++ kernels on the cpu backend), typed fake kernels and one define_ops
+(define_loss_ops for a loss that computes its gradient in the forward) call, which registers
+fakes and autograd on both fast backends.
 """
 
 from fastalign.ops.dimension_correlation import (

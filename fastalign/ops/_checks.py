@@ -103,14 +103,18 @@ def finite_check_applies(device: torch.device) -> bool:
     return device.type == "cpu" or _check_finite_on_device
 
 
-def check_finite(name: str, x: Tensor, lengths: Tensor | None = None) -> None:
+def check_finite(
+    name: str, x: Tensor, lengths: Tensor | None = None, backend: str | None = None
+) -> None:
     """Raise ValueError naming ``x`` and the index of its first NaN / inf (row-major order),
     where the policy of :func:`finite_check_applies` applies to x's device.
 
     ``lengths`` (N,): only the first lengths[n] rows of x[n] (N, tokens, ...) are read by the
-    kernels, so only those are checked. Skipped while torch.compile traces (data-dependent).
+    kernels, so only those are checked. Skipped while torch.compile traces (data-dependent), and
+    for ``backend`` "cpu": the compiled CPU kernels raise the same error themselves, from a pass
+    they make anyway where they can (a second pass here would read every input twice).
     """
-    if torch.compiler.is_compiling() or not finite_check_applies(x.device):
+    if backend == "cpu" or torch.compiler.is_compiling() or not finite_check_applies(x.device):
         return
     x = x.detach()
     if bool(torch.isfinite(x.sum())):  # one reduction; an overflowing sum looks closer below

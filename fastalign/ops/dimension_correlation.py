@@ -59,8 +59,8 @@ def dimension_correlation_loss_reference(
 # --------------------------------------------------------------------------- checks
 def _check_inputs(a, b, backend: str) -> None:
     check_paired_rows(a, b, ("a", "b"), backend, "to standardise their columns")
-    check_finite("a", a)
-    check_finite("b", b)
+    check_finite("a", a, backend=backend)
+    check_finite("b", b, backend=backend)
 
 
 # --------------------------------------------------------------------------- custom ops

@@ -369,8 +369,8 @@ def region_word_similarity(
     word_lengths = check_lengths(
         "word_lengths", word_lengths, words.shape[0], words.shape[1], words.device
     )
-    check_finite("regions", regions, region_lengths)
-    check_finite("words", words, word_lengths)
+    check_finite("regions", regions, region_lengths, backend)
+    check_finite("words", words, word_lengths, backend)
     if backend == "reference":
         return region_word_similarity_reference(
             regions,

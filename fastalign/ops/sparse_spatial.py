@@ -129,8 +129,8 @@ def _check_selection(
 
 def _check_inputs(img, txt, backend: str) -> None:
     check_paired_rows(img, txt, ("img", "txt"), backend, "(pairs)")
-    check_finite("img", img)
-    check_finite("txt", txt)
+    check_finite("img", img, backend=backend)
+    check_finite("txt", txt, backend=backend)
 
 
 def _check_alpha_tensor(alpha, device: torch.device) -> None:

@@ -34,21 +34,61 @@ def reduction_block(dtype: torch.dtype) -> int:
 
 
 def launch(
-    kernel, grid, *args, num_warps: int = 4, dot_dtype: torch.dtype | None = None, **constexprs
+    kernel,
+    grid,
+    tensors: tuple,
+    sizes: tuple,
+    scalars: tuple = (),
+    *,
+    num_warps: int = 4,
+    dot_dtype: torch.dtype | None = None,
+    **constexprs,
 ) -> None:
-    """``kernel[grid](*args, **constexprs)`` as compile_check compiles it: under the register
-    cap :data:`MAXNREG`; with ``dot_dtype``, also the tl.dot PRECISION for that input dtype."""
+    """``kernel[grid](*tensors, *sizes, *scalars, **constexprs)`` as compile_check compiles it:
+    under the register cap :data:`MAXNREG`; with ``dot_dtype``, also the tl.dot PRECISION for
+    that input dtype.
+
+    Every kernel takes its arguments in this order: the tensors (pointers), then the sizes and
+    strides (int32), then the float scalars, then the constexprs.
+    """
     if dot_dtype is not None:
         constexprs["PRECISION"] = dot_precision(dot_dtype)
-    kernel[grid](*args, **constexprs, num_warps=num_warps, maxnreg=MAXNREG)
+    kernel[grid](*tensors, *sizes, *scalars, **constexprs, num_warps=num_warps, maxnreg=MAXNREG)
 
 
-def tiled_output(rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
-    """A float32 (rows, cols) output on ``like``'s device for a matrix kernel fed with ``like``'s
-    dtype, its tile side (:func:`matrix_tile`) and the launch grid of tiles that covers it."""
+def launch_tiled(
+    kernel,
+    rows: int,
+    cols: int,
+    like: torch.Tensor,
+    tensors: tuple,
+    sizes: tuple,
+    scalars: tuple = (),
+    *,
+    tiles: tuple[str, str],
+    **options,
+) -> torch.Tensor:
+    """A float32 (rows, cols) output ``out`` on ``like``'s device, computed tile by tile by a
+    matrix kernel that takes (tensors..., out, sizes..., out's row stride, scalars...).
+
+    The tile side (:func:`matrix_tile` of ``like``'s dtype, which also sets the tl.dot
+    precision) goes to the two constexprs named in ``tiles`` (rows, columns), and the grid
+    covers out; ``options`` are :func:`launch`'s (other constexprs, num_warps). Returns out.
+    """
     out = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
     tile = matrix_tile(like.dtype)
-    return out, tile, (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
+    grid = (triton.cdiv(rows, tile), triton.cdiv(cols, tile))
+    constexprs = dict.fromkeys(tiles, tile) | options
+    launch(
+        kernel,
+        grid,
+        (*tensors, out),
+        (*sizes, out.stride(0)),
+        scalars,
+        dot_dtype=like.dtype,
+        **constexprs,
+    )
+    return out
 
 
 @triton.jit
@@ -95,6 +135,17 @@ def dot_rows(acc, x_rows, x_ok, y_rows, y_ok, D, BLOCK_D: tl.constexpr, PRECISIO
     return acc
 
 
+# log2(e): the kernels take exp(x) as exp2(x * LOG2E), the faster instruction.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def lse_start(BLOCK: tl.constexpr):
+    """The state (running maximum, running sum) of :func:`lse_step` before any block, for BLOCK
+    slices at once."""
+    return tl.full([BLOCK], float("-inf"), dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32)
+
+
 @triton.jit
 def lse_step(best, total, x, scale, valid, axis: tl.constexpr):
     """One block ``x`` of a running log-sum-exp along ``axis``: the running maximum ``best`` of
@@ -105,6 +156,13 @@ def lse_step(best, total, x, scale, valid, axis: tl.constexpr):
     shifted = (x - tl.expand_dims(new_best, axis)) * scale
     total = total * tl.exp2((best - new_best) * scale) + tl.sum(tl.exp2(shifted), axis=axis)
     return new_best, total
+
+
+@triton.jit
+def lse_result(best, total, scale, valid):
+    """The log-sum-exp of the blocks :func:`lse_step` took (at the same ``scale``), in x's
+    units: best + log2(total) / scale; 0 where not ``valid``."""
+    return best + tl.log2(tl.where(valid, total, 1.0)) / scale
 
 
 # --------------------------------------------------------------------------- NaN as torch

@@ -16,7 +16,15 @@ import triton.language as tl
 from torch import Tensor
 
 from fastalign.kernels.triton import _common
-from fastalign.kernels.triton._common import load_tile, load_tile_t, lse_step, program_block
+from fastalign.kernels.triton._common import (
+    LOG2E,
+    load_tile,
+    load_tile_t,
+    lse_result,
+    lse_start,
+    lse_step,
+    program_block,
+)
 from fastalign.ops import _options
 
 # The Gram matrices enter tl.dot in the inputs' dtype, and their diagonal is about D: float16
@@ -159,9 +167,8 @@ def _logsumexp_kernel(
     """lse[r] = log sum_c exp(C[r, c] / tau), rows r along stride_r (rows or columns of C)."""
     rs, r_ok = program_block(0, BLOCK_R, D)
     offs_c = tl.arange(0, BLOCK_C)
-    scale = inv_tau * 1.4426950408889634  # base-2 exponentials
-    best = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    scale = inv_tau * LOG2E  # base-2 exponentials
+    best, total = lse_start(BLOCK_R)
     for c0 in range(0, D, BLOCK_C):
         cs = c0 + offs_c
         ok = r_ok[:, None] & (cs < D)[None, :]
@@ -172,7 +179,7 @@ def _logsumexp_kernel(
         )
         x = tl.where(ok, x * scale, float("-inf"))
         best, total = lse_step(best, total, x, 1.0, r_ok, 1)  # a NaN in C makes its sum NaN
-    lse = (best + tl.log2(tl.where(r_ok, total, 1.0))) / 1.4426950408889634
+    lse = lse_result(best, total, 1.0, r_ok) / LOG2E
     tl.store(lse_ptr + rs, lse, mask=r_ok)
 
 
@@ -211,9 +218,9 @@ def _correlation_grad_kernel(
     rows64 = rows.to(tl.int64)
     js, j_ok = program_block(1, BLOCK_J, D)
     offs_i = tl.arange(0, BLOCK_I)
-    exp_scale = inv_tau * 1.4426950408889634
+    exp_scale = inv_tau * LOG2E
     if MODE == _options.CORRELATION_MODE_SOFTMAX:
-        lse_j = tl.load(lse_j_ptr + js, mask=j_ok, other=0.0) * 1.4426950408889634
+        lse_j = tl.load(lse_j_ptr + js, mask=j_ok, other=0.0) * LOG2E
     acc = tl.zeros([BLOCK_N, BLOCK_J], dtype=tl.float32)
     for i0 in range(0, D, BLOCK_I):
         cols = i0 + offs_i
@@ -231,7 +238,7 @@ def _correlation_grad_kernel(
             diag = tl.load(diag_ptr + cols, mask=i_ok, other=0.0)
             g = tl.where(on_diagonal, -2.0 * (1.0 - diag[:, None]), 2.0 * off_diagonal_weight * c)
         else:
-            lse_i = tl.load(lse_i_ptr + cols, mask=i_ok, other=0.0) * 1.4426950408889634
+            lse_i = tl.load(lse_i_ptr + cols, mask=i_ok, other=0.0) * LOG2E
             s = c * exp_scale
             g = tl.exp2(s - lse_i[:, None]) + tl.exp2(s - lse_j[None, :])
             g = g - tl.where(on_diagonal, 2.0, 0.0)
@@ -411,16 +418,9 @@ def _launch_correlation(a, b, stats, c, store_c: bool, off_diagonal_weight: floa
     _common.launch(
         _correlation_kernel,
         grid,
-        a,
-        b,
-        *stats,
-        c,
-        partials,
-        n,
-        d,
-        a.stride(0),
-        b.stride(0),
-        float(off_diagonal_weight),
+        (a, b, *stats, c, partials),
+        (n, d, a.stride(0), b.stride(0)),
+        (float(off_diagonal_weight),),
         STORE_C=store_c,
         BLOCK_N=_common.reduction_block(a.dtype),
         BLOCK_K=tile,
@@ -438,11 +438,9 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
     _common.launch(
         _logsumexp_kernel,
         (triton.cdiv(d, block_r),),
-        c,
-        lse,
-        d,
-        *strides,
-        1.0 / tau,
+        (c, lse),
+        (d, *strides),
+        (1.0 / tau,),
         BLOCK_R=block_r,
         BLOCK_C=block_c,
     )
@@ -452,33 +450,19 @@ def _launch_logsumexp(c: Tensor, tau: float, along_rows: bool) -> Tensor:
 def _launch_correlation_grad(x, stats_x, c, diag, lse_i, lse_j, transpose_c, o, scale):
     """dL/dX_hat (float32) through C: X_hat G^T / N when transpose_c (x = b), else X_hat G / N."""
     n, d = x.shape
-    out, tile, grid = _common.tiled_output(n, d, x)
     c_strides = (c.stride(1), c.stride(0)) if transpose_c else (c.stride(0), c.stride(1))
-    _common.launch(
+    return _common.launch_tiled(
         _correlation_grad_kernel,
-        grid,
-        x,
-        stats_x,
-        c,
-        diag,
-        lse_i,
-        lse_j,
-        out,
         n,
         d,
-        x.stride(0),
-        *c_strides,
-        out.stride(0),
-        float(o["off_diagonal_weight"]),
-        1.0 / o["tau"],
-        float(scale),
+        x,
+        (x, stats_x, c, diag, lse_i, lse_j),
+        (n, d, x.stride(0), *c_strides),
+        (float(o["off_diagonal_weight"]), 1.0 / o["tau"], float(scale)),
+        tiles=("BLOCK_N", "BLOCK_J"),
         MODE=o["mode"],
-        BLOCK_N=tile,
         BLOCK_I=_common.reduction_block(x.dtype),
-        BLOCK_J=tile,
-        dot_dtype=x.dtype,
     )
-    return out
 
 
 def _gram_block(dtype: torch.dtype) -> int:
@@ -497,16 +481,8 @@ def _launch_gram(a, b, stats, store: bool):
     _common.launch(
         _gram_kernel,
         grid,
-        a,
-        b,
-        *stats,
-        gram_a,
-        gram_b,
-        partials,
-        n,
-        d,
-        a.stride(0),
-        b.stride(0),
+        (a, b, *stats, gram_a, gram_b, partials),
+        (n, d, a.stride(0), b.stride(0)),
         STORE=store,
         BLOCK_M=block,
         BLOCK_D=_common.reduction_block(a.dtype),
@@ -520,30 +496,18 @@ _GRAM_GRAD_WARPS = 8  # a 64 x 64 accumulator, a Gram tile and the epilogue's lo
 
 def _launch_gram_grad(x, y, stats_x, stats_y, gram_y, g, coef) -> Tensor:
     n, d = x.shape
-    out, tile, grid = _common.tiled_output(n, d, x)
-    _common.launch(
+    return _common.launch_tiled(
         _gram_grad_kernel,
-        grid,
-        x,
-        y,
-        stats_x,
-        stats_y,
-        gram_y,
-        g,
-        out,
         n,
         d,
-        x.stride(0),
-        y.stride(0),
-        out.stride(0),
-        float(coef),
-        BLOCK_N=tile,
+        x,
+        (x, y, stats_x, stats_y, gram_y, g),
+        (n, d, x.stride(0), y.stride(0)),
+        (float(coef),),
+        tiles=("BLOCK_N", "BLOCK_D"),
         BLOCK_M=_common.reduction_block(x.dtype),
-        BLOCK_D=tile,
-        dot_dtype=x.dtype,
         num_warps=_GRAM_GRAD_WARPS,
     )
-    return out
 
 
 def _launch_standardize_backward(x, stats_x, grad_hat) -> Tensor:
@@ -552,15 +516,8 @@ def _launch_standardize_backward(x, stats_x, grad_hat) -> Tensor:
     _common.launch(
         _standardize_backward_kernel,
         (triton.cdiv(d, _COLUMN_BLOCK),),
-        x,
-        stats_x,
-        grad_hat,
-        out,
-        n,
-        d,
-        x.stride(0),
-        grad_hat.stride(0),
-        out.stride(0),
+        (x, stats_x, grad_hat, out),
+        (n, d, x.stride(0), grad_hat.stride(0), out.stride(0)),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
     )
@@ -602,16 +559,9 @@ def dimension_correlation_loss_forward(
     _common.launch(
         _column_stats_kernel,
         (triton.cdiv(d, _COLUMN_BLOCK),),
-        a,
-        b,
-        stats_a,
-        stats_b,
-        diag,
-        n,
-        d,
-        a.stride(0),
-        b.stride(0),
-        float(eps),
+        (a, b, stats_a, stats_b, diag),
+        (n, d, a.stride(0), b.stride(0)),
+        (float(eps),),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
     )

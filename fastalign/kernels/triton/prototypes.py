@@ -22,10 +22,13 @@ from torch import Tensor
 
 from fastalign.kernels.triton import _common
 from fastalign.kernels.triton._common import (
+    LOG2E,
     argmax_nan,
     dot_rows,
     load_tile,
     load_tile_t,
+    lse_result,
+    lse_start,
     lse_step,
     max_nan,
     merge_max,
@@ -95,8 +98,7 @@ def _logits_kernel(
     rows64 = rows.to(tl.int64)
     inv_x = tl.load(inv_x_ptr + rows, mask=row_ok, other=0.0) * scale
     x_rows = x_ptr + rows64 * stride_x
-    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    best, total = lse_start(BLOCK_N)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         cols, col_ok, _, s = _cosine_tile(
@@ -107,13 +109,12 @@ def _logits_kernel(
         tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], s, mask=ok)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if MODE == _options.ASSIGN_MODE_SOFTMAX:  # a NaN logit makes its sum NaN
-            best, total = lse_step(best, total, s, 1.4426950408889634, row_ok, 1)
+            best, total = lse_step(best, total, s, LOG2E, row_ok, 1)
         if MODE == _options.ASSIGN_MODE_HARD:  # the first maximum, or the first NaN
             tile_arg = argmax_nan(s, 1).to(tl.int32) + k0
             best, best_idx = merge_max(best, best_idx, max_nan(s, 1), tile_arg)
     if MODE == _options.ASSIGN_MODE_SOFTMAX:
-        lse = best + tl.log2(tl.where(row_ok, total, 1.0)) / 1.4426950408889634
-        tl.store(stat_ptr + rows, lse, mask=row_ok)
+        tl.store(stat_ptr + rows, lse_result(best, total, LOG2E, row_ok), mask=row_ok)
     if MODE == _options.ASSIGN_MODE_HARD:
         tl.store(arg_ptr + rows, best_idx, mask=row_ok)
 
@@ -133,8 +134,7 @@ def _sinkhorn_columns_kernel(
     """Column step: col_shift[k] = logsumexp_n(logq[n, k] - row_shift[n]) - log(N / K)."""
     cols, col_ok = program_block(0, BLOCK_K, K)
     offs_n = tl.arange(0, BLOCK_N)
-    best = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    best, total = lse_start(BLOCK_K)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + offs_n
         row_ok = rows < N
@@ -146,8 +146,8 @@ def _sinkhorn_columns_kernel(
         )
         shift = tl.load(row_shift_ptr + rows, mask=row_ok, other=0.0)
         v = tl.where(ok, v - shift[:, None], float("-inf"))
-        best, total = lse_step(best, total, v, 1.4426950408889634, col_ok, 0)
-    lse = best + tl.log2(tl.where(col_ok, total, 1.0)) / 1.4426950408889634
+        best, total = lse_step(best, total, v, LOG2E, col_ok, 0)
+    lse = lse_result(best, total, LOG2E, col_ok)
     tl.store(col_shift_ptr + cols, lse - log_column_mass, mask=col_ok)
 
 
@@ -168,8 +168,7 @@ def _sinkhorn_rows_kernel(
     rows64 = rows.to(tl.int64)
     old_shift = tl.load(row_shift_ptr + rows, mask=row_ok, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
-    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    best, total = lse_start(BLOCK_N)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + offs_k
         col_ok = cols < K
@@ -179,9 +178,8 @@ def _sinkhorn_rows_kernel(
         v = tl.load(ptrs, mask=ok, other=0.0) - old_shift[:, None] - col_shift[None, :]
         tl.store(ptrs, v, mask=ok)
         v = tl.where(ok, v, float("-inf"))
-        best, total = lse_step(best, total, v, 1.4426950408889634, row_ok, 1)
-    lse = best + tl.log2(tl.where(row_ok, total, 1.0)) / 1.4426950408889634
-    tl.store(row_shift_ptr + rows, lse, mask=row_ok)
+        best, total = lse_step(best, total, v, LOG2E, row_ok, 1)
+    tl.store(row_shift_ptr + rows, lse_result(best, total, LOG2E, row_ok), mask=row_ok)
 
 
 @triton.jit
@@ -210,7 +208,7 @@ def _finish_kernel(
     else:
         shift = tl.load(shift_ptr + rows, mask=row_ok, other=0.0)
         v = tl.load(logits_ptr + rows64[:, None] * stride_in + cols[None, :], mask=ok, other=0.0)
-        q = tl.exp2((v - shift[:, None]) * 1.4426950408889634)
+        q = tl.exp2((v - shift[:, None]) * LOG2E)
     out = out_ptr + rows64[:, None] * stride_out + cols[None, :]
     tl.store(out, q.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -289,8 +287,8 @@ def _update_kernel(
     p_ptr,
     x_ptr,
     a_ptr,
-    out_ptr,
     mass_ptr,
+    out_ptr,
     N,
     K,
     D,
@@ -401,7 +399,7 @@ def _topk_mix_forward_kernel(
             best = tl.max(cos, axis=1)
     logits = tl.where(slot_ok[None, :], top_dot * inv_tau, float("-inf"))
     shift = tl.max(logits, axis=1)
-    e = tl.exp2((logits - shift[:, None]) * 1.4426950408889634)
+    e = tl.exp2((logits - shift[:, None]) * LOG2E)
     w = e / tl.sum(e, axis=1)[:, None]
     ok = row_ok[:, None] & slot_ok[None, :]
     tl.store(idx_ptr + rows64[:, None] * m + slots[None, :], top_idx.to(tl.int64), mask=ok)
@@ -536,20 +534,17 @@ def prototype_assign_forward(
     _common.launch(
         _logits_kernel,
         (triton.cdiv(n, tile),),
-        x,
-        prototypes,
-        _inverse_norms(x, normalize),
-        _inverse_norms(prototypes, normalize),
-        logits,
-        shift,
-        arg,
-        n,
-        k,
-        d,
-        x.stride(0),
-        prototypes.stride(0),
-        logits.stride(0),
-        1.0 if mode == _options.ASSIGN_MODE_HARD else 1.0 / tau,
+        (
+            x,
+            prototypes,
+            _inverse_norms(x, normalize),
+            _inverse_norms(prototypes, normalize),
+            logits,
+            shift,
+            arg,
+        ),
+        (n, k, d, x.stride(0), prototypes.stride(0), logits.stride(0)),
+        (1.0 if mode == _options.ASSIGN_MODE_HARD else 1.0 / tau,),
         MODE=mode,
         BLOCK_N=tile,
         BLOCK_K=tile,
@@ -563,25 +558,17 @@ def prototype_assign_forward(
             _common.launch(
                 _sinkhorn_columns_kernel,
                 (triton.cdiv(k, _COL_BLOCK),),
-                logits,
-                shift,
-                column_shift,
-                n,
-                k,
-                logits.stride(0),
-                math.log(n / k),
+                (logits, shift, column_shift),
+                (n, k, logits.stride(0)),
+                (math.log(n / k),),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
             )
             _common.launch(
                 _sinkhorn_rows_kernel,
                 (triton.cdiv(n, _ROW_BLOCK),),
-                logits,
-                shift,
-                column_shift,
-                n,
-                k,
-                logits.stride(0),
+                (logits, shift, column_shift),
+                (n, k, logits.stride(0)),
                 BLOCK_N=_ROW_BLOCK,
                 BLOCK_K=_COL_BLOCK,
             )
@@ -590,14 +577,8 @@ def prototype_assign_forward(
     _common.launch(
         _finish_kernel,
         (triton.cdiv(n, _ROW_BLOCK), triton.cdiv(k, _COL_BLOCK)),
-        logits,
-        shift,
-        arg,
-        out,
-        n,
-        k,
-        logits.stride(0),
-        out.stride(0),
+        (logits, shift, arg, out),
+        (n, k, logits.stride(0), out.stride(0)),
         HARD=mode == _options.ASSIGN_MODE_HARD,
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
@@ -610,32 +591,20 @@ def _launch_assign_grad(grad, assignments, row_dot, y, inv_y, transposed, tau) -
     n, k = assignments.shape
     rows, reduce = (k, n) if transposed else (n, k)
     d = y.shape[1]
-    out, tile, grid = _common.tiled_output(rows, d, y)
     strides = (1, k) if transposed else (k, 1)
-    _common.launch(
+    return _common.launch_tiled(
         _assign_grad_kernel,
-        grid,
-        grad,
-        assignments,
-        row_dot,
-        y,
-        inv_y,
-        out,
         rows,
-        reduce,
         d,
-        *strides,
-        y.stride(0),
-        out.stride(0),
-        1.0 / tau,
+        y,
+        (grad, assignments, row_dot, y, inv_y),
+        (rows, reduce, d, *strides, y.stride(0)),
+        (1.0 / tau,),
+        tiles=("BLOCK_M", "BLOCK_D"),
         DOT_ON_M=not transposed,
-        BLOCK_M=tile,
         BLOCK_J=_REDUCTION_BLOCK,
-        BLOCK_D=tile,
-        dot_dtype=y.dtype,
         num_warps=_warps(_assign_grad_kernel),
     )
-    return out
 
 
 def prototype_assign_backward(
@@ -649,13 +618,8 @@ def prototype_assign_backward(
     _common.launch(
         _row_dot_kernel,
         (triton.cdiv(n, _ROW_BLOCK),),
-        grad,
-        assignments,
-        row_dot,
-        n,
-        k,
-        grad.stride(0),
-        assignments.stride(0),
+        (grad, assignments, row_dot),
+        (n, k, grad.stride(0), assignments.stride(0)),
         BLOCK_N=_ROW_BLOCK,
         BLOCK_K=_COL_BLOCK,
     )
@@ -673,28 +637,17 @@ def prototype_update(
     """(K, D) EMA of the assignment-weighted means; see fastalign.prototype_update."""
     prototypes, x, assignments = (t.contiguous() for t in (prototypes, x, assignments))
     (k, d), n = prototypes.shape, x.shape[0]
-    out, tile, grid = _common.tiled_output(k, d, x)
     mass = torch.empty(k, dtype=torch.float32, device=x.device)
-    _common.launch(
+    out = _common.launch_tiled(
         _update_kernel,
-        grid,
-        prototypes,
-        x,
-        assignments,
-        out,
-        mass,
-        n,
         k,
         d,
-        prototypes.stride(0),
-        x.stride(0),
-        assignments.stride(0),
-        out.stride(0),
-        float(momentum),
+        x,
+        (prototypes, x, assignments, mass),
+        (n, k, d, prototypes.stride(0), x.stride(0), assignments.stride(0)),
+        (float(momentum),),
+        tiles=("BLOCK_K", "BLOCK_D"),
         BLOCK_N=_REDUCTION_BLOCK,
-        BLOCK_K=tile,
-        BLOCK_D=tile,
-        dot_dtype=x.dtype,
     )
     if normalize:  # only the prototypes that moved
         unit = out / torch.linalg.vector_norm(out, dim=1, keepdim=True).clamp_min(_NORM_EPS)
@@ -725,24 +678,18 @@ def prototype_topk_mix_forward(
     _common.launch(
         _topk_mix_forward_kernel,
         (triton.cdiv(n, _QUERY_BLOCK),),
-        queries,
-        keys,
-        values,
-        _inverse_norms(queries),
-        _inverse_norms(keys),
-        out,
-        indices,
-        weights,
-        n,
-        k,
-        d,
-        dv,
-        m,
-        queries.stride(0),
-        keys.stride(0),
-        values.stride(0),
-        out.stride(0),
-        1.0 / tau,
+        (
+            queries,
+            keys,
+            values,
+            _inverse_norms(queries),
+            _inverse_norms(keys),
+            out,
+            indices,
+            weights,
+        ),
+        (n, k, d, dv, m, queries.stride(0), keys.stride(0), values.stride(0), out.stride(0)),
+        (1.0 / tau,),
         BLOCK_Q=_QUERY_BLOCK,
         BLOCK_K=block_k,
         BLOCK_D=_REDUCTION_BLOCK,
@@ -773,24 +720,9 @@ def prototype_topk_mix_backward(
     _common.launch(
         _topk_mix_backward_kernel,
         (triton.cdiv(n, _QUERY_BLOCK),),
-        grad,
-        queries,
-        keys,
-        values,
-        indices,
-        weights,
-        grad_q,
-        grad_k,
-        grad_v,
-        n,
-        d,
-        dv,
-        m,
-        grad.stride(0),
-        queries.stride(0),
-        keys.stride(0),
-        values.stride(0),
-        1.0 / tau,
+        (grad, queries, keys, values, indices, weights, grad_q, grad_k, grad_v),
+        (n, d, dv, m, grad.stride(0), queries.stride(0), keys.stride(0), values.stride(0)),
+        (1.0 / tau,),
         BLOCK_Q=_QUERY_BLOCK,
         BLOCK_D=_REDUCTION_BLOCK,
         M_PAD=_slots(m),

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastalign.kernels.triton import _common
 from fastalign.kernels.triton._common import (
+    LOG2E,
     argmax_nan,
     dot_rows,
     load_tile,
@@ -77,8 +78,8 @@ def _region_word_fwd_kernel(
 
     offs_q = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
-    align_scale = 1.4426950408889634 / align_tau
-    agg_scale = 1.4426950408889634 / aggregate_tau
+    align_scale = LOG2E / align_tau
+    agg_scale = LOG2E / aggregate_tau
 
     # aggregate state over query tokens, reduced block by block (every block has a valid row)
     if AGGREGATE == _options.AGGREGATE_MEAN or AGGREGATE == _options.AGGREGATE_SUM:
@@ -190,7 +191,7 @@ def _region_word_bwd_kernel(
     offs_v = tl.arange(0, BLOCK_V)
     offs_do, do_ok = program_block(1, BLOCK_DO, D)
     x_base = x_ptr + xi * stride_x_item
-    align_scale = 1.4426950408889634 / align_tau
+    align_scale = LOG2E / align_tau
 
     acc = tl.zeros([BLOCK_U, BLOCK_DO], dtype=tl.float32)
     n_y_run = tl.where(u0 < x_len, n_y, 0)  # blocks past the real length only write zeros
@@ -300,25 +301,28 @@ def _launch_forward(
     _common.launch(
         _region_word_fwd_kernel,
         (n_q * n_k,),
-        queries,
-        keys,
-        query_lengths,
-        key_lengths,
-        scores,
-        a_out if need_values else scores,
-        idx_out if store_idx else scores,
-        n_k,
-        dim,
-        queries.stride(0),
-        queries.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        scores.stride(query_axis),
-        scores.stride(1 - query_axis),
-        aux_strides[query_axis],
-        aux_strides[1 - query_axis],
-        float(align_tau),
-        float(aggregate_tau),
+        (
+            queries,
+            keys,
+            query_lengths,
+            key_lengths,
+            scores,
+            a_out if need_values else scores,
+            idx_out if store_idx else scores,
+        ),
+        (
+            n_k,
+            dim,
+            queries.stride(0),
+            queries.stride(1),
+            keys.stride(0),
+            keys.stride(1),
+            scores.stride(query_axis),
+            scores.stride(1 - query_axis),
+            aux_strides[query_axis],
+            aux_strides[1 - query_axis],
+        ),
+        (float(align_tau), float(aggregate_tau)),
         ALIGN=align,
         AGGREGATE=aggregate,
         LEAKY=bool(leaky),
@@ -426,27 +430,11 @@ def _launch_backward(
     _common.launch(
         _region_word_bwd_kernel,
         grid,
-        x,
-        y,
-        x_lengths,
-        y_lengths,
-        grad,
-        coef_q,
-        aux_q,
-        coef_k,
-        aux_k,
-        y.shape[0],
-        len_x,
-        dim,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        grad.stride(0),
-        grad.stride(1),
-        *q_strides,
-        *k_strides,
-        float(align_tau),
+        (x, y, x_lengths, y_lengths, grad, coef_q, aux_q, coef_k, aux_k),
+        (y.shape[0], len_x, dim, *x.stride()[:2], *y.stride()[:2], *grad.stride()[:2])
+        + q_strides
+        + k_strides,
+        (float(align_tau),),
         ALIGN=align,
         LEAKY=bool(leaky),
         HAS_Q=has_q,

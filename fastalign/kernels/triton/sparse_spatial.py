@@ -329,11 +329,8 @@ def _row_norms(x: Tensor) -> Tensor:
     _common.launch(
         _row_norm_kernel,
         (triton.cdiv(n, _ROW_BLOCK),),
-        x,
-        norm,
-        n,
-        d,
-        x.stride(0),
+        (x, norm),
+        (n, d, x.stride(0)),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
     )
@@ -342,28 +339,19 @@ def _row_norms(x: Tensor) -> Tensor:
 
 def _launch_gradient(gamma, x, norm, mirror_sign: int) -> Tensor:
     n, d = x.shape
-    out, tile, grid = _common.tiled_output(n, d, x)
-    _common.launch(
+    return _common.launch_tiled(
         _gradient_kernel,
-        grid,
-        gamma,
-        x,
-        norm,
-        out,
         n,
         d,
-        x.stride(0),
-        out.stride(0),
-        _NORM_EPS,
-        float(n),
+        x,
+        (gamma, x, norm),
+        (n, d, x.stride(0)),
+        (_NORM_EPS, float(n)),
+        tiles=("BLOCK_N", "BLOCK_D"),
         MIRROR_SIGN=mirror_sign,
-        BLOCK_N=tile,
         BLOCK_M=_common.reduction_block(x.dtype),
-        BLOCK_D=tile,
-        dot_dtype=x.dtype,
         num_warps=_MATRIX_WARPS,
     )
-    return out
 
 
 def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
@@ -372,17 +360,9 @@ def _launch_normalize_backward(x, norm, grad_hat, sign: float) -> Tensor:
     _common.launch(
         _normalize_backward_kernel,
         (triton.cdiv(n, _ROW_BLOCK),),
-        x,
-        norm,
-        grad_hat,
-        out,
-        n,
-        d,
-        x.stride(0),
-        grad_hat.stride(0),
-        out.stride(0),
-        _NORM_EPS,
-        float(sign),
+        (x, norm, grad_hat, out),
+        (n, d, x.stride(0), grad_hat.stride(0), out.stride(0)),
+        (_NORM_EPS, float(sign)),
         BLOCK_R=_ROW_BLOCK,
         BLOCK_D=_COLUMN_BLOCK,
     )
@@ -424,16 +404,9 @@ def sparse_spatial_loss_forward(
     _common.launch(
         _discrepancy_kernel,
         (triton.cdiv(n, tile), triton.cdiv(n, tile)),
-        img,
-        txt,
-        norm_img,
-        norm_txt,
-        discrepancy,
-        n,
-        d,
-        img.stride(0),
-        txt.stride(0),
-        _NORM_EPS,
+        (img, txt, norm_img, norm_txt, discrepancy),
+        (n, d, img.stride(0), txt.stride(0)),
+        (_NORM_EPS,),
         KIND=kind,
         BLOCK_M=tile,
         BLOCK_K=_common.reduction_block(img.dtype),
@@ -445,13 +418,9 @@ def sparse_spatial_loss_forward(
     _common.launch(
         _select_kernel,
         (triton.cdiv(n, _ROW_BLOCK),),
-        discrepancy,
-        alpha.to(torch.float32).contiguous(),
-        row_loss,
-        grad_alpha,
-        n,
-        k,
-        1.0 / temperature,
+        (discrepancy, alpha.to(torch.float32).contiguous(), row_loss, grad_alpha),
+        (n, k),
+        (1.0 / temperature,),
         SELECT=select,
         LARGEST=largest,
         NEED_GRAD=need_grad,
