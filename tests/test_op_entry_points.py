@@ -412,6 +412,35 @@ def test_bad_arguments_raise(op, change, message):
         getattr(torch.ops.fastalign, op)(**args)
 
 
+@pytest.mark.parametrize("name", ["keys", "values", "grad"])
+def test_topk_mix_backward_names_a_non_finite_row_it_reads(name):
+    """The backward checks grad and the key and value rows the indices pick inside its first
+    pass; a bad element there raises, named as everywhere."""
+    args = _topk_backward_args()
+    row = int(args["indices"][2, 1]) if name != "grad" else 2
+    x = args[name].clone()
+    x[row, 1] = NAN
+    message = rf"^{PTB}: {name} holds a non-finite value \(nan\) at \[{row}, 1\]"
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fastalign.prototype_topk_mix_backward(**(args | {name: x}))
+
+
+def test_topk_mix_backward_never_reads_rows_no_index_picks():
+    """A NaN in a key or value row that no index picks changes nothing, as in the reference
+    (its gradient reaches only the picked rows)."""
+    args = _topk_backward_args()
+    unpicked = sorted(set(range(5)) - set(args["indices"].flatten().tolist()))
+    if not unpicked:  # 6 queries x 2 picks of 5 rows: make one row unpicked
+        args["indices"] = torch.where(args["indices"] == 4, 3, args["indices"])
+        unpicked = [4]
+    keys, values = args["keys"].clone(), args["values"].clone()
+    keys[unpicked[0]], values[unpicked[0]] = NAN, math.inf
+    got = torch.ops.fastalign.prototype_topk_mix_backward(**(args | dict(keys=keys, values=values)))
+    want = torch.ops.fastalign.prototype_topk_mix_backward(**args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_region_word_ignores_non_finite_padding():
     """NaN and inf in padded tokens are never read: the answer equals the one on clean inputs
     (the reference's masked mean would turn a padded NaN into NaN)."""

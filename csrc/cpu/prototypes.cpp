@@ -440,16 +440,21 @@ void topk_mix_backward(const at::Tensor& g, const at::Tensor& q, const at::Tenso
   const scalar_t* w = weights.data_ptr<scalar_t>();
   scalar_t* cp = coef.data_ptr<scalar_t>();
   scalar_t* gq = grad_q.data_ptr<scalar_t>();
+  std::vector<char> finite(n);
   at::parallel_for(0, n, std::max<int64_t>(1, 256 / m), [&](int64_t b, int64_t e) {
     std::vector<double> gv(m);
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* gr = gp + r * dv;
+      scalar_t check = 0;  // NaN once a NaN or an infinity of G_n or a picked row is read
       double mean = 0.0;
       for (int64_t j = 0; j < m; ++j) {
         const scalar_t* vr = vp + idx[r * m + j] * dv;
         double dot = 0.0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < dv; ++c) dot += static_cast<double>(gr[c]) * vr[c];
+#pragma omp simd reduction(+ : dot, check)
+        for (int64_t c = 0; c < dv; ++c) {
+          dot += static_cast<double>(gr[c]) * vr[c];
+          check += (gr[c] - gr[c]) + (vr[c] - vr[c]);
+        }
         gv[j] = dot;
         mean += w[r * m + j] * dot;
       }
@@ -459,11 +464,22 @@ void topk_mix_backward(const at::Tensor& g, const at::Tensor& q, const at::Tenso
         const auto cj = static_cast<scalar_t>(w[r * m + j] * (gv[j] - mean) / tau);
         cp[r * m + j] = cj;
         const scalar_t* kr = kp + idx[r * m + j] * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) out[c] += cj * kr[c];
+#pragma omp simd reduction(+ : check)
+        for (int64_t c = 0; c < d; ++c) {
+          out[c] += cj * kr[c];
+          check += kr[c] - kr[c];
+        }
       }
+      finite[r] = check == scalar_t(0);
     }
   });
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {  // located only now
+    constexpr const char* op = "prototype_topk_mix_backward";
+    check_finite(op, "grad", g);
+    check_finite(op, "keys", keys);
+    check_finite(op, "values", v);
+    TORCH_INTERNAL_ASSERT(false, "a non-finite row of grad, keys or values without such element");
+  }
   // Column slices of dL/dkeys (D columns) then of dL/dvalues (Dv columns), one task each.
   const int64_t key_tasks = ceil_div(d, kScatterColumns);
   const int64_t tasks = key_tasks + ceil_div(dv, kScatterColumns);
@@ -503,11 +519,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_topk_mix_backward_cpu(
   const at::Tensor g = as_data(grad_in);
   const at::Tensor q = as_data(q_in), keys = as_data(k_in), v = as_data(v_in);
   const at::Tensor weights = as_data(w_in);
+  // grad and the key and value rows the indices pick: in the kernel's first pass (the rows
+  // no index picks are never read, and the reference's gradient does not see them either)
   constexpr const char* op = "prototype_topk_mix_backward";
-  check_finite(op, "grad", g);
   check_finite(op, "queries", q);
-  check_finite(op, "keys", keys);
-  check_finite(op, "values", v);
   check_finite(op, "weights", weights);
   at::Tensor grad_q = at::empty_like(q);
   at::Tensor grad_k = at::zeros_like(keys), grad_v = at::zeros_like(v);
