@@ -30,14 +30,19 @@ bench: install
 # bench-baseline saves a run as BENCH_BASELINE; bench-compare times the working tree against it
 # and fails when a case's median is more than BENCH_FAIL slower. Load on a shared machine moves
 # medians by more than that: compare on a quiet machine, or baseline and compare back to back.
+# BENCH_ENV holds both sides still: one thread (two threads that wait for each other swing
+# medians on a busy machine) and a fixed glibc mmap threshold (the dynamic one depends on what
+# the process allocated before, and a kernel whose N x N buffers land in fresh pages pays their
+# page faults on every call: one sparse_spatial forward measured 32 or 38 ms by that alone).
 BENCH_BASELINE ?= benchmarks/results/baseline.json
 BENCH_FAIL ?= median:25%
+BENCH_ENV ?= OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=268435456
 bench-baseline: install
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_BASELINE)
+	$(BENCH_ENV) $(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_BASELINE)
 
 bench-compare: install
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-compare=$(BENCH_BASELINE) \
-		--benchmark-compare-fail=$(BENCH_FAIL)
+	$(BENCH_ENV) $(PY) -m pytest benchmarks --benchmark-only \
+		--benchmark-compare=$(BENCH_BASELINE) --benchmark-compare-fail=$(BENCH_FAIL)
 
 # Everything that needs an NVIDIA GPU, from a clean checkout in under 8 minutes (builds its own
 # environment: see benchmarks/gpu_check.py); results in gpu-results/<time>/. Without a GPU it

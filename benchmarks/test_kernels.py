@@ -11,7 +11,10 @@ benchmark's extra_info and printed after the timing table.
 
 Compare runs made with the same thread count (extra_info "threads"). On a machine shared with
 other jobs, two threads that wait for each other at every parallel region make medians swing
-by 10x: run both sides with OMP_NUM_THREADS=1 there.
+by 10x: run both sides with OMP_NUM_THREADS=1 there. Fix glibc's mmap threshold on both sides
+too (MALLOC_MMAP_THRESHOLD_=268435456, as ``make bench-compare`` does): the dynamic one follows
+what the process allocated before, and a kernel whose large buffers come from fresh pages pays
+their page faults on every call (up to 20% on one case, from allocation history alone).
 """
 
 from __future__ import annotations
