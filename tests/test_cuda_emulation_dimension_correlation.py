@@ -84,7 +84,7 @@ def test_dimension_correlation_constant_column_gives_zeros_not_nan():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("which,value", [("a", math.nan), ("b", math.nan), ("a", math.inf)])
-@pytest.mark.parametrize("row,col", [(0, 0), (3, 35), (5, 39)])
+@pytest.mark.parametrize("row,col", [(0, 0), (5, 39)])  # the first and the last element
 def test_dimension_correlation_non_finite_input_gives_the_references_nan(
     mode, which, value, row, col
 ):
