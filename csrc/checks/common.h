@@ -226,4 +226,11 @@ inline void check_finite(const char* op, const char* name, const at::Tensor& x,
                              [&] { check_finite_items<scalar_t>(op, name, x, lengths); });
 }
 
+// For a kernel whose own pass saw a non-finite value (cheaply, without keeping where): raises
+// check_finite's error for the first of ``tensors`` that holds one.
+inline void raise_non_finite(const char* op, std::initializer_list<Named> tensors) {
+  for (const Named& t : tensors) check_finite(op, t.name, t.tensor);
+  TORCH_INTERNAL_ASSERT(false, op, ": a pass saw a non-finite value that check_finite missed");
+}
+
 }  // namespace fastalign::checks

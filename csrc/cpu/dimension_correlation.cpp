@@ -128,8 +128,7 @@ Stats<scalar_t> column_stats(const scalar_t* a, const scalar_t* b, int64_t rows,
       // located only now: the first non-finite element in row-major order, as everywhere
       const at::Tensor x = at::from_blob(const_cast<scalar_t*>(check == kCheckA ? a : b),
                                          {rows, cols}, at::dtype<scalar_t>());
-      checks::check_finite("dimension_correlation_loss_forward", name, x);
-      TORCH_INTERNAL_ASSERT(false, "a non-finite column of ", name, " holds no such element");
+      checks::raise_non_finite("dimension_correlation_loss_forward", {{name, x}});
     }
   }
   Stats<scalar_t> s{std::vector<scalar_t>(cols), std::vector<scalar_t>(cols),

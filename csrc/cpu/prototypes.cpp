@@ -225,11 +225,8 @@ void assign_backward(const at::Tensor& g, const at::Tensor& assign, const at::Te
       at::mm_out(grad_rows, tile, p_unit);
     }
   });
-  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {  // located only now
-    check_finite("prototype_assign_backward", "grad", g);
-    check_finite("prototype_assign_backward", "assignments", assign);
-    TORCH_INTERNAL_ASSERT(false, "a non-finite row of grad or assignments without such element");
-  }
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end())  // located only now
+    checks::raise_non_finite("prototype_assign_backward", {{"grad", g}, {"assignments", assign}});
   at::parallel_for(0, ceil_div(k, kGradPrototypes), 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({n, kGradPrototypes}, x.options());
     for (int64_t block = begin; block < end; ++block) {
@@ -473,13 +470,9 @@ void topk_mix_backward(const at::Tensor& g, const at::Tensor& q, const at::Tenso
       finite[r] = check == scalar_t(0);
     }
   });
-  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {  // located only now
-    constexpr const char* op = "prototype_topk_mix_backward";
-    check_finite(op, "grad", g);
-    check_finite(op, "keys", keys);
-    check_finite(op, "values", v);
-    TORCH_INTERNAL_ASSERT(false, "a non-finite row of grad, keys or values without such element");
-  }
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end())  // located only now
+    checks::raise_non_finite("prototype_topk_mix_backward",
+                             {{"grad", g}, {"keys", keys}, {"values", v}});
   // Column slices of dL/dkeys (D columns) then of dL/dvalues (Dv columns), one task each.
   const int64_t key_tasks = ceil_div(d, kScatterColumns);
   const int64_t tasks = key_tasks + ceil_div(dv, kScatterColumns);

@@ -78,10 +78,8 @@ void normalize_rows(const at::Tensor& x, const char* name, at::Tensor& out,
       for (int64_t c = 0; c < d; ++c) dst[c] = row[c] * scale;
     }
   });
-  if (std::find(finite.begin(), finite.end(), 0) != finite.end()) {
-    checks::check_finite("sparse_spatial_loss_forward", name, x);  // names the element, raises
-    TORCH_INTERNAL_ASSERT(false, "a non-finite row of ", name, " holds no non-finite element");
-  }
+  if (std::find(finite.begin(), finite.end(), 0) != finite.end())
+    checks::raise_non_finite("sparse_spatial_loss_forward", {{name, x}});
 }
 
 // (G_ab, G_ba) = f(G_ab, G_ba) for every pair a < b of the n x n row-major g, by pairs of

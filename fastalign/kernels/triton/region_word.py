@@ -431,9 +431,16 @@ def _launch_backward(
         _region_word_bwd_kernel,
         grid,
         (x, y, x_lengths, y_lengths, grad, coef_q, aux_q, coef_k, aux_k),
-        (y.shape[0], len_x, dim, *x.stride()[:2], *y.stride()[:2], *grad.stride()[:2])
-        + q_strides
-        + k_strides,
+        (
+            y.shape[0],
+            len_x,
+            dim,
+            *x.stride()[:2],
+            *y.stride()[:2],
+            *grad.stride()[:2],
+            *q_strides,
+            *k_strides,
+        ),
         (float(align_tau),),
         ALIGN=align,
         LEAKY=bool(leaky),
