@@ -1,6 +1,7 @@
 """The CUDA kernels of csrc/cuda, run on the CPU through the host emulation (blocks one after
-another, the threads of a block as host threads; see csrc/cuda/host_emulation.h), against the
-plain-PyTorch reference: forward and gradients on fresh random inputs of awkward shapes."""
+another, the threads of a block as fibers on one host thread; see csrc/cuda/host_emulation.h),
+against the plain-PyTorch reference: forward and gradients on fresh random inputs of awkward
+shapes."""
 
 import math
 import shutil
