@@ -308,3 +308,74 @@ class FeedbackPrototypes(nn.Module):
             f"beta={self.beta}, feedback_momentum={self.feedback_momentum}, "
             f"feedback={self.feedback}"
         )
+
+
+class SkipDecoder(nn.Module):
+    """One decoder path of :class:`DualPathUNet`: two layers, each fed a skip connection
+    from the encoder (the first from h2, the second from h1, UNet style).
+
+    ``forward(draws (B, Z, T, H), h1 (B, T, H), h2 (B, T, H))`` returns (B, T, D), the mean
+    over the Z draws of
+    ``layer2(GELU(layer1(draw) + skip1(h2))) + skip2(h1)``.
+    The second layer is affine, so the mean over the draws is taken before it (one matmul
+    instead of Z).
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(hidden, hidden)
+        self.skip1 = nn.Linear(hidden, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, dim)
+        self.skip2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, draws: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
+        d1 = F.gelu(self.layer1(draws) + self.skip1(h2).unsqueeze(-3))
+        return self.layer2(d1.mean(-3)) + self.skip2(h1)
+
+
+class DualPathUNet(nn.Module):
+    """CDDS's dual-path UNet on token embeddings: a shared 2-layer encoder and a semantic
+    and a modality decoder (:class:`SkipDecoder`) with skip connections.
+
+    For x (B, T, D): h1 = GELU(encoder1(x)) and H = h2 = GELU(encoder2(h1)), both (B, T, H);
+    each draw k of ``noise`` (B, Z, T, H) gives H + sigma_n * noise_k (training; with
+    ``noise=None`` the single draw H itself: evaluation); each decoder returns the mean over
+    the draws of its output (B, T, D). Every token is processed on its own: a padded token
+    influences no other token's output.
+
+    ``forward(x, noise=None, modality=True)`` returns (semantic (B, T, D), modality
+    (B, T, D), or None without ``modality``).
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None, sigma_n: float = 0.1) -> None:
+        super().__init__()
+        hidden = dim if hidden is None else hidden
+        self.hidden = hidden
+        self.sigma_n = sigma_n
+        self.encoder1 = nn.Linear(dim, hidden)
+        self.encoder2 = nn.Linear(hidden, hidden)
+        self.semantic = SkipDecoder(dim, hidden)
+        self.modality = SkipDecoder(dim, hidden)
+
+    def forward(
+        self, x: Tensor, noise: Tensor | None = None, modality: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, D), got shape {tuple(x.shape)}")
+        h1 = F.gelu(self.encoder1(x))
+        h2 = F.gelu(self.encoder2(h1))
+        if noise is None:
+            draws = h2.unsqueeze(1)
+        else:
+            b, t = x.shape[:2]
+            if noise.dim() != 4 or noise.shape[0] != b or noise.shape[2:] != (t, self.hidden):
+                raise ValueError(
+                    f"noise must be (B, Z, T, H) = ({b}, Z, {t}, {self.hidden}), "
+                    f"got {tuple(noise.shape)}"
+                )
+            draws = h2.unsqueeze(1) + self.sigma_n * noise.to(h2.dtype)
+        semantic = self.semantic(draws, h1, h2)
+        return semantic, (self.modality(draws, h1, h2) if modality else None)
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden}, sigma_n={self.sigma_n}"
