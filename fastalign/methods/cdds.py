@@ -282,6 +282,11 @@ class CddsModel(MatchingModel):
             self.register_buffer("stats_batches", torch.zeros((), dtype=torch.int64))
 
 
+def _wide(x: Tensor) -> Tensor:
+    """x in float32, or float64 if it is (bf16 under autocast becomes float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _normalized(x: Tensor, on: bool) -> Tensor:
     return F.normalize(x, dim=-1) if on else x
 
@@ -349,7 +354,7 @@ class Cdds(Method):
             with _no_autocast(sem_image.device):
                 mean, var = model.semantic_mean, model.semantic_var
                 x_image, x_text = self._sampled(
-                    model, sem_image.float(), sem_text.float(), mean[0], var[0], mean[1], var[1]
+                    model, _wide(sem_image), _wide(sem_text), mean[0], var[0], mean[1], var[1]
                 )
         packed = self._pack(sem_image, x_image, sem_text, x_text)
         return self._packed_score(
@@ -425,10 +430,10 @@ class Cdds(Method):
         device = sem_image.device
         with _no_autocast(device):
             parts = {
-                "sem_image": Tokens(sem_image.float(), images.lengths),
-                "sem_text": Tokens(sem_text.float(), captions.lengths),
-                "mod_image": Tokens(mod_image.float(), images.lengths),
-                "mod_text": Tokens(mod_text.float(), captions.lengths),
+                "sem_image": Tokens(_wide(sem_image), images.lengths),
+                "sem_text": Tokens(_wide(sem_text), captions.lengths),
+                "mod_image": Tokens(_wide(mod_image), images.lengths),
+                "mod_text": Tokens(_wide(mod_text), captions.lengths),
             }
             # One differentiable gather of every column sum: the statistics of the global
             # batch, the same on every rank. In float64: the soft threshold divides P's
@@ -451,8 +456,8 @@ class Cdds(Method):
             if weights["modality"] > 0:
                 terms["modality"] = world * self._modality_share(parts, moments, world)
             reconstructed = {
-                "image": masked(Tokens(images.embs.float(), images.lengths)),
-                "text": masked(Tokens(captions.embs.float(), captions.lengths)),
+                "image": masked(Tokens(_wide(images.embs), images.lengths)),
+                "text": masked(Tokens(_wide(captions.embs), captions.lengths)),
             }
             counts = {"image": moments["sem_image"][-1], "text": moments["sem_text"][-1]}
             if weights["fusion"] > 0:
@@ -479,7 +484,7 @@ class Cdds(Method):
                 Tokens(packed_image, images.lengths),
                 Tokens(packed_text, captions.lengths),
                 context.batch.image_index,
-                lambda i, t: self._packed_score(model, i, t).float(),
+                lambda i, t: _wide(self._packed_score(model, i, t)),
                 loss=c.loss,
                 margin=c.margin,
                 max_violation=context.epoch >= c.warmup_epochs,
@@ -500,7 +505,7 @@ class Cdds(Method):
             mean, var = sequence_gaussians(tokens, self.options.eps)
             kl = gaussian_kl(mean, var, batch_mean, batch_var)
             share = share + kl.sum() / (world * kl.numel())
-        return (share / 2).float()
+        return (share / 2).to(parts["sem_image"].embs.dtype)
 
     def _error_share(
         self,
@@ -517,7 +522,7 @@ class Cdds(Method):
             lengths = parts[key].lengths
             error = masked(Tokens(approximations[side] - targets[side], lengths))
             share = share + error.square().sum() / counts[side]
-        return (share / 2).float()
+        return (share / 2).to(parts["sem_image"].embs.dtype)
 
     @torch.no_grad()
     def _track(
