@@ -203,6 +203,24 @@ def test_unet_is_the_plain_formula_and_each_token_stands_alone(case, test_seed):
     assert unet(loud.embs, modality=False)[1] is None and modality is not None
     with pytest.raises(ValueError, match="noise must be"):
         unet(loud.embs, noise[:, :, :, :2])
+    # packed: only the valid tokens go through the layers; the same outputs there (and the
+    # same gradients), 0 at the padding
+    x = loud.embs.clone().requires_grad_()
+    packed = unet(x, noise, lengths=loud.lengths)
+    for a, b in zip(packed, want):
+        torch.testing.assert_close(a, torch.where(valid, b, 0), rtol=1e-12, atol=1e-12)
+    weights = torch.randn(2, 4, 6, d, generator=g, dtype=torch.float64)
+    grad_packed = torch.autograd.grad((weights[0] * packed[0] + weights[1] * packed[1]).sum(), x)
+    unpacked = unet(x, noise)
+    masked = [torch.where(valid, y, 0) for y in unpacked]
+    grad_unpacked = torch.autograd.grad((weights[0] * masked[0] + weights[1] * masked[1]).sum(), x)
+    torch.testing.assert_close(grad_packed, grad_unpacked, rtol=1e-12, atol=1e-12)
+    assert torch.equal(
+        unet(loud.embs, lengths=loud.lengths)[0], unet(quiet.embs, lengths=loud.lengths)[0]
+    )
+    with pytest.raises(ValueError, match=r"lengths must be \(4,\)"):
+        unet(loud.embs, lengths=loud.lengths[:3])
+    assert DualPathUNet(1024).hidden == 256  # the default bottleneck: D / 4
 
 
 @pytest.mark.parametrize("case", range(3))
@@ -324,7 +342,16 @@ def test_quantile_map_carries_a_gaussian_sample_onto_the_target(case, test_seed)
 # --------------------------------------------------------------------------- the loss terms
 def method_and_model(*overrides, d=6):
     config = load_config(
-        None, ["method=cdds", f"model.embed_dim={d}", "margin=0.2", *LAPS, *overrides]
+        None,
+        # a bottleneck of its own width (not D / 4 = 1 here)
+        [
+            "method=cdds",
+            f"model.embed_dim={d}",
+            "cdds.hidden_dim=5",
+            "margin=0.2",
+            *LAPS,
+            *overrides,
+        ],
     )
     method = Cdds(config)
     model = method.build_model(10).double()
@@ -341,9 +368,9 @@ def recorded_noise(monkeypatch):
     seen = []
     original = DualPathUNet.forward
 
-    def forward(self, x, noise=None, modality=True):
+    def forward(self, x, noise=None, modality=True, lengths=None):
         seen.append(noise)
-        return original(self, x, noise, modality)
+        return original(self, x, noise, modality, lengths)
 
     monkeypatch.setattr(DualPathUNet, "forward", forward)
     return seen
@@ -363,7 +390,7 @@ def test_loss_terms_are_the_plain_formulas(case, test_seed, monkeypatch):
     noises = recorded_noise(monkeypatch)
     got = method.loss_terms(model, images, captions, LossContext(batch=batch_of(5), epoch=1))
     assert list(got) == ["match", "modality", "fusion", "sampled"]
-    assert noises[0].shape == (5, 3, 4, 6) and noises[1].shape == (5, 3, 7, 6)
+    assert noises[0].shape == (5, 3, 4, 5) and noises[1].shape == (5, 3, 7, 5)
     want = plain_terms(model, method.options, images, captions, noises, 0.2, 3.0)
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=name)

@@ -92,7 +92,7 @@ class CddsOptions:
     (false: no noise draws), ``sampling`` (false: V^x = V^s and T^x = T^s, direct matching).
     Loss weights: ``alpha_s`` (L_s), ``alpha_m`` (L_m), ``alpha_f`` (L_f; L_x gets
     1 - alpha_f); a weight of 0 leaves its term uncomputed. The UNet: ``hidden_dim`` (None:
-    the embedding size D), ``draws`` (z, noise draws per token in training), ``sigma_n``
+    D / 4, a UNet's narrower bottleneck), ``draws`` (z, noise draws per token in training), ``sigma_n``
     (the noise's std). Related semantics: ``tau`` (of P(j | i) = softmax(-KL / tau)),
     ``temperature`` (T, of the soft threshold, in units of 1 / D: P's rows average 1 / D,
     so :func:`sparse_select` gets T / D and one value fits every embedding size),
@@ -347,8 +347,8 @@ class Cdds(Method):
         o = self.options
         if not o.decouple:
             return super().similarity(model, images, captions)
-        sem_image = model.image_unet(images.embs, modality=False)[0]
-        sem_text = model.text_unet(captions.embs, modality=False)[0]
+        sem_image = model.image_unet(images.embs, modality=False, lengths=images.lengths)[0]
+        sem_text = model.text_unet(captions.embs, modality=False, lengths=captions.lengths)[0]
         x_image, x_text = sem_image, sem_text
         if o.sampling:
             with _no_autocast(sem_image.device):
@@ -425,8 +425,8 @@ class Cdds(Method):
             noise_image, noise_text = self._noise(
                 images, captions, model.image_unet.hidden, context
             )
-        sem_image, mod_image = model.image_unet(images.embs, noise_image)
-        sem_text, mod_text = model.text_unet(captions.embs, noise_text)
+        sem_image, mod_image = model.image_unet(images.embs, noise_image, lengths=images.lengths)
+        sem_text, mod_text = model.text_unet(captions.embs, noise_text, lengths=captions.lengths)
         device = sem_image.device
         with _no_autocast(device):
             parts = {
