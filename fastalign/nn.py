@@ -345,6 +345,13 @@ class DualPathUNet(nn.Module):
     bottleneck is narrower than the input, as in a UNet; the layers cost 5 H D + (2 Z + 3)
     H^2 multiply-adds a token, 1.8 D^2 at H = D / 4 and Z = 3 against 14 D^2 at H = D.
 
+    The layers see x * sqrt(D) and their outputs are divided by sqrt(D): L2-normalised
+    tokens (components about 1 / sqrt(D)) then reach them with unit-variance components, the
+    scale nn.Linear's initialisation is made for, and the parts come out in x's units. Fed
+    the tokens as they are, the biases outweigh the input about six to one in every output
+    column at initialisation (D = 256), every token's parts point the same way, and the
+    matching loss cannot start (CDDS stayed at chance on the synthetic ``hard`` preset).
+
     ``forward(x, noise=None, modality=True, lengths=None)`` returns (semantic (B, T, D),
     modality (B, T, D), or None without ``modality``). With ``lengths`` (B,), only the valid
     tokens (the first lengths[b] of sequence b) go through the layers, packed, and the
@@ -357,6 +364,7 @@ class DualPathUNet(nn.Module):
         hidden = max(dim // 4, 1) if hidden is None else hidden
         self.hidden = hidden
         self.sigma_n = sigma_n
+        self.scale = math.sqrt(dim)
         self.encoder1 = nn.Linear(dim, hidden)
         self.encoder2 = nn.Linear(hidden, hidden)
         self.semantic = SkipDecoder(dim, hidden)
@@ -395,14 +403,14 @@ class DualPathUNet(nn.Module):
     def _layers(
         self, x: Tensor, noise: Tensor | None, modality: bool
     ) -> tuple[Tensor, Tensor | None]:
-        h1 = F.gelu(self.encoder1(x))
+        h1 = F.gelu(self.encoder1(x * self.scale))
         h2 = F.gelu(self.encoder2(h1))
         if noise is None:
             draws = h2.unsqueeze(1)
         else:
             draws = h2.unsqueeze(1) + self.sigma_n * noise.to(h2.dtype)
-        semantic = self.semantic(draws, h1, h2)
-        return semantic, (self.modality(draws, h1, h2) if modality else None)
+        semantic = self.semantic(draws, h1, h2) / self.scale
+        return semantic, (self.modality(draws, h1, h2) / self.scale if modality else None)
 
     def extra_repr(self) -> str:
         return f"hidden={self.hidden}, sigma_n={self.sigma_n}"

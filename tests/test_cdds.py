@@ -63,7 +63,7 @@ def plain_unet(unet, x, noise):
     def lin(layer, v):
         return v @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
 
-    h1 = F.gelu(lin(unet.encoder1, x))
+    h1 = F.gelu(lin(unet.encoder1, x * x.shape[-1] ** 0.5))
     h2 = F.gelu(lin(unet.encoder2, h1))
     draws = (
         [h2] if noise is None else [h2 + unet.sigma_n * noise[:, k] for k in range(noise.shape[1])]
@@ -75,7 +75,7 @@ def plain_unet(unet, x, noise):
             + lin(decoder.skip2, h1)
             for h in draws
         ]
-        outputs.append(torch.stack(decoded).mean(0))
+        outputs.append(torch.stack(decoded).mean(0) / x.shape[-1] ** 0.5)
     return outputs
 
 
@@ -221,6 +221,20 @@ def test_unet_is_the_plain_formula_and_each_token_stands_alone(case, test_seed):
     with pytest.raises(ValueError, match=r"lengths must be \(4,\)"):
         unet(loud.embs, lengths=loud.lengths[:3])
     assert DualPathUNet(1024).hidden == 256  # the default bottleneck: D / 4
+
+
+def test_unet_parts_depend_on_the_token_at_initialisation(test_seed):
+    """L2-normalised tokens reach the layers at unit variance (x sqrt(D)): each output
+    column's spread over the tokens is not swamped by the biases (fed as they are, the
+    column means were about 6 times the spread at D = 256 and CDDS could not learn)."""
+    torch.manual_seed(test_seed)
+    g = generator(test_seed, 0)
+    x = F.normalize(torch.randn(32, 36, 256, generator=g), dim=-1)
+    with torch.no_grad():
+        for part in DualPathUNet(256)(x):
+            rows = part.reshape(-1, 256)
+            ratio = (rows.mean(0).abs() / rows.std(0)).median()
+            assert ratio < 1, f"seed {test_seed}: column mean / spread {float(ratio):.2f}"
 
 
 @pytest.mark.parametrize("case", range(3))

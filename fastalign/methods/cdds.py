@@ -91,13 +91,14 @@ class CddsOptions:
     Switches: ``decouple`` (false: no UNet, V^s = V: the base model exactly), ``noise``
     (false: no noise draws), ``sampling`` (false: V^x = V^s and T^x = T^s, direct matching).
     Loss weights: ``alpha_s`` (L_s), ``alpha_m`` (L_m), ``alpha_f`` (L_f; L_x gets
-    1 - alpha_f); a weight of 0 leaves its term uncomputed. The UNet: ``hidden_dim`` (None:
-    D / 4, a UNet's narrower bottleneck), ``draws`` (z, noise draws per token in training), ``sigma_n``
-    (the noise's std). Related semantics: ``tau`` (of P(j | i) = softmax(-KL / tau)),
-    ``temperature`` (T, of the soft threshold, in units of 1 / D: P's rows average 1 / D,
-    so :func:`sparse_select` gets T / D and one value fits every embedding size),
-    ``alpha_init`` (alpha's initial value in every column). ``normalize``: L2-normalise the
-    parts' tokens before scoring them. ``stats_momentum``: of the running column
+    1 - alpha_f); a weight of 0 leaves its term uncomputed. The UNet: ``hidden_dim``
+    (None: D / 4, a UNet's narrower bottleneck), ``draws`` (z, noise draws per token in
+    training), ``sigma_n`` (the noise's std). Related semantics: ``tau`` (of P(j | i) =
+    softmax(-KL / tau)), ``temperature`` (T, of the soft threshold, in units of 1 / D: P's
+    rows average 1 / D, so :func:`sparse_select` gets T / D and one value fits every
+    embedding size), ``alpha_init`` (alpha's initial value in every column). ``normalize``:
+    L2-normalise the parts' tokens before scoring them. ``stats_momentum``: of the running
+    column
     statistics that evaluation uses. ``eps``: added to every variance.
     """
 
