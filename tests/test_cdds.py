@@ -76,6 +76,8 @@ def plain_unet(unet, x, noise):
             for h in draws
         ]
         outputs.append(torch.stack(decoded).mean(0) / x.shape[-1] ** 0.5)
+    if unet.residual:
+        outputs[0] = outputs[0] + x
     return outputs
 
 
@@ -182,12 +184,13 @@ def plain_terms(model, options, images, captions, noises, margin, scale):
 
 
 # --------------------------------------------------------------------------- the pieces
+@pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("case", range(3))
-def test_unet_is_the_plain_formula_and_each_token_stands_alone(case, test_seed):
+def test_unet_is_the_plain_formula_and_each_token_stands_alone(case, residual, test_seed):
     g = generator(test_seed, case)
     d, hidden, draws = 7, 5, 3
     loud, quiet = padded_tokens(g, 4, 6, d)
-    unet = DualPathUNet(d, hidden, sigma_n=0.3).double()
+    unet = DualPathUNet(d, hidden, sigma_n=0.3, residual=residual).double()
     noise = torch.randn(4, draws, 6, hidden, generator=g, dtype=torch.float64)
     got = unet(loud.embs, noise)
     want = plain_unet(unet, loud.embs, noise)
@@ -584,6 +587,7 @@ def test_config_values_and_errors():
         ("no_decoupling", "decouple"),
         ("no_noise", "noise"),
         ("no_sampling", "sampling"),
+        ("no_residual", "residual"),
     ):
         ablation = load_config(f"cdds_synthetic_{name}")
         assert ablation.options == dataclasses.replace(synthetic.options, **{key: False})

@@ -19,7 +19,9 @@ option of :class:`CddsOptions`:
 - Decoupling: a :class:`fastalign.nn.DualPathUNet` per modality on the (B, T, D) token
   embeddings V (images) and T (text) gives the semantic parts V^s, T^s and the modality
   parts V^m, T^m, each the mean over ``draws`` noisy draws of the bottleneck during
-  training and one noiseless pass at evaluation.
+  training and one noiseless pass at evaluation. With ``residual`` (default) the semantic
+  part is the token plus its decoder's output, V^s = V + dec_s(V); without it,
+  V^s = dec_s(V), which on the synthetic ``hard`` preset stayed near chance.
 - Related semantics: per column d the Gaussian N(mu_d, sigma_d^2) of the semantic parts
   over the global batch's valid tokens, for images and for text
   (:func:`column_moments`, :func:`gaussians_from_moments`); KL_ij = KL(N^v_i || N^t_j) in
@@ -89,7 +91,8 @@ class CddsOptions:
     """The ``cdds`` config section.
 
     Switches: ``decouple`` (false: no UNet, V^s = V: the base model exactly), ``noise``
-    (false: no noise draws), ``sampling`` (false: V^x = V^s and T^x = T^s, direct matching).
+    (false: no noise draws), ``sampling`` (false: V^x = V^s and T^x = T^s, direct matching),
+    ``residual`` (false: V^s is the semantic decoder's output alone, not V plus it).
     Loss weights: ``alpha_s`` (L_s), ``alpha_m`` (L_m), ``alpha_f`` (L_f; L_x gets
     1 - alpha_f); a weight of 0 leaves its term uncomputed. The UNet: ``hidden_dim``
     (None: D / 4, a UNet's narrower bottleneck), ``draws`` (z, noise draws per token in
@@ -105,6 +108,7 @@ class CddsOptions:
     decouple: bool = True
     noise: bool = True
     sampling: bool = True
+    residual: bool = True
     alpha_s: float = setting(1.0, minimum=0)
     alpha_m: float = setting(0.1, minimum=0)
     alpha_f: float = setting(0.5, minimum=0, maximum=1)
@@ -270,8 +274,9 @@ class CddsModel(MatchingModel):
     ) -> None:
         super().__init__(vocab_size, config, word_vectors)
         dim = config.embed_dim
-        self.image_unet = DualPathUNet(dim, options.hidden_dim, options.sigma_n)
-        self.text_unet = DualPathUNet(dim, options.hidden_dim, options.sigma_n)
+        unet = (dim, options.hidden_dim, options.sigma_n, options.residual)
+        self.image_unet = DualPathUNet(*unet)
+        self.text_unet = DualPathUNet(*unet)
         self.alpha = (
             nn.Parameter(torch.full((dim,), options.alpha_init)) if options.uses_alpha else None
         )
