@@ -356,8 +356,8 @@ class DualPathUNet(nn.Module):
     output: it starts near x and the decoder learns what to take away. Without it, the
     semantic part is the decoder's output alone; everything x carries must then pass the
     bottleneck, and on the synthetic ``hard`` preset that form learned the matching about
-    five times slower than the base model in the warm-up epoch and fell back to chance
-    with the hardest negatives.
+    five times slower than the base model in the warm-up epoch and, on two of three seeds,
+    fell back to chance with the hardest negatives.
 
     ``forward(x, noise=None, modality=True, lengths=None)`` returns (semantic (B, T, D),
     modality (B, T, D), or None without ``modality``). With ``lengths`` (B,), only the valid

@@ -21,7 +21,8 @@ option of :class:`CddsOptions`:
   parts V^m, T^m, each the mean over ``draws`` noisy draws of the bottleneck during
   training and one noiseless pass at evaluation. With ``residual`` (default) the semantic
   part is the token plus its decoder's output, V^s = V + dec_s(V); without it,
-  V^s = dec_s(V), which on the synthetic ``hard`` preset stayed near chance.
+  V^s = dec_s(V), which on the synthetic ``hard`` preset stayed near chance on two of
+  three seeds.
 - Related semantics: per column d the Gaussian N(mu_d, sigma_d^2) of the semantic parts
   over the global batch's valid tokens, for images and for text
   (:func:`column_moments`, :func:`gaussians_from_moments`); KL_ij = KL(N^v_i || N^t_j) in
