@@ -8,6 +8,7 @@ it counts every allocation, the BLAS's included. On CUDA it is the rise of
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -98,6 +99,23 @@ def compare_parts(
     for part, (label, impls) in parts.items():
         keys = {impl: f"{part}:{impl}:{device}" for impl in impls}
         rows += compare_cases({"case": label}, keys, build_case, device, repeat)
+    return rows
+
+
+def method_step_main(doc: str, parts, build_case, name: str, what: str) -> list[dict]:
+    """The command line of a method's training-step benchmark (``--device``, ``--repeat``):
+    every part of ``parts`` compared (:func:`compare_parts`), the table titled ``what`` on
+    the batch of bench_train_step.py printed and written as ``name``; returns its rows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = compare_parts(parts, build_case, device, args.repeat)
+    title = (
+        f"{what} (batch 128, R 36, Flickr30K-like lengths, D 1024) on {machine_description(device)}"
+    )
+    report(rows, name, title)
     return rows
 
 

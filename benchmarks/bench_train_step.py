@@ -180,6 +180,35 @@ def training_step_case(model, batch: tuple, loss_fn):
     return training_step
 
 
+def method_setup(config_name: str, overrides, device):
+    """(method, model, pair batch, loss context) of a bundled config on :func:`make_batch`'s
+    batch, the model's weights seeded (every method starts from the same backbone), past the
+    warm-up epoch (epoch 1)."""
+    from fastalign.config import load_config
+    from fastalign.data import PairBatch
+    from fastalign.methods import LossContext, get_method
+
+    config = load_config(config_name, ["word_vectors=null", f"device={device}", *overrides])
+    method = get_method(config.method)(config)
+    torch.manual_seed(0)
+    model = method.build_model(VOCAB_SIZE).to(device).train()
+    index = torch.arange(BATCH, device=device)
+    batch = PairBatch(*make_batch(torch.device(device)), image_index=index, caption_index=index)
+    return method, model, batch, LossContext(batch=batch, epoch=1)
+
+
+def method_step_case(method, model, batch, context):
+    """:func:`training_step_case` with the method's weighted loss terms
+    (``Method.loss_terms``, as the trainer calls them)."""
+    weights = method.loss_weights()
+
+    def loss_fn(images, captions):
+        terms = method.loss_terms(model, images, captions, context)
+        return sum(weights[name] * term for name, term in terms.items())
+
+    return training_step_case(model, tuple(batch[:4]), loss_fn)
+
+
 def check_agreement(device) -> float:
     """Max |fastalign - plain| of the two models' (scaled) scores on the batch."""
     batch = make_batch(device)
