@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: demo test bench install cuda-compile-check cuda-link-check sanitize bench-baseline \
+.PHONY: demo test bench install cuda-compile-check cuda-venv cuda-link-check sanitize bench-baseline \
 	bench-compare gpu-check wheel-check
 
 install: $(VENV)/.installed
@@ -56,7 +56,7 @@ gpu-check:
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	CUDA_HOME=$(CUDA_HOME) $(PY) -m pytest -q
+	CUDA_HOME=$(CUDA_HOME) $(PY) -m pytest -q --durations=15
 
 # The package as a user gets it: the wheel built, installed into a fresh virtual environment,
 # and the command line run from another folder (its help, the method list, one tiny training
@@ -86,9 +86,16 @@ CUDA_VENV ?= .venv-cuda
 CUDA_VENV_ABS = $(abspath $(CUDA_VENV))
 CUDA_TORCH ?= torch==2.14.1
 CUDA_SRC = build/cuda-link-check
-cuda-link-check:
+# cuda-venv: the CUDA torch and the build tools (about 5.5 GB unpacked; .ci/run installs it
+# beside the test suite, as it is mostly disk writes).
+cuda-venv: $(CUDA_VENV)/.installed
+
+$(CUDA_VENV)/.installed: Makefile
 	test -x $(CUDA_VENV)/bin/python || python3 -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q "$(CUDA_TORCH)" numpy setuptools wheel ninja
+	touch $@
+
+cuda-link-check: cuda-venv
 	rm -rf $(CUDA_SRC) && mkdir -p $(CUDA_SRC)
 	tar -c --exclude=./.venv --exclude=./.venv-cuda --exclude=./build --exclude=./.data \
 		--exclude=./runs --exclude='*.so' --exclude=.git . | tar -x -C $(CUDA_SRC)
