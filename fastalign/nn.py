@@ -15,6 +15,7 @@ from fastalign.ops.dimension_correlation import (
 from fastalign.ops.prototypes import prototype_assign, prototype_update
 from fastalign.ops.region_word import region_word_similarity
 from fastalign.ops.sparse_spatial import sparse_spatial_loss
+from fastalign.tokens import Tokens
 
 
 class RegionWordSimilarity(nn.Module):
@@ -401,7 +402,7 @@ class DualPathUNet(nn.Module):
             return self._layers(x, noise, modality)
         if lengths.shape != (b,):
             raise ValueError(f"lengths must be ({b},), got shape {tuple(lengths.shape)}")
-        valid = torch.arange(t, device=x.device) < lengths.to(x.device)[:, None]
+        valid = Tokens(x, lengths).valid_mask()
         # the valid tokens as one sequence: (1, n, D), its noise (1, Z, n, H)
         packed_noise = None if noise is None else noise.transpose(1, 2)[valid].transpose(0, 1)[None]
         outputs = self._layers(x[valid][None], packed_noise, modality)

@@ -33,9 +33,14 @@ class Tokens(NamedTuple):
         """N, the number of sequences."""
         return self.embs.shape[0]
 
+    def valid_mask(self) -> Tensor:
+        """(N, T) bool: True at the valid tokens (the first lengths[n] of sequence n)."""
+        device = self.embs.device
+        return torch.arange(self.embs.shape[1], device=device) < self.lengths.to(device)[:, None]
+
     def mean_pooled(self) -> Tensor:
         """The mean over each sequence's valid tokens: (N, D)."""
-        valid = torch.arange(self.embs.shape[1], device=self.embs.device) < self.lengths[:, None]
+        valid = self.valid_mask()
         # One batched product with the (N, T) averaging weights: no (N, T, D) temporary.
         weights = valid.to(self.embs.dtype) / self.lengths[:, None].to(self.embs.dtype)
         return torch.bmm(weights[:, None, :], self.embs).squeeze(1)

@@ -83,9 +83,6 @@ from fastalign.tokens import Tokens
 if TYPE_CHECKING:
     from fastalign.config import TrainConfig
 
-# Names of the loss terms (and of their entries in loss_weights), by the SPEC's symbols.
-TERMS = {"match": "L_s", "modality": "L_m", "fusion": "L_f", "sampled": "L_x"}
-
 
 @dataclass
 class CddsOptions:
@@ -102,8 +99,7 @@ class CddsOptions:
     rows average 1 / D, so :func:`sparse_select` gets T / D and one value fits every
     embedding size), ``alpha_init`` (alpha's initial value in every column). ``normalize``:
     L2-normalise the parts' tokens before scoring them. ``stats_momentum``: of the running
-    column
-    statistics that evaluation uses. ``eps``: added to every variance.
+    column statistics that evaluation uses. ``eps``: added to every variance.
     """
 
     decouple: bool = True
@@ -151,17 +147,9 @@ class CddsOptions:
 
 
 # --------------------------------------------------------------------------- pure functions
-def valid_mask(tokens: Tokens) -> Tensor:
-    """(N, T) bool: the valid tokens of (N, T, D) ``tokens``."""
-    t = tokens.embs.shape[1]
-    return (
-        torch.arange(t, device=tokens.embs.device) < tokens.lengths.to(tokens.embs.device)[:, None]
-    )
-
-
 def masked(tokens: Tokens) -> Tensor:
     """(N, T, D) embeddings with the padded tokens set to 0 (no value, no gradient leaks)."""
-    return tokens.embs.masked_fill(~valid_mask(tokens)[..., None], 0.0)
+    return tokens.embs.masked_fill(~tokens.valid_mask()[..., None], 0.0)
 
 
 def column_moments(tokens: Tokens) -> Tensor:
@@ -185,7 +173,7 @@ def gaussians_from_moments(moments: Tensor, eps: float = 1e-6) -> tuple[Tensor, 
 def sequence_gaussians(tokens: Tokens, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per sequence and column, (mean (N, D), biased variance + eps (N, D)) of (N, T, D)
     tokens over each sequence's valid tokens (two passes: no cancellation)."""
-    valid = valid_mask(tokens)[..., None]
+    valid = tokens.valid_mask()[..., None]
     lengths = tokens.lengths.to(tokens.embs)[:, None]
     mean = masked(tokens).sum(1) / lengths
     centred = (tokens.embs - mean[:, None]).masked_fill(~valid, 0.0)
