@@ -12,7 +12,6 @@ from torch import nn
 
 from fastalign._files import atomic_write
 from fastalign.config import TrainConfig
-from fastalign.encoders import caption_tokenizer
 from fastalign.methods import Method, get_method
 
 CHECKPOINT_FORMAT = "fastalign-checkpoint-2"
@@ -88,7 +87,7 @@ def restore_trained(checkpoint: dict[str, Any]) -> tuple[Method, nn.Module, Any]
     except (TypeError, ValueError) as exc:  # a method not installed here, a bad value
         raise ValueError(f"checkpoint configuration cannot be loaded: {exc}") from exc
     method = get_method(config.method)(config)
-    tokenizer = caption_tokenizer(config.model, checkpoint["vocab"])
+    tokenizer = method.tokenizer(None, checkpoint["vocab"])
     model = method.build_model(len(tokenizer))
     try:
         model.load_state_dict(checkpoint["model"])

@@ -55,7 +55,7 @@ class TrainConfig:
     captions_per_image: int = setting(5, minimum=1)
     word_vectors: str | None = None
     max_val_images: int | None = setting(None, minimum=1)
-    epochs: int = setting(25, minimum=1)
+    epochs: int = setting(25, minimum=0)  # 0: a training-free method
     batch_size: int = setting(128, minimum=2)  # hinge and InfoNCE need negatives
     optimizer: str = setting("adam", choices=OPTIMIZERS)
     lr: float = setting(5e-4, above=0)

@@ -23,15 +23,14 @@ from fastalign._files import atomic_write, partial_path, remove_partial
 from fastalign.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from fastalign.config import TrainConfig
 from fastalign.data import (
+    GLOVE_FILE,
     PrecompDataset,
     data_fingerprint,
     ensure_synthetic,
-    load_word_vectors,
-    make_loader,
     synthetic_folder,
 )
-from fastalign.encoders import caption_tokenizer
 from fastalign.methods import LossContext, get_method
+from fastalign.methods.base import RunData
 from fastalign.model_evaluation import evaluate_trained
 from fastalign.progress import progress_iter
 
@@ -108,6 +107,13 @@ def data_root_of(config: TrainConfig) -> Path:
             flush=True,
         )
     return ensure_synthetic(folder.parent, **kind).resolve()
+
+
+def _word_vectors_path(config: TrainConfig, root: Path) -> Path | None:
+    """The run's word-vector file: ``word_vectors``, or the synthetic set's own."""
+    if config.word_vectors is not None:
+        return Path(config.word_vectors)
+    return root / GLOVE_FILE if config.data_root == "synthetic" else None
 
 
 def check_same_data(recorded: dict, root: Path, fingerprint: str, what: str) -> None:
@@ -211,18 +217,17 @@ class Trainer:
         self.data_fingerprint = data_fingerprint(root)
         if checkpoint is not None:
             check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
-        self.vocab = caption_tokenizer(
-            config.model, checkpoint["vocab"] if checkpoint else None, root, config.train_split
-        )
-        vectors = config.word_vectors
-        if vectors is None and config.data_root == "synthetic":
-            vectors = str(root / "glove_synthetic.txt")
+        self.method = get_method(config.method)(config)
+        self.data = RunData(root, _word_vectors_path(config, root))
+        self.vocab = self.method.tokenizer(self.data, checkpoint["vocab"] if checkpoint else None)
         word_vectors = None
-        if vectors is not None and checkpoint is None and config.model.text_encoder == "bigru":
-            word_vectors, _ = load_word_vectors(vectors, self.vocab, dim=config.model.word_dim)
-        self.train_set = PrecompDataset(
-            root, config.train_split, self.vocab, config.captions_per_image
-        )
+        if checkpoint is None:
+            word_vectors = self.method.initial_word_vectors(self.data, self.vocab)
+        if self.method.paired_training:
+            self.data.train_set = PrecompDataset(
+                root, config.train_split, self.vocab, config.captions_per_image
+            )
+            self.data.train_set.check_feature_dim(config.model.feature_dim, "the model")
         self.val_set = PrecompDataset(
             root,
             config.val_split,
@@ -230,25 +235,34 @@ class Trainer:
             config.captions_per_image,
             max_images=config.max_val_images,
         )
-        for dataset in (self.train_set, self.val_set):
-            dataset.check_feature_dim(config.model.feature_dim, "the model")
+        self.val_set.check_feature_dim(config.model.feature_dim, "the model")
         # Seeded once the data are ready: whatever preparing them ran (generating the
         # synthetic set or not) cannot shift the random streams of the run.
         _seed_everything(config.seed)
-        self.method = get_method(config.method)(config)
         self.model = self.method.build_model(len(self.vocab), word_vectors).to(self.device)
+        if checkpoint is None:
+            self.method.prepare(self.model, self.data, self.vocab)
         self.ddp = None
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             with distributed.collective("broadcast of the initial parameters (DDP)"):
                 self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        self.optimizer = optimizers[config.optimizer](
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=config.lr_decay_epochs, gamma=config.lr_decay
-        )
+        parameters = list(self.model.parameters())
+        if not parameters and config.epochs > 0:
+            raise ValueError(
+                f"method {config.method!r} has nothing to train (its model has no "
+                f"parameters): set epochs=0"
+            )
+        # A model without parameters (a training-free method, epochs 0) has no optimiser.
+        self.optimizer = self.scheduler = None
+        if parameters:
+            self.optimizer = optimizers[config.optimizer](
+                parameters, lr=config.lr, weight_decay=config.weight_decay
+            )
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer, milestones=config.lr_decay_epochs, gamma=config.lr_decay
+            )
         self.epoch, self.step, self.best_rsum = 0, 0, float("-inf")
         self.history: list[dict] = []
         if checkpoint is not None:
@@ -315,8 +329,9 @@ class Trainer:
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.method.load_state_dict(checkpoint["method_state"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.epoch, self.step = checkpoint["epoch"], checkpoint["step"]
         self.best_rsum, self.history = checkpoint["best_rsum"], checkpoint["history"]
         _set_rng_state(checkpoint["rng"])
@@ -329,8 +344,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "method_state": self.method.state_dict(),
             "data": {"root": str(self.data_root), "fingerprint": self.data_fingerprint},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer and self.optimizer.state_dict(),
+            "scheduler": self.scheduler and self.scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "best_rsum": self.best_rsum,
@@ -352,11 +367,8 @@ class Trainer:
             batch = type(batch)(*(x[self.rank * share : (self.rank + 1) * share] for x in batch))
         batch = batch.to(self.device)
         with autocast:
-            images, captions = (self.ddp or self.model)(
-                batch.regions, batch.region_lengths, batch.captions, batch.caption_lengths
-            )
-            terms = self.method.loss_terms(
-                self.model, images, captions, LossContext(batch=batch, epoch=epoch)
+            terms = self.method.batch_terms(
+                self.model, self.ddp or self.model, batch, LossContext(batch=batch, epoch=epoch)
             )
         weights = self.method.loss_weights()
         total = sum((weights[name] * term for name, term in terms.items()), 0.0)
@@ -434,28 +446,23 @@ class Trainer:
         )
 
     def _nonfinite_images(self, batch) -> list[int]:
-        """The images of ``batch`` (dataset rows) whose features are not all finite."""
+        """The rows of the features file (``batch.source_rows()``) whose features in
+        ``batch`` are not all finite."""
         finite = torch.isfinite(batch.regions.flatten(1)).all(dim=1).cpu()
-        return sorted(set(batch.image_index[~finite].tolist()))
+        return sorted(set(batch.source_rows()[~finite].tolist()))
 
     def _nonfinite_step(
         self, batch, values: dict[str, float], what: str, cause: Exception | None = None
     ) -> dict[str, float]:
         """Raises NonFiniteError, or with ``skip_nonfinite`` records the step as skipped."""
         step = self.step + 1
-        captions = batch.caption_index.tolist()
-        images = sorted(set(batch.image_index.tolist()))
-        problem = (
-            f"epoch {self.epoch + 1}, step {step}: non-finite {what} on the batch of "
-            f"captions {captions} (images {images})"
-        )
+        problem = f"epoch {self.epoch + 1}, step {step}: non-finite {what} on {batch.describe()}"
         bad = self._nonfinite_images(batch)
-        features = self.train_set.root / f"{self.train_set.split}_ims.npy"
         rows = ", ".join(map(str, bad))
-        if len(bad) == 1:
-            problem += f"; the features of image {rows} (row {rows} of {features}) are not finite"
-        elif bad:
-            problem += f"; the features of images {rows} (rows {rows} of {features}) are not finite"
+        if bad:
+            plural = "s" if len(bad) > 1 else ""
+            source = self.method.train_features_file(self.data)
+            problem += f"; the features of row{plural} {rows} of {source} are not finite"
         else:
             problem += (
                 "; every feature of the batch is finite: the model or the loss overflowed "
@@ -485,10 +492,7 @@ class Trainer:
         (``loss`` and each ``loss_<term>``) over the batches not skipped, the number of
         ``skipped_batches`` (non-finite, with ``skip_nonfinite``) and ``epoch_seconds``."""
         c = self.config
-        loader = make_loader(
-            self.train_set, c.batch_size, shuffle=True, seed=c.seed, drop_last=self.world_size > 1
-        )
-        loader.sampler.set_epoch(self.epoch)  # the order depends on (seed, epoch) only
+        loader = self.method.train_loader(self.data, self.epoch, self.world_size)
         self.model.train()
         bar = _progress(loader, f"epoch {self.epoch + 1}/{c.epochs}", self.progress)
         totals: dict[str, float] = {}
@@ -522,7 +526,15 @@ class Trainer:
             # The log is rewritten from the checkpoint's history: a kill between the two
             # writes of an epoch leaves them disagreeing until then.
             self._write_log()
-        if self.epoch >= self.config.epochs and self.rank == 0:
+        if self.config.epochs == 0 and not self.history:
+            # A training-free method: the prepared model is the run's result.
+            results = self._validate({})
+            if self.rank == 0:
+                shown = f"val rSum {results['rsum']:.1f}"
+                print(f"epochs 0, nothing to train: {shown}", file=sys.stderr)
+                self._write_log()
+            self._save("last.pt")
+        elif self.epoch >= self.config.epochs and self.rank == 0:
             best = self._best_results()
             shown = f" (best validation rSum {best['rsum']:.1f})" if best else ""
             print(
@@ -539,30 +551,35 @@ class Trainer:
             means |= method_values  # logged with the epoch's means
             self._check_finite_weights()
             if self.epoch % self.config.val_every == 0 or self.epoch == self.config.epochs:
-                results = evaluate_trained(self.method, self.model, self.val_set)
-                # A validation row holds the epoch's means of the training values.
-                self.history.append(
-                    {
-                        "epoch": self.epoch,
-                        "step": self.step,
-                        **means,
-                        **{f"val_{k}": v for k, v in results.items()},
-                    }
-                )
+                results = self._validate(means)
                 if self.rank == 0:
                     print(_epoch_line(self.epoch, means, results, method_values), file=sys.stderr)
-                if self.tensorboard is not None:
-                    for key, value in results.items():
-                        self.tensorboard.add_scalar(f"val/{key}", value, self.step)
-                if results["rsum"] > self.best_rsum:
-                    self.best_rsum = results["rsum"]
-                    self._save("best.pt")
             # The log first: a kill before last.pt is written makes a resume redo the
             # epoch and rewrite the log from the checkpoint's history.
             if self.rank == 0:
                 self._write_log()
             self._save("last.pt")
         return self._best_results()
+
+    def _validate(self, means: dict[str, float]) -> dict[str, float]:
+        """Validation results of the model as it is now; recorded in the history with the
+        epoch's training ``means``, sent to TensorBoard, and saved as best.pt when best."""
+        results = evaluate_trained(self.method, self.model, self.val_set)
+        self.history.append(
+            {
+                "epoch": self.epoch,
+                "step": self.step,
+                **means,
+                **{f"val_{k}": v for k, v in results.items()},
+            }
+        )
+        if self.tensorboard is not None:
+            for key, value in results.items():
+                self.tensorboard.add_scalar(f"val/{key}", value, self.step)
+        if results["rsum"] > self.best_rsum:
+            self.best_rsum = results["rsum"]
+            self._save("best.pt")
+        return results
 
     def _method_epoch_logs(self) -> dict[str, float]:
         """The method's epoch values (:meth:`Method.epoch_logs`): its tensors go to TensorBoard

@@ -618,7 +618,7 @@ def test_alpha_and_the_decoupling_train(tiny_data, tiny_config, tmp_path):
     )
     model = trainer.model
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
-    batch = next(iter(make_loader(trainer.train_set, 16, shuffle=True, seed=0)))
+    batch = next(iter(make_loader(trainer.data.train_set, 16, shuffle=True, seed=0)))
     values = trainer.train_step(batch)
     assert {"loss_match", "loss_modality", "loss_fusion", "loss_sampled"} <= set(values)
     assert model.alpha.grad.abs().max() > 0 and model.w_s.grad.abs() > 0

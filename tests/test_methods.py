@@ -51,7 +51,7 @@ def test_a_few_steps_lower_the_loss(name, tiny_data, tiny_config, tmp_path):
     torch.manual_seed(0)
     trainer = Trainer(tiny_config(tiny_data, tmp_path, f"method={name}"), progress=False)
     trainer.epoch = 1  # past the warm-up: the hardest-negative hinge
-    batch = next(iter(make_loader(trainer.train_set, 16, shuffle=True, seed=0)))
+    batch = next(iter(make_loader(trainer.data.train_set, 16, shuffle=True, seed=0)))
     losses = [trainer.train_step(batch)["loss"] for _ in range(8)]
     assert losses[-1] < losses[0], losses
     weights = trainer.method.loss_weights()
@@ -135,7 +135,7 @@ def _steps(trainer, n=3):
     """The losses of ``n`` steps and the gradients of the first (global batches of the
     epoch-1 order, past the warm-up)."""
     trainer.epoch = 1
-    loader = make_loader(trainer.train_set, trainer.config.batch_size, shuffle=True, seed=0)
+    loader = make_loader(trainer.data.train_set, trainer.config.batch_size, shuffle=True, seed=0)
     losses, grads = [], None
     for k, batch in zip(range(n), loader):
         losses.append(trainer.train_step(batch))

@@ -403,7 +403,7 @@ def _feedback_steps(trainer):
     """Past the warm-up: batches 0, 1, then 0 again (its pairs seen before: feedback);
     returns the losses and the method's state after every step."""
     trainer.epoch = 1
-    loader = make_loader(trainer.train_set, trainer.config.batch_size, shuffle=True, seed=0)
+    loader = make_loader(trainer.data.train_set, trainer.config.batch_size, shuffle=True, seed=0)
     batches = [batch for _, batch in zip(range(2), loader)]
     result = []
     for batch in (batches[0], batches[1], batches[0]):

@@ -51,7 +51,7 @@ def test_non_finite_batches_are_skipped_or_stop_the_run(nan_data, tiny_config, t
     config = tiny_config(nan_data, out, "skip_nonfinite=true", epochs=1)
     trainer = Trainer(config, progress=False)
     trainer.fit()
-    expected = _batches_with_bad_row(config, 0, len(trainer.train_set))
+    expected = _batches_with_bad_row(config, 0, len(trainer.data.train_set))
     assert expected > 0
     steps = [row for row in trainer.history if "val_rsum" not in row]
     assert sum(row.get("skipped_batches", 0) for row in steps) == expected
@@ -69,7 +69,7 @@ def test_non_finite_batches_are_skipped_or_stop_the_run(nan_data, tiny_config, t
     with pytest.raises(RuntimeError, match=r"epoch 2, step \d+: non-finite") as failure:
         resumed.fit()
     message = str(failure.value)
-    assert f"image {BAD_ROW} " in message and "train_ims.npy" in message
+    assert f"row {BAD_ROW} of " in message and "train_ims.npy" in message
     assert "captions [" in message and "skip_nonfinite" in message
     assert str(out / "last.pt") in message
     assert (out / "last.pt").read_bytes() == before
@@ -192,7 +192,7 @@ def test_nan_gradients_behind_unchecked_operators(nan_data, tiny_config, tmp_pat
     )
     trainer = Trainer(config, progress=False)
     trainer.fit()
-    expected = _batches_with_bad_row(config, 0, len(trainer.train_set))
+    expected = _batches_with_bad_row(config, 0, len(trainer.data.train_set))
     assert trainer.history[-1]["skipped_batches"] == expected
     assert _finite_weights(tmp_path / "skip" / "last.pt")
     config = tiny_config(nan_data, tmp_path / "stop", "model.backend=reference", epochs=1)
@@ -204,7 +204,7 @@ def test_nan_gradients_behind_unchecked_operators(nan_data, tiny_config, tmp_pat
 
 def test_a_finite_loss_with_nan_gradients_changes_no_weight(tiny_data, tiny_config, tmp_path):
     trainer = Trainer(tiny_config(tiny_data, tmp_path / "run", epochs=1), progress=False)
-    batch = next(iter(make_loader(trainer.train_set, 16, shuffle=True, seed=0)))
+    batch = next(iter(make_loader(trainer.data.train_set, 16, shuffle=True, seed=0)))
     weight = next(trainer.model.parameters())
     weight.register_hook(lambda grad: grad * math.nan)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

@@ -323,7 +323,7 @@ class PrecompDataset(Dataset):
         self.split = split
         self.vocab = vocab
         self.captions_per_image = captions_per_image
-        self._ims_path = ims_path
+        self.features_file = ims_path  # the split's {split}_ims.npy
         self._start = 0
         self._stop = n_images
         self._images = full[:n_images]
@@ -342,7 +342,7 @@ class PrecompDataset(Dataset):
         found = self._images.shape[-1]
         if found != feature_dim:
             raise ValueError(
-                f"{self._ims_path}: region features of size {found}, but {user} expects "
+                f"{self.features_file}: region features of size {found}, but {user} expects "
                 f"{feature_dim} (model.feature_dim)"
             )
 
@@ -449,7 +449,7 @@ class PrecompDataset(Dataset):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        full = np.load(self._ims_path, mmap_mode="r", allow_pickle=False)
+        full = np.load(self.features_file, mmap_mode="r", allow_pickle=False)
         self._images = full[self._start : self._stop]
 
 
@@ -480,6 +480,15 @@ class PairBatch(NamedTuple):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
         """The same batch with every tensor moved to ``device``."""
         return PairBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def describe(self) -> str:
+        """The batch's captions and images, for messages."""
+        images = sorted(set(self.image_index.tolist()))
+        return f"the batch of captions {self.caption_index.tolist()} (images {images})"
+
+    def source_rows(self) -> Tensor:
+        """(B,) the row of each pair's image in its split's features file."""
+        return self.image_index
 
 
 def collate_pairs(batch: Sequence[tuple[Tensor, Tensor, int, int]]) -> PairBatch:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from fastalign import distributed
+from fastalign.data import PrecompDataset, load_word_vectors, make_loader
+from fastalign.encoders import caption_tokenizer
 from fastalign.models import MatchingModel
 from fastalign.tokens import Tokens
 
@@ -24,6 +27,23 @@ class NoOptions:
 
 
 @dataclass
+class RunData:
+    """The data of a training run, as the trainer hands them to a method.
+
+    Attributes:
+        root: the dataset folder (resolved).
+        word_vectors: the run's word-vector file (``word_vectors``, or the synthetic set's
+            ``glove_synthetic.txt``), or None.
+        train_set: the paired train split; None for a method that trains on other data
+            (:attr:`Method.paired_training` False).
+    """
+
+    root: Path
+    word_vectors: Path | None
+    train_set: PrecompDataset | None = None
+
+
+@dataclass
 class LossContext:
     """What a method's loss sees besides the embeddings.
 
@@ -35,7 +55,7 @@ class LossContext:
             (statistics over pairs) gather their inputs with it.
     """
 
-    batch: PairBatch
+    batch: PairBatch | Any  # what the method's train_loader yields
     epoch: int
     gather: Callable[[Tensor], Tensor] = distributed.all_gather_with_grad
 
@@ -62,12 +82,19 @@ class Method:
         base: the method this one adds to, or None.
         additions_off: option values that switch every addition off; the method then
             trains exactly as ``base`` (same losses, step by step: tested for every method).
+        paired_training: whether it trains on the paired train split (the default batches
+            of :meth:`train_loader`); when False the trainer never opens that split.
+
+    A run asks, in this order: :meth:`tokenizer`, :meth:`initial_word_vectors` and
+    :meth:`build_model`, :meth:`prepare` (new runs only), then per epoch
+    :meth:`train_loader` and per batch :meth:`batch_terms`.
     """
 
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
     base: ClassVar[str | None] = None
     additions_off: ClassVar[dict[str, Any]] = {}
+    paired_training: ClassVar[bool] = True
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -78,10 +105,56 @@ class Method:
         """``options`` with :attr:`additions_off` applied."""
         return dataclasses.replace(options, **cls.additions_off)
 
+    def tokenizer(self, data: RunData | None, state: dict | None = None) -> Any:
+        """The captions' tokenizer: the one saved in ``state`` (a checkpoint's), else one
+        built for ``data``. Default: the text encoder's
+        (:func:`fastalign.encoders.caption_tokenizer`, a vocabulary of the train captions)."""
+        root = data.root if data is not None else None
+        return caption_tokenizer(self.config.model, state, root, self.config.train_split)
+
+    def initial_word_vectors(self, data: RunData, tokenizer: Any) -> Tensor | None:
+        """(len(tokenizer), word_dim) vectors that initialise a new model's word embedding,
+        or None. Default: the run's word-vector file for the BiGRU text encoder."""
+        if data.word_vectors is None or self.config.model.text_encoder != "bigru":
+            return None
+        return load_word_vectors(data.word_vectors, tokenizer, dim=self.config.model.word_dim)[0]
+
     def build_model(self, vocab_size: int, word_vectors: Tensor | None = None) -> nn.Module:
         """The model to train; its ``forward(regions, region_lengths, captions,
         caption_lengths)`` returns (image tokens, caption tokens)."""
         return MatchingModel(vocab_size, self.config.model, word_vectors)
+
+    def prepare(self, model: nn.Module, data: RunData, tokenizer: Any) -> None:
+        """Called once when a new run starts (not on resume), after :meth:`build_model`:
+        fills what the model holds from the data beyond its weights. Default: nothing."""
+
+    def train_loader(self, data: RunData, epoch: int, world_size: int) -> Iterable:
+        """The global batches of the 0-based ``epoch`` (an iterable with ``len``), in an
+        order that depends on (seed, epoch) only. Default: the train split's pairs
+        (:class:`~fastalign.data.PairBatch`), shuffled."""
+        c = self.config
+        loader = make_loader(
+            data.train_set, c.batch_size, shuffle=True, seed=c.seed, drop_last=world_size > 1
+        )
+        loader.sampler.set_epoch(epoch)
+        return loader
+
+    def train_features_file(self, data: RunData) -> Path:
+        """The file whose rows ``batch.source_rows()`` of :meth:`train_loader`'s batches
+        name (in error messages). Default: the train split's features."""
+        return data.train_set.features_file
+
+    def batch_terms(
+        self, model: nn.Module, forward: nn.Module, batch: Any, context: LossContext
+    ) -> dict[str, Tensor]:
+        """The unweighted loss terms of one training batch (this process's share of it).
+        ``forward`` is ``model`` or its DistributedDataParallel wrapper: call it for the
+        forward pass so that gradients are synchronised. Default: the pairs encoded, then
+        :meth:`loss_terms`."""
+        images, captions = forward(
+            batch.regions, batch.region_lengths, batch.captions, batch.caption_lengths
+        )
+        return self.loss_terms(model, images, captions, context)
 
     def similarity(self, model: nn.Module, images: Tokens, captions: Tokens) -> Tensor:
         """(Ni, Nt) scores of image and caption tokens: what training and evaluation rank."""
