@@ -17,6 +17,10 @@ EPILOG = r"""examples:
   fastalign eval runs/chan_f30k/best.pt --data-root data/f30k_precomp --split test
   fastalign eval runs/chan_coco/best.pt --data-root data/coco_precomp --split testall \
       --protocol coco1k
+  fastalign eval runs/chan_f30k/best.pt --rerank-base runs/vsepp_f30k/best.pt \
+      --rerank-k 15 --rerank-alpha 0.15
+  fastalign eval runs/chan_f30k/best.pt --rerank-base runs/vsepp_f30k/best.pt \
+      --rerank-fusion sum --rerank-alpha 0.1
   fastalign compare vsepp_synthetic chan_synthetic laps_synthetic dias_synthetic \
       --preset hard --seeds 3
   fastalign list                                  methods and bundled configs
@@ -43,52 +47,117 @@ def _train(args) -> None:
         print(format_results(best))
 
 
-def _eval(args) -> None:
+def _restore_on_data(path: str, data_root: Path | None, on_purpose: bool, split: str):
+    """``(method, model, dataset)``: the trained method of checkpoint ``path`` and its
+    ``split`` of ``data_root`` (None: the data it trained on), tokenised its own way.
+
+    A ``data_root`` given ``on_purpose`` (--data-root) that is not the checkpoint's data is
+    a warning; any other is an error.
+    """
     from fastalign.checkpoint import load_checkpoint, restore_trained
     from fastalign.config import TrainConfig
     from fastalign.data import PrecompDataset, data_fingerprint
-    from fastalign.evaluation import format_results
-    from fastalign.model_evaluation import evaluate_trained
     from fastalign.training import check_same_data, data_root_of
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(path)
     method, model, tokenizer = restore_trained(checkpoint)
     config = TrainConfig.from_dict(checkpoint["config"])
     recorded = checkpoint["data"]
-    if args.data_root:
-        data_root = Path(args.data_root)
-    elif recorded["root"] is not None:  # where it trained, whatever folder this runs in
+    if data_root is None and recorded["root"] is not None:
+        # where it trained, whatever folder this runs in
         data_root = Path(recorded["root"])
         if not data_root.is_dir():
             raise FileNotFoundError(
-                f"the checkpoint's training data {data_root} is not there any more: pass "
-                f"--data-root"
+                f"the training data {data_root} of checkpoint {path} is not there any more: "
+                f"pass --data-root"
             )
-    else:
+    elif data_root is None:
         data_root = data_root_of(config)
     fingerprint = data_fingerprint(data_root)
     if recorded["fingerprint"] is None:
         print(
-            "warning: this checkpoint predates data fingerprints; fastalign cannot check "
+            f"warning: checkpoint {path} predates data fingerprints; fastalign cannot check "
             "that it is evaluated on its own data",
             file=sys.stderr,
         )
-    elif args.data_root and fingerprint != recorded["fingerprint"]:
+    elif on_purpose and fingerprint != recorded["fingerprint"]:
         print(
             f"warning: evaluating on {data_root} (fingerprint {fingerprint}), not on the data "
-            f"the checkpoint was trained on ({recorded['root']}, fingerprint "
+            f"checkpoint {path} was trained on ({recorded['root']}, fingerprint "
             f"{recorded['fingerprint']})",
             file=sys.stderr,
         )
     else:
-        check_same_data(recorded, data_root, fingerprint, "eval")
-    dataset = PrecompDataset(data_root, args.split, tokenizer, config.captions_per_image)
-    results = evaluate_trained(method, model, dataset, args.protocol, progress=not args.no_progress)
-    print(f"{args.protocol} on {data_root} / {args.split}:")
+        check_same_data(recorded, data_root, fingerprint, f"eval {path}")
+    dataset = PrecompDataset(data_root, split, tokenizer, config.captions_per_image)
+    return method, model, dataset
+
+
+def _print_evaluated(title: str | None, results: dict, method=None) -> None:
+    """A recall table under ``title``, then ``method``'s report when it has one."""
+    from fastalign.evaluation import format_results
+
+    if title:
+        print(title)
     print(format_results(results))
-    report = method.eval_report()
+    report = method.eval_report() if method is not None else ""
     if report:
         print(report)
+
+
+def _eval(args) -> None:
+    from fastalign.evaluation import evaluate
+    from fastalign.model_evaluation import evaluate_trained, score_matrix
+    from fastalign.rerank import DEFAULT_ALPHA, DEFAULT_K, check_rerank_options, evaluate_reranked
+
+    rerank = {"k": args.rerank_k, "alpha": args.rerank_alpha, "fusion": args.rerank_fusion}
+    if args.rerank_base is None:
+        given = [f"--rerank-{name}" for name, value in rerank.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} apply only with --rerank-base BASE.pt (the base model "
+                f"whose top-k the checkpoint re-ranks)"
+            )
+    else:
+        if args.protocol != "f30k":
+            raise ValueError(
+                f"--rerank-base supports --protocol f30k only (re-ranking of the whole "
+                f"matrix), not {args.protocol}: coco1k / coco5k re-ranking is not implemented"
+            )
+        defaults = {"k": DEFAULT_K, "alpha": DEFAULT_ALPHA, "fusion": "zscore"}
+        rerank = {name: defaults[name] if v is None else v for name, v in rerank.items()}
+        check_rerank_options(**rerank, prefix="--rerank-")
+    progress = not args.no_progress
+    data_root = Path(args.data_root) if args.data_root else None
+    method, model, dataset = _restore_on_data(
+        args.checkpoint, data_root, data_root is not None, args.split
+    )
+    heading = f"{args.protocol} on {dataset.root} / {args.split}:"
+    if args.rerank_base is None:
+        results = evaluate_trained(method, model, dataset, args.protocol, progress=progress)
+        print(heading)
+        _print_evaluated(None, results, method)
+        return
+    # The base model on the same data and split (so the same images and captions, in the
+    # same order), with its own tokenizer.
+    base_method, base_model, base_set = _restore_on_data(
+        args.rerank_base, dataset.root, data_root is not None, args.split
+    )
+    k = check_rerank_options(**rerank, n_items=dataset.n_images, prefix="--rerank-")
+    base = score_matrix(base_method, base_model, base_set, progress)
+    second = score_matrix(method, model, dataset, progress)
+    per_image = dataset.captions_per_image
+    reranked = evaluate_reranked(
+        base, second, k, rerank["alpha"], rerank["fusion"], captions_per_image=per_image
+    )
+    print(heading)
+    _print_evaluated(f"base {args.rerank_base}:", evaluate(base, per_image), base_method)
+    _print_evaluated(f"{args.checkpoint}:", evaluate(second, per_image), method)
+    _print_evaluated(
+        f"re-ranked: the top {k} of the base, scored again by {args.checkpoint} "
+        f"({rerank['fusion']} fusion, alpha {rerank['alpha']}):",
+        reranked,
+    )
 
 
 def _demo(args) -> None:
@@ -163,6 +232,8 @@ def _bench(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fastalign.rerank import DEFAULT_ALPHA, DEFAULT_K, FUSIONS
+
     parser = argparse.ArgumentParser(
         prog="fastalign",
         description="Fast fine-grained image-text matching: train, evaluate, benchmark.",
@@ -222,6 +293,37 @@ def main(argv: list[str] | None = None) -> None:
         help="f30k / coco5k: the whole matrix; coco1k: mean of 5 folds",
     )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rerank = evaluate.add_argument_group(
+        "re-ranking",
+        "With --rerank-base, each query's top-k of the base model is re-ordered by a fused "
+        "score of the base and the checkpoint; everything else keeps the base order below "
+        "them (MACK's re-ranking; --protocol f30k only). Prints the base's table, the "
+        "checkpoint's own and the re-ranked one.",
+    )
+    rerank.add_argument(
+        "--rerank-base",
+        metavar="BASE.pt",
+        help="the base model's checkpoint, evaluated on the same data and split",
+    )
+    rerank.add_argument(
+        "--rerank-k",
+        type=int,
+        metavar="K",
+        help=f"items re-ranked per query, at most the number of images (default {DEFAULT_K})",
+    )
+    rerank.add_argument(
+        "--rerank-alpha",
+        type=float,
+        metavar="ALPHA",
+        help=f"weight of the checkpoint's score, >= 0 (default {DEFAULT_ALPHA}, MASK's, for "
+        "zscore)",
+    )
+    rerank.add_argument(
+        "--rerank-fusion",
+        choices=FUSIONS,
+        help="zscore (default): z(base) + alpha * z(checkpoint), z standardising a query's "
+        "k scores; sum: base + alpha * checkpoint (MACK)",
+    )
     evaluate.set_defaults(run=_eval)
 
     demo = add_command(

@@ -76,6 +76,28 @@ class _TokenStack:
 
 
 @torch.no_grad()
+def score_matrix(
+    method: Method, model: nn.Module, dataset: PrecompDataset, progress: bool = False
+) -> Tensor:
+    """The (n_images, n_captions) float32 scores of a trained method on ``dataset``, on the
+    model's device: every image and caption encoded (:func:`encode_dataset`), then scored
+    by the method's similarity in blocks (:func:`fastalign.evaluation.similarity_matrix`).
+    Caption j belongs to image ``j // dataset.captions_per_image``.
+
+    ``progress``: progress bars of the encoding and of the scoring in blocks (see
+    :mod:`fastalign.progress`).
+    """
+    dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
+    images, captions = encode_dataset(model, dataset, progress=progress)
+    return similarity_matrix(
+        images,
+        captions,
+        similarity=lambda i, t: method.similarity(model, i, t),
+        progress=progress,
+    )
+
+
+@torch.no_grad()
 def evaluate_trained(
     method: Method,
     model: nn.Module,
@@ -83,12 +105,12 @@ def evaluate_trained(
     protocol: str = "f30k",
     progress: bool = False,
 ) -> dict[str, float]:
-    """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``.
+    """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``: of
+    its :func:`score_matrix`.
 
     ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole matrix; ``"coco1k"`` is the
     mean over 5 folds of 1000 images (:func:`fastalign.evaluation.evaluate_folds`).
-    ``progress``: progress bars of the encoding and of the scoring in blocks (see
-    :mod:`fastalign.progress`).
+    ``progress``: as in :func:`score_matrix`.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -99,14 +121,7 @@ def evaluate_trained(
             f"{dataset.split!r} of {dataset.root} has {dataset.n_images}: use protocol f30k (the "
             f"whole matrix) or the COCO testall split"
         )
-    dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
-    images, captions = encode_dataset(model, dataset, progress=progress)
-    sims = similarity_matrix(
-        images,
-        captions,
-        similarity=lambda i, t: method.similarity(model, i, t),
-        progress=progress,
-    )
+    sims = score_matrix(method, model, dataset, progress)
     if protocol == "coco1k":
         return evaluate_folds(sims, n_folds=5, captions_per_image=dataset.captions_per_image)[0]
     return evaluate(sims, captions_per_image=dataset.captions_per_image)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers.cli import one_error_line, run_main
 
 from fastalign.cli import main
 from fastalign.data import generate_synthetic
@@ -29,22 +30,6 @@ def _tiny_overrides(root: Path, out: Path) -> list[str]:
         "model.word_dim=16",
         "model.embed_dim=32",
     ]
-
-
-def _run_main(capsys, *argv: str) -> tuple[int, list[str]]:
-    """main(argv): its exit code and the lines it wrote to stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    return exit_info.value.code, capsys.readouterr().err.splitlines()
-
-
-def _one_error_line(lines: list[str], command: str, *names: str) -> None:
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1, lines
-    assert errors[0].startswith(f"fastalign {command}: error: "), errors[0]
-    for name in names:
-        assert name in errors[0], (name, errors[0])
-    assert not any("Traceback" in line for line in lines), lines
 
 
 def _digest(path: Path) -> str:
@@ -83,48 +68,48 @@ def trained(tiny_data, tmp_path_factory):
 def test_bad_config_values_name_their_key(capsys, tiny_data, tmp_path, override, key):
     out = tmp_path / "run"
     argv = ["train", "--config", "dias_synthetic", *_tiny_overrides(tiny_data, out), override]
-    code, lines = _run_main(capsys, *argv)
+    code, lines = run_main(capsys, *argv)
     assert code == 2
-    _one_error_line(lines, "train", key)
+    one_error_line(lines, "train", key)
     assert not out.exists()  # nothing written before the config is known to be good
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_cuda_device_without_cuda_says_so(capsys, tiny_data, tmp_path):
     out = tmp_path / "run"
-    code, lines = _run_main(capsys, "train", *_tiny_overrides(tiny_data, out), "device=cuda")
+    code, lines = run_main(capsys, "train", *_tiny_overrides(tiny_data, out), "device=cuda")
     assert code == 2
-    _one_error_line(lines, "train", "device=cuda", "no CUDA device")
+    one_error_line(lines, "train", "device=cuda", "no CUDA device")
     assert not out.exists()
 
 
 def test_yaml_syntax_error_names_the_file(capsys, tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("epochs: 3\nmodel: [embed_dim: 4\n")
-    code, lines = _run_main(capsys, "train", "--config", str(config))
+    code, lines = run_main(capsys, "train", "--config", str(config))
     assert code == 2
-    _one_error_line(lines, "train", str(config), "not valid YAML")
+    one_error_line(lines, "train", str(config), "not valid YAML")
 
 
 def test_resume_without_a_run_suggests_starting_it(capsys, tiny_data, tmp_path):
     out = tmp_path / "run"
-    code, lines = _run_main(capsys, "train", "--resume", *_tiny_overrides(tiny_data, out))
+    code, lines = run_main(capsys, "train", "--resume", *_tiny_overrides(tiny_data, out))
     assert code == 2
-    _one_error_line(lines, "train", str(out / "last.pt"), "without --resume")
+    one_error_line(lines, "train", str(out / "last.pt"), "without --resume")
 
 
 def test_feature_size_that_is_not_the_models_names_the_file(capsys, tiny_data, tmp_path):
     out = tmp_path / "run"
     argv = ["train", *_tiny_overrides(tiny_data, out), "model.feature_dim=1024"]
-    code, lines = _run_main(capsys, *argv)
+    code, lines = run_main(capsys, *argv)
     assert code == 2
-    _one_error_line(lines, "train", "train_ims.npy", "size 2048", "expects 1024")
+    one_error_line(lines, "train", "train_ims.npy", "size 2048", "expects 1024")
 
 
 def test_eval_of_a_folder_points_at_its_checkpoints(capsys, trained):
-    code, lines = _run_main(capsys, "eval", str(trained))
+    code, lines = run_main(capsys, "eval", str(trained))
     assert code == 2
-    _one_error_line(lines, "eval", str(trained), "is a folder", "best.pt")
+    one_error_line(lines, "eval", str(trained), "is a folder", "best.pt")
 
 
 def test_eval_of_a_checkpoint_without_vocabulary(capsys, trained, tmp_path):
@@ -132,16 +117,16 @@ def test_eval_of_a_checkpoint_without_vocabulary(capsys, trained, tmp_path):
     del checkpoint["vocab"]
     damaged = tmp_path / "damaged.pt"
     torch.save(checkpoint, damaged)
-    code, lines = _run_main(capsys, "eval", str(damaged))
+    code, lines = run_main(capsys, "eval", str(damaged))
     assert code == 2
-    _one_error_line(lines, "eval", str(damaged), "vocab")
+    one_error_line(lines, "eval", str(damaged), "vocab")
 
 
 def test_coco1k_on_a_split_that_is_not_coco_test(capsys, trained):
     before = _digest(trained / "best.pt")
-    code, lines = _run_main(capsys, "eval", str(trained / "best.pt"), "--protocol", "coco1k")
+    code, lines = run_main(capsys, "eval", str(trained / "best.pt"), "--protocol", "coco1k")
     assert code == 2
-    _one_error_line(lines, "eval", "coco1k", "5000", "has 12")
+    one_error_line(lines, "eval", "coco1k", "5000", "has 12")
     assert _digest(trained / "best.pt") == before
 
 
@@ -151,9 +136,9 @@ def test_eval_on_data_of_another_feature_size(capsys, trained, tmp_path):
         word_dim=16, feature_dim=64,
     )  # fmt: skip
     argv = ["eval", str(trained / "best.pt"), "--data-root", str(other)]
-    code, lines = _run_main(capsys, *argv)
+    code, lines = run_main(capsys, *argv)
     assert code == 2
-    _one_error_line(lines, "eval", str(other / "test_ims.npy"), "size 64", "expects 2048")
+    one_error_line(lines, "eval", str(other / "test_ims.npy"), "size 64", "expects 2048")
 
 
 def test_checkpoint_records_absolute_data_and_evaluates_from_elsewhere(
@@ -191,7 +176,7 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_a_user_error_in_a_subprocess_is_one_line_and_debug_shows_the_traceback(tmp_path):
     plain = _cli("train", "epochs=abc", f"output_dir={tmp_path / 'run'}", cwd=tmp_path)
     assert plain.returncode == 2
-    _one_error_line(plain.stderr.splitlines(), "train", "epochs")
+    one_error_line(plain.stderr.splitlines(), "train", "epochs")
     debug = _cli("--debug", "train", "epochs=abc", cwd=tmp_path)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
     assert "epochs must be an integer" in debug.stderr
