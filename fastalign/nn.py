@@ -12,7 +12,7 @@ from fastalign.ops.dimension_correlation import (
     DEFAULT_OFF_DIAGONAL_WEIGHT,
     dimension_correlation_loss,
 )
-from fastalign.ops.prototypes import prototype_assign, prototype_update
+from fastalign.ops.prototypes import prototype_assign, prototype_topk_mix, prototype_update
 from fastalign.ops.region_word import region_word_similarity
 from fastalign.ops.sparse_spatial import sparse_spatial_loss
 from fastalign.tokens import Tokens
@@ -189,6 +189,63 @@ class PrototypeBank(nn.Module):
         count, dim = self.prototypes.shape
         options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{count}, {dim}, {options}, momentum={self.momentum}"
+
+
+class KnowledgeBase(nn.Module):
+    """K (key, value) pairs queried by :func:`fastalign.prototype_topk_mix`: MASK's
+    concept word vectors (keys, (K, Dk)) and their prototypes (values, (K, Dv)), which
+    reconstruct the prototype of a word out of the knowledge from its word vector.
+
+    Both are buffers (saved in ``state_dict``, never trained), empty until :meth:`set`; a
+    state dict of any K loads. ``forward(queries (N, Dk))`` returns (N, Dv): for each query
+    the softmax(query . key / tau)-weighted mean of the values of its ``m`` keys of highest
+    cosine.
+    """
+
+    keys: Tensor
+    values: Tensor
+
+    def __init__(self, m: int = 10, tau: float = 1.0, backend: str = "auto") -> None:
+        super().__init__()
+        self.m, self.tau, self.backend = m, tau, backend
+        self.register_buffer("keys", torch.zeros(0, 0))
+        self.register_buffer("values", torch.zeros(0, 0))
+
+    @torch.no_grad()
+    def set(self, keys: Tensor, values: Tensor) -> None:
+        """Replaces the pairs: keys (K, Dk) and values (K, Dv), one row per key."""
+        if keys.dim() != 2 or values.dim() != 2 or len(keys) != len(values):
+            raise ValueError(
+                f"keys (K, Dk) and values (K, Dv) must have one row per key, got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        self.keys = keys.detach().clone()
+        self.values = values.detach().clone()
+
+    @torch.no_grad()
+    def set_values(self, values: Tensor) -> None:
+        """Replaces the values (K, Dv) of the same keys."""
+        if values.dim() != 2 or len(values) != len(self.keys):
+            raise ValueError(
+                f"values must be ({len(self.keys)}, Dv), one row per key, got "
+                f"{tuple(values.shape)}"
+            )
+        self.values = values.detach().clone()
+
+    def forward(self, queries: Tensor) -> Tensor:
+        return prototype_topk_mix(
+            queries, self.keys, self.values, m=self.m, tau=self.tau, backend=self.backend
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in ("keys", "values"):  # any K: take the saved shapes
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"keys={tuple(self.keys.shape)}, values={tuple(self.values.shape)}, m={self.m}, tau={self.tau}"
 
 
 class FeedbackPrototypes(nn.Module):

@@ -248,17 +248,16 @@ class Trainer:
             with distributed.collective("broadcast of the initial parameters (DDP)"):
                 self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        parameters = list(self.model.parameters())
-        if not parameters and config.epochs > 0:
+        if self.method.training_free and config.epochs > 0:
             raise ValueError(
-                f"method {config.method!r} has nothing to train (its model has no "
-                f"parameters): set epochs=0"
+                f"method {config.method!r} has nothing to train: set epochs=0 (got "
+                f"epochs={config.epochs})"
             )
-        # A model without parameters (a training-free method, epochs 0) has no optimiser.
+        # A training-free method has no optimiser.
         self.optimizer = self.scheduler = None
-        if parameters:
+        if not self.method.training_free:
             self.optimizer = optimizers[config.optimizer](
-                parameters, lr=config.lr, weight_decay=config.weight_decay
+                self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
             )
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 self.optimizer, milestones=config.lr_decay_epochs, gamma=config.lr_decay

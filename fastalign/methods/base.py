@@ -84,6 +84,8 @@ class Method:
             trains exactly as ``base`` (same losses, step by step: tested for every method).
         paired_training: whether it trains on the paired train split (the default batches
             of :meth:`train_loader`); when False the trainer never opens that split.
+        training_free: True for a method with nothing to train (run with ``epochs: 0``; its
+            model has no optimiser): :meth:`prepare` makes the model.
 
     A run asks, in this order: :meth:`tokenizer`, :meth:`initial_word_vectors` and
     :meth:`build_model`, :meth:`prepare` (new runs only), then per epoch
@@ -95,6 +97,7 @@ class Method:
     base: ClassVar[str | None] = None
     additions_off: ClassVar[dict[str, Any]] = {}
     paired_training: ClassVar[bool] = True
+    training_free: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
