@@ -1,6 +1,16 @@
-"""Data: vocabulary, precomputed-feature datasets, word vectors, synthetic data."""
+"""Data: vocabulary, precomputed-feature datasets, word vectors, knowledge folders, synthetic
+data."""
 
 from fastalign.data.fingerprint import data_fingerprint
+from fastalign.data.knowledge import (
+    CaptionWords,
+    Knowledge,
+    KnowledgeBatch,
+    KnowledgeLoader,
+    map_caption_words,
+    open_knowledge,
+    word_prototypes,
+)
 from fastalign.data.precomp import (
     COCO_1K_FOLD_SIZE,
     COCO_1K_FOLDS,
@@ -33,7 +43,7 @@ from fastalign.data.vocab import (
     Vocabulary,
     tokenize,
 )
-from fastalign.data.word_vectors import load_word_vectors
+from fastalign.data.word_vectors import load_word_vectors, read_word_vectors
 
 __all__ = [
     "COCO_1K_FOLDS",
@@ -42,13 +52,17 @@ __all__ = [
     "FILLER_WORDS",
     "GLOVE_FILE",
     "PAD_ID",
-    "PRESETS",
     "PAD_TOKEN",
+    "PRESETS",
     "SPECIAL_TOKENS",
     "UNK_ID",
     "UNK_TOKEN",
     "CaptionSet",
+    "CaptionWords",
     "EpochSampler",
+    "Knowledge",
+    "KnowledgeBatch",
+    "KnowledgeLoader",
     "PairBatch",
     "PrecompDataset",
     "Vocabulary",
@@ -60,8 +74,12 @@ __all__ = [
     "iter_captions",
     "load_word_vectors",
     "make_loader",
+    "map_caption_words",
     "open_image_features",
+    "open_knowledge",
     "read_captions",
+    "read_word_vectors",
     "synthetic_folder",
     "tokenize",
+    "word_prototypes",
 ]
