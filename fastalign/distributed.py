@@ -252,6 +252,17 @@ def _check_tensor(name: str, x: object) -> None:
         raise ValueError(f"{name} must have at least one dimension (the batch), got a scalar")
 
 
+def global_batch_normal(
+    generator: torch.Generator, rows: int, shape: tuple[int, ...], device: torch.device | str
+) -> Tensor:
+    """This process's (rows, *shape) block of standard normal draws made for the whole
+    global batch of ``world_size() * rows`` rows from ``generator`` (seeded alike on every
+    process): the draws of a sample do not depend on the number of processes."""
+    start = rank() * rows if world_size() > 1 else 0
+    drawn = torch.randn((world_size() * rows, *shape), generator=generator, device=device)
+    return drawn[start : start + rows]
+
+
 def all_gather_with_grad(
     x: Tensor, group: dist.ProcessGroup | None = None, *, name: str = "tensor"
 ) -> Tensor:

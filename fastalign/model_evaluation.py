@@ -4,6 +4,8 @@ of the trainer's validation)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -29,7 +31,8 @@ def encode_dataset(
     fixed number per sequence (one for global-embedding models).
 
     ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`)."""
-    device = next(model.parameters()).device
+    # A training-free model may hold buffers only.
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     model.eval()
     images = dataset.images
     n_images, n_regions = images.shape[0], images.shape[1]

@@ -227,8 +227,7 @@ class KnowledgeBase(nn.Module):
         """Replaces the values (K, Dv) of the same keys."""
         if values.dim() != 2 or len(values) != len(self.keys):
             raise ValueError(
-                f"values must be ({len(self.keys)}, Dv), one row per key, got "
-                f"{tuple(values.shape)}"
+                f"values must be ({len(self.keys)}, Dv), one row per key, got {tuple(values.shape)}"
             )
         self.values = values.detach().clone()
 
@@ -245,7 +244,8 @@ class KnowledgeBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"keys={tuple(self.keys.shape)}, values={tuple(self.values.shape)}, m={self.m}, tau={self.tau}"
+        shapes = f"keys={tuple(self.keys.shape)}, values={tuple(self.values.shape)}"
+        return f"{shapes}, m={self.m}, tau={self.tau}"
 
 
 class FeedbackPrototypes(nn.Module):

@@ -340,6 +340,18 @@ class KnowledgeBatch(NamedTuple):
     concepts: Tensor
     rows: Tensor
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> KnowledgeBatch:
+        """The same batch with every tensor moved to ``device``."""
+        return KnowledgeBatch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+    def describe(self) -> str:
+        """The batch's rows, for messages."""
+        return f"the batch of knowledge rows {self.rows.tolist()}"
+
+    def source_rows(self) -> Tensor:
+        """(B,) the row of each region in ``regions.npy``."""
+        return self.rows
+
 
 class KnowledgeLoader:
     """Shuffled batches of knowledge rows, read in sequential blocks.

@@ -394,19 +394,16 @@ class Cdds(Method):
         longest = torch.tensor(
             [[images.embs.shape[1], captions.embs.shape[1]]], dtype=torch.float64, device=device
         )
-        longest = context.gather(longest)
-        world = longest.shape[0]
-        t_image, t_caption = (int(v) for v in longest.max(0).values.tolist())
+        t_image, t_caption = (int(v) for v in context.gather(longest).max(0).values.tolist())
         generator = torch.Generator(device=device)
         generator.manual_seed((self.config.seed * 1_000_003 + self.noise_steps) % 2**63)
         self.noise_steps += 1
-        start = distributed.rank() * b if world > 1 else 0
-        drawn = []
-        for tokens, longest_t in ((images, t_image), (captions, t_caption)):
-            shape = (world * b, self.options.draws, longest_t, hidden)
-            noise = torch.randn(shape, generator=generator, device=device)
-            drawn.append(noise[start : start + b, :, : tokens.embs.shape[1]])
-        return drawn
+        return [
+            distributed.global_batch_normal(
+                generator, b, (self.options.draws, longest_t, hidden), device
+            )[:, :, : tokens.embs.shape[1]]
+            for tokens, longest_t in ((images, t_image), (captions, t_caption))
+        ]
 
     def loss_terms(
         self, model: nn.Module, images: Tokens, captions: Tokens, context: LossContext

@@ -181,6 +181,7 @@ class KnowledgeMethod(Method):
     # Whether the vocabulary words out of the knowledge that have a word vector are kept
     # (their prototypes reconstructed) or dropped.
     reconstructs_oov = False
+    word_dim: int | None = None  # the word vectors' dimension the model needs, if any
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -200,7 +201,9 @@ class KnowledgeMethod(Method):
                     f"method {self.name!r} needs word vectors for its knowledge words: set "
                     f"word_vectors"
                 )
-            self._knowledge = open_knowledge(self.knowledge_folder(data), data.word_vectors)
+            self._knowledge = open_knowledge(
+                self.knowledge_folder(data), data.word_vectors, dim=self.word_dim
+            )
         return self._knowledge
 
     def tokenizer(self, data: RunData | None, state: dict | None = None) -> Vocabulary:
@@ -230,8 +233,12 @@ class KnowledgeMethod(Method):
     def prepare(self, model: nn.Module, data: RunData, tokenizer: Vocabulary) -> None:
         knowledge = self.open_knowledge(data)
         words = self._caption_words
-        oov_words, oov_vectors = (words.oov, words.oov_vectors) if self.reconstructs_oov else ((), None)
-        model.set_knowledge(tokenizer, knowledge, self.prototypes(model, knowledge), oov_words, oov_vectors)
+        oov_words, oov_vectors = (
+            (words.oov, words.oov_vectors) if self.reconstructs_oov else ((), None)
+        )
+        model.set_knowledge(
+            tokenizer, knowledge, self.prototypes(model, knowledge), oov_words, oov_vectors
+        )
 
     @torch.no_grad()
     def prototypes(self, model: nn.Module, knowledge: Knowledge) -> Tensor:

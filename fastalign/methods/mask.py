@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastalign import distributed
 from fastalign.fields import setting
 from fastalign.methods import register_method
 from fastalign.methods.base import LossContext
@@ -108,12 +109,11 @@ class MaskModel(KnowledgeMatchingModel):
     def embed_regions(self, regions: Tensor) -> Tensor:
         return self.encode(regions)[0]
 
-    def forward(self, regions: Tensor) -> MaskOutputs:
-        """(B, F) knowledge regions -> the training outputs (a sampled z in training)."""
+    def forward(self, regions: Tensor, noise: Tensor | None = None) -> MaskOutputs:
+        """(B, F) knowledge regions -> the training outputs; ``noise`` (B, D) standard
+        normal draws give z = mu + sigma * noise (None: z = mu)."""
         mu, logvar = self.encode(regions)
-        z = mu
-        if self.training:
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        z = mu if noise is None else mu + torch.exp(0.5 * logvar) * noise
         return MaskOutputs(mu, logvar, self.restore(z), self.transfer(mu))
 
 
@@ -156,9 +156,17 @@ class Mask(KnowledgeMethod):
     name = "mask"
     Options = MaskOptions
 
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.noise_steps = 0  # the noise generator's seed of the next training step
+
     @property
     def reconstructs_oov(self) -> bool:
         return self.options.oov
+
+    @property
+    def word_dim(self) -> int:
+        return self.config.model.word_dim  # the modality transfer's output
 
     def build_model(self, vocab_size: int, word_vectors: Tensor | None = None) -> nn.Module:
         return MaskModel(
@@ -167,7 +175,14 @@ class Mask(KnowledgeMethod):
 
     def batch_terms(self, model: nn.Module, forward: nn.Module, batch, context: LossContext):
         regions = batch.regions.float()
-        out = forward(regions)
+        # The global batch's draws from a generator of (seed, step), restored on resume.
+        generator = torch.Generator(device=regions.device)
+        generator.manual_seed((self.config.seed * 1_000_003 + self.noise_steps) % 2**63)
+        self.noise_steps += 1
+        noise = distributed.global_batch_normal(
+            generator, len(regions), (self.options.embed_dim,), regions.device
+        )
+        out = forward(regions, noise)
         # Terms over the batch's pairs see the global batch (the same on every process).
         mu, concepts = context.gather(out.mu), context.gather(batch.concepts)
         words = model.knowledge.keys[batch.concepts]
@@ -184,3 +199,9 @@ class Mask(KnowledgeMethod):
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         model.knowledge.set_values(self.prototypes(model, self._knowledge))
+
+    def state_dict(self) -> dict:
+        return {"noise_steps": self.noise_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.noise_steps = int(state["noise_steps"])
