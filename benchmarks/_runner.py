@@ -171,6 +171,17 @@ def _output_mib(result: object) -> float:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)) / 2**20
 
 
+def measuring_env() -> dict[str, str]:
+    """The environment of a memory-measuring child process: glibc and MKL told to hand
+    large blocks back to the system, so that a freed buffer leaves the resident set."""
+    return dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+        MKL_DISABLE_FAST_MM="1",
+    )
+
+
 def peak_memory_mib(
     case_key: str,
     fn: Callable[[], object] | None,
@@ -192,15 +203,9 @@ def peak_memory_mib(
         outputs = _output_mib(fn())
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, outputs
-    env = dict(
-        os.environ,
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_TRIM_THRESHOLD_="0",
-        MKL_DISABLE_FAST_MM="1",
-    )
     out = subprocess.run(
         [sys.executable, script or sys.argv[0], _MEMORY_FLAG, case_key],
-        env=env,
+        env=measuring_env(),
         capture_output=True,
         text=True,
         check=True,
