@@ -37,6 +37,8 @@ def _train_one(config_path: str, overrides: list[str], result_path: str) -> None
     config = load_config(config_path, overrides)
     results, trainer, _ = train_and_test(config, progress=False, overwrite=True)
     val_rows = [row for row in trainer.history if "val_rsum" in row]
+    # A training-free run (epochs 0) has no epoch: its "epoch" time is 0.
+    epoch_seconds = [row["epoch_seconds"] for row in val_rows if "epoch_seconds" in row]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if trainer.device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated(trainer.device) / 2**20
@@ -44,7 +46,7 @@ def _train_one(config_path: str, overrides: list[str], result_path: str) -> None
         "results": results,
         "val_rsum": [row["val_rsum"] for row in val_rows],
         "val_epochs": [row["epoch"] for row in val_rows],
-        "epoch_seconds": statistics.mean(row["epoch_seconds"] for row in val_rows),
+        "epoch_seconds": statistics.mean(epoch_seconds) if epoch_seconds else 0.0,
         "peak_mib": peak_mib,
         "peak_kind": "cuda" if trainer.device.type == "cuda" else "rss",
         "method": config.method,
