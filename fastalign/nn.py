@@ -210,6 +210,7 @@ class KnowledgeBase(nn.Module):
         self.m, self.tau, self.backend = m, tau, backend
         self.register_buffer("keys", torch.zeros(0, 0))
         self.register_buffer("values", torch.zeros(0, 0))
+        self.version = 0  # bumped whenever the pairs are replaced (for caches of them)
 
     @torch.no_grad()
     def set(self, keys: Tensor, values: Tensor) -> None:
@@ -221,6 +222,7 @@ class KnowledgeBase(nn.Module):
             )
         self.keys = keys.detach().clone()
         self.values = values.detach().clone()
+        self.version += 1
 
     @torch.no_grad()
     def set_values(self, values: Tensor) -> None:
@@ -230,6 +232,7 @@ class KnowledgeBase(nn.Module):
                 f"values must be ({len(self.keys)}, Dv), one row per key, got {tuple(values.shape)}"
             )
         self.values = values.detach().clone()
+        self.version += 1
 
     def forward(self, queries: Tensor) -> Tensor:
         return prototype_topk_mix(
@@ -241,6 +244,7 @@ class KnowledgeBase(nn.Module):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        self.version += 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -218,6 +218,11 @@ class Trainer:
         if checkpoint is not None:
             check_same_data(checkpoint["data"], root, self.data_fingerprint, "--resume")
         self.method = get_method(config.method)(config)
+        if self.method.training_free and config.epochs > 0:
+            raise ValueError(
+                f"method {config.method!r} has nothing to train: set epochs=0 (got "
+                f"epochs={config.epochs})"
+            )
         self.data = RunData(root, _word_vectors_path(config, root))
         self.vocab = self.method.tokenizer(self.data, checkpoint["vocab"] if checkpoint else None)
         word_vectors = None
@@ -248,11 +253,6 @@ class Trainer:
             with distributed.collective("broadcast of the initial parameters (DDP)"):
                 self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids)
         optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-        if self.method.training_free and config.epochs > 0:
-            raise ValueError(
-                f"method {config.method!r} has nothing to train: set epochs=0 (got "
-                f"epochs={config.epochs})"
-            )
         # A training-free method has no optimiser.
         self.optimizer = self.scheduler = None
         if not self.method.training_free:

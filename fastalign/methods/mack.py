@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastalign import distributed
 from fastalign.data import read_captions
 from fastalign.data.knowledge import (
     Knowledge,
@@ -69,6 +70,7 @@ class KnowledgeMatchingModel(nn.Module):
         self.register_buffer("word_concept", torch.full((vocab_size,), -1, dtype=torch.long))
         self.register_buffer("word_oov", torch.full((vocab_size,), -1, dtype=torch.long))
         self.register_buffer("oov_vectors", torch.zeros(0, 0))
+        self._oov_version = 0  # bumped when the words to reconstruct change
         self._table: tuple[tuple, Tensor, Tensor] | None = None
 
     def embed_regions(self, regions: Tensor) -> Tensor:
@@ -86,6 +88,15 @@ class KnowledgeMatchingModel(nn.Module):
         """Sizes and fills the buffers: ``knowledge``'s concept word vectors as the keys,
         ``prototypes`` (K, D) as the values, each vocabulary word's concept, and the word
         vectors (O, Dw) of ``oov_words`` (the vocabulary words to reconstruct)."""
+        if len(vocab) != self.vocab_size:
+            raise ValueError(
+                f"vocab has {len(vocab)} words, but the model was built for {self.vocab_size}"
+            )
+        if oov_words and self.knowledge.m > knowledge.n_concepts:
+            raise ValueError(
+                f"oov_m = {self.knowledge.m} concepts mix each word out of the knowledge, "
+                f"but the knowledge has {knowledge.n_concepts}"
+            )
         device = self.word_concept.device
         concept = knowledge.word_index
         self.word_concept = torch.tensor(
@@ -98,13 +109,16 @@ class KnowledgeMatchingModel(nn.Module):
         dim = knowledge.word_vectors.shape[1]
         vectors = oov_vectors if oov_vectors is not None else torch.zeros(0, dim)
         self.oov_vectors = vectors.to(device=device, dtype=torch.float32)
+        self._oov_version += 1
         self.knowledge.set(knowledge.word_vectors.to(device), prototypes.to(device))
 
     def word_table(self) -> tuple[Tensor, Tensor]:
         """``(table (V, D), kept (V,) bool)``: every vocabulary word's prototype (zeros
         where dropped), computed again only when the knowledge changes."""
         values = self.knowledge.values
-        key = (values.data_ptr(), values._version, self.oov_vectors.data_ptr())
+        # The knowledge's version changes when its tensors are replaced, the tensor's
+        # version when they are written in place.
+        key = (self.knowledge.version, values._version, self._oov_version)
         if self._table is not None and self._table[0] == key:
             return self._table[1], self._table[2]
         table = values.new_zeros(self.vocab_size, values.shape[1])
@@ -155,6 +169,7 @@ class KnowledgeMatchingModel(nn.Module):
         saved = state_dict.get(prefix + "oov_vectors")
         if saved is not None:  # any number of words to reconstruct: take the saved shape
             self.oov_vectors = self.oov_vectors.new_empty(saved.shape)
+        self._oov_version += 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -222,7 +237,8 @@ class KnowledgeMethod(Method):
             for caption in read_captions(data.root, split)
         ]
         words = map_caption_words(knowledge, captions, data.word_vectors, oov=True)
-        print(words.summary(), file=sys.stderr)
+        if distributed.rank() == 0:
+            print(words.summary(), file=sys.stderr)
         self._caption_words = words
         oov = words.oov if self.reconstructs_oov else ()
         return Vocabulary((*knowledge.words, *oov))

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastalign import distributed
-from fastalign.fields import setting
+from fastalign.fields import check_fields, setting
 from fastalign.methods import register_method
 from fastalign.methods.base import LossContext
 from fastalign.methods.mack import KnowledgeMatchingModel, KnowledgeMethod
@@ -65,6 +65,13 @@ class MaskOptions:
     oov_m: int = setting(10, minimum=1)
     oov_tau: float = setting(1.0, above=0)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "mask.")
+        if self.embed_dim % self.heads:
+            raise ValueError(
+                f"mask.embed_dim = {self.embed_dim} must be a multiple of mask.heads = {self.heads}"
+            )
+
 
 @dataclass
 class MaskOutputs:
@@ -84,10 +91,6 @@ class MaskModel(KnowledgeMatchingModel):
     ) -> None:
         super().__init__(vocab_size, oov_m=options.oov_m, oov_tau=options.oov_tau)
         dim = options.embed_dim
-        if dim % options.heads:
-            raise ValueError(
-                f"mask.embed_dim = {dim} must be a multiple of mask.heads = {options.heads}"
-            )
         self.project = nn.Linear(feature_dim, dim)
         layer = nn.TransformerEncoderLayer(
             dim, options.heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True
