@@ -14,6 +14,7 @@ import torch
 from fastalign.checkpoint import load_checkpoint, restore_trained
 from fastalign.config import load_config
 from fastalign.data import Vocabulary, map_caption_words, open_knowledge
+from fastalign.methods.base import RunData
 from fastalign.methods.mack import Mack, RawFeatureModel
 from fastalign.methods.mask import (
     Mask,
@@ -444,3 +445,27 @@ def test_mask_embed_dim_must_be_a_multiple_of_heads():
 def test_mask_config_with_embed_dim_not_a_multiple_of_heads_is_refused_when_loaded():
     with pytest.raises(ValueError, match="mask.embed_dim"):
         load_config(None, ["method=mask", "mask.embed_dim=10", "mask.heads=4"])
+
+
+@pytest.mark.parametrize("oov", ["all", "listed", "off"])
+def test_words_out_of_the_knowledge_kept_as_the_options_say(tiny_data, tmp_path, oov):
+    """mask.oov / mask.oov_words choose which caption words out of the knowledge that have
+    a word vector enter the vocabulary (reconstructed); the rest are dropped."""
+    glove = tiny_data / "glove_synthetic.txt"
+    knowledge = open_knowledge(tiny_data / "knowledge", glove)
+    captions = [
+        line
+        for split in ("train", "dev", "test")
+        for line in (tiny_data / f"{split}_caps.txt").read_text().splitlines()
+    ]
+    out_of_knowledge = map_caption_words(knowledge, captions, glove).oov
+    assert len(out_of_knowledge) >= 3
+    listed = tmp_path / "nouns.txt"
+    listed.write_text("\n".join([*out_of_knowledge[:2], "not_a_caption_word"]) + "\n")
+    overrides = {"all": [], "listed": [f"mask.oov_words={listed}"], "off": ["mask.oov=false"]}
+    config = load_config(
+        None, ["method=mask", f"data_root={tiny_data}", "model.word_dim=16", *overrides[oov]]
+    )
+    vocab = Mask(config).tokenizer(RunData(tiny_data, glove), None)
+    expected = {"all": out_of_knowledge, "listed": out_of_knowledge[:2], "off": ()}[oov]
+    assert set(vocab.words) - {"<pad>", "<unk>"} == {*knowledge.words, *expected}

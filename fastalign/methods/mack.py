@@ -193,15 +193,18 @@ class KnowledgeMethod(Method):
     that the knowledge can represent, and (for a new run) the model's knowledge."""
 
     paired_training = False
-    # Whether the vocabulary words out of the knowledge that have a word vector are kept
-    # (their prototypes reconstructed) or dropped.
-    reconstructs_oov = False
     word_dim: int | None = None  # the word vectors' dimension the model needs, if any
 
     def __init__(self, config) -> None:
         super().__init__(config)
         self._knowledge: Knowledge | None = None
-        self._caption_words = None
+        # The words out of the knowledge to reconstruct, and their word vectors.
+        self._oov: tuple[tuple[str, ...], Tensor | None] = ((), None)
+
+    def words_to_reconstruct(self, oov: tuple[str, ...]) -> tuple[str, ...]:
+        """Which caption words out of the knowledge (with a word vector) to keep, their
+        prototypes reconstructed; the others are dropped. Default: none."""
+        return ()
 
     def knowledge_folder(self, data: RunData) -> Path:
         if self.options.knowledge is not None:
@@ -239,22 +242,17 @@ class KnowledgeMethod(Method):
         words = map_caption_words(knowledge, captions, data.word_vectors, oov=True)
         if distributed.rank() == 0:
             print(words.summary(), file=sys.stderr)
-        self._caption_words = words
-        oov = words.oov if self.reconstructs_oov else ()
-        return Vocabulary((*knowledge.words, *oov))
+        kept = set(self.words_to_reconstruct(words.oov))
+        rows = [i for i, word in enumerate(words.oov) if word in kept]
+        self._oov = (tuple(words.oov[i] for i in rows), words.oov_vectors[rows])
+        return Vocabulary((*knowledge.words, *self._oov[0]))
 
     def initial_word_vectors(self, data: RunData, tokenizer) -> None:
         return None  # the knowledge's word vectors are read with it
 
     def prepare(self, model: nn.Module, data: RunData, tokenizer: Vocabulary) -> None:
         knowledge = self.open_knowledge(data)
-        words = self._caption_words
-        oov_words, oov_vectors = (
-            (words.oov, words.oov_vectors) if self.reconstructs_oov else ((), None)
-        )
-        model.set_knowledge(
-            tokenizer, knowledge, self.prototypes(model, knowledge), oov_words, oov_vectors
-        )
+        model.set_knowledge(tokenizer, knowledge, self.prototypes(model, knowledge), *self._oov)
 
     @torch.no_grad()
     def prototypes(self, model: nn.Module, knowledge: Knowledge) -> Tensor:

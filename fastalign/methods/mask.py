@@ -37,7 +37,9 @@ they use. Every term's exact form above marked "our" is an option or documented 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,9 @@ class MaskOptions:
     cl_weight: float = setting(3.0, minimum=0)  # lambda2
     cl_tau: float = setting(0.1, above=0)
     oov: bool = True  # reconstruct words out of the knowledge (False: drop them)
+    # A file of the words eligible for reconstruction (whitespace-separated), e.g. the
+    # captions' nouns from a part-of-speech tagger; None: every word with a vector.
+    oov_words: str | None = None
     oov_m: int = setting(10, minimum=1)
     oov_tau: float = setting(1.0, above=0)
 
@@ -163,9 +168,23 @@ class Mask(KnowledgeMethod):
         super().__init__(config)
         self.noise_steps = 0  # the noise generator's seed of the next training step
 
-    @property
-    def reconstructs_oov(self) -> bool:
-        return self.options.oov
+    def words_to_reconstruct(self, oov: tuple[str, ...]) -> tuple[str, ...]:
+        if not self.options.oov:
+            return ()
+        if self.options.oov_words is None:
+            return oov
+        path = Path(self.options.oov_words)
+        if not path.is_file():
+            raise FileNotFoundError(f"mask.oov_words: no such file {path}")
+        eligible = set(path.read_text(encoding="utf-8").split())
+        kept = tuple(word for word in oov if word in eligible)
+        if distributed.rank() == 0:
+            print(
+                f"mask.oov_words: {len(kept)} of the {len(oov)} caption words out of the "
+                f"knowledge are in {path} and reconstructed; the others are dropped",
+                file=sys.stderr,
+            )
+        return kept
 
     @property
     def word_dim(self) -> int:
