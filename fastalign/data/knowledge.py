@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from fastalign.data.precomp import _epoch_seed
-from fastalign.data.vocab import tokenize
+from fastalign.data.vocab import count_words
 from fastalign.data.word_vectors import read_word_vectors
 from fastalign.progress import progress_iter
 
@@ -533,15 +533,9 @@ def map_caption_words(
         FileNotFoundError, ValueError: as :func:`~fastalign.data.read_word_vectors`.
     """
     knowledge = _check_knowledge(knowledge)
-    if isinstance(captions, str):
-        raise TypeError("map_caption_words expects an iterable of captions, got a single str")
     if oov and word_vectors_path is None:
         raise ValueError("word_vectors_path is needed when oov=True")
-    tokens: Counter[str] = Counter()
-    for position, caption in enumerate(captions):
-        if not isinstance(caption, str):
-            raise TypeError(f"caption {position} must be a str, got {type(caption).__name__}")
-        tokens.update(tokenize(caption))
+    tokens = count_words(captions, "map_caption_words")
     index = knowledge.word_index
     known = tuple(sorted(w for w in tokens if w in index))
     others = sorted(w for w in tokens if w not in index)

@@ -56,6 +56,19 @@ def tokenize(text: str) -> list[str]:
     return words
 
 
+def count_words(captions: Iterable[str], caller: str) -> Counter[str]:
+    """How often each word (:func:`tokenize`) occurs in ``captions``; TypeError (naming
+    ``caller``) for a single str or a caption that is not a str."""
+    if isinstance(captions, str):
+        raise TypeError(f"{caller} expects an iterable of captions, got a single str")
+    counts: Counter[str] = Counter()
+    for index, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise TypeError(f"caption {index} must be a str, got {type(caption).__name__}")
+        counts.update(tokenize(caption))
+    return counts
+
+
 def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
@@ -127,13 +140,7 @@ class Vocabulary:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
         if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
             raise ValueError(f"max_size must be None or an int >= 0, got {max_size!r}")
-        if isinstance(captions, str):
-            raise TypeError("Vocabulary.build expects an iterable of captions, got a single str")
-        counts: Counter[str] = Counter()
-        for index, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise TypeError(f"caption {index} must be a str, got {type(caption).__name__}")
-            counts.update(tokenize(caption))
+        counts = count_words(captions, "Vocabulary.build")
         for special in SPECIAL_TOKENS:
             counts.pop(special, None)  # cannot come out of tokenize, but be safe
         kept = sorted(
