@@ -1,6 +1,6 @@
-"""Evaluation of a trained method on a dataset: encode every image and caption, score them
-with the method's similarity in blocks, then rank (the one path of ``fastalign eval`` and
-of the trainer's validation)."""
+"""Evaluation of a trained method on a dataset: encode every image and caption, then score
+them with the method's similarity in blocks and rank them in the same pass, without the
+score matrix (the one path of ``fastalign eval`` and of the trainer's validation)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from fastalign.data import PrecompDataset
-from fastalign.evaluation import evaluate, evaluate_folds, similarity_matrix
 from fastalign.methods import Method
 from fastalign.progress import progress_iter
+from fastalign.retrieval import evaluate_streaming, evaluate_streaming_folds
 from fastalign.tokens import Tokens
 
 PROTOCOLS = ("f30k", "coco1k", "coco5k")
@@ -85,10 +85,11 @@ def evaluate_trained(
 ) -> dict[str, float]:
     """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``.
 
-    ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole matrix; ``"coco1k"`` is the
-    mean over 5 folds of 1000 images (:func:`fastalign.evaluation.evaluate_folds`).
-    ``progress``: progress bars of the encoding and of the scoring in blocks (see
-    :mod:`fastalign.progress`).
+    ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole gallery; ``"coco1k"`` is the
+    mean over 5 folds of 1000 images (as :func:`fastalign.evaluation.evaluate_folds`). Every
+    protocol streams (:mod:`fastalign.retrieval`): the numbers of :func:`fastalign.evaluate`
+    on the score matrix, which is never formed. ``progress``: progress bars of the encoding
+    and of the scoring pass (see :mod:`fastalign.progress`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -101,12 +102,14 @@ def evaluate_trained(
         )
     dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
     images, captions = encode_dataset(model, dataset, progress=progress)
-    sims = similarity_matrix(
-        images,
-        captions,
-        similarity=lambda i, t: method.similarity(model, i, t),
-        progress=progress,
-    )
+
+    def similarity(images: Tokens, captions: Tokens) -> Tensor:
+        return method.similarity(model, images, captions)
+
+    per_image = dataset.captions_per_image
     if protocol == "coco1k":
-        return evaluate_folds(sims, n_folds=5, captions_per_image=dataset.captions_per_image)[0]
-    return evaluate(sims, captions_per_image=dataset.captions_per_image)
+        folds = evaluate_streaming_folds(
+            images, captions, similarity, per_image, n_folds=5, progress=progress
+        )
+        return folds.mean
+    return evaluate_streaming(images, captions, similarity, per_image, progress=progress)
