@@ -40,6 +40,16 @@ INTEGER_SCORE = dict(direction="t2i", align="max", aggregate="sum")
 FLOAT_SCORE = dict(direction="t2i", align="max", aggregate="lse")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the blocks here are tiny, and on a loaded machine the OpenMP
+    barriers of two threads made each tiny call up to 100x slower (the file took a minute)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tokens(n_images, per_image, seed, integer, n_regions=7, n_words=9, dim=6):
     """Images (n_images, 7, D) and captions (n_images * per_image, 9, D) with random valid
     lengths (the rest is padding, filled with garbage no score may read); embeddings in
