@@ -21,7 +21,9 @@ Protocols: Flickr30K 1K and COCO 5K are :func:`evaluate` on the whole test matri
 images and their 5000 captions).
 
 :func:`similarity_matrix` builds the matrix from region and word embeddings by streaming
-:func:`fastalign.region_word_similarity` over blocks sized to a memory budget. Features
+:func:`fastalign.region_word_similarity` over blocks sized to a memory budget: those of
+:class:`BlockScorer`, which :mod:`fastalign.retrieval` shares to rank the same scores
+without the matrix (and to search them for each query's top k). Features
 stay in their storage dtype (float16 or float32, numpy memmaps included) and are computed
 in float32 or lower, never in float64. Evaluation is model-agnostic: it takes embeddings,
 however a model produced them.
