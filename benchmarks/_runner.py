@@ -3,20 +3,22 @@
 Peak memory on CPU is the rise of the resident set (VmHWM) over its level just before
 one call, measured in a fresh process (glibc and MKL told to hand large blocks back), so
 it counts every allocation, the BLAS's included. On CUDA it is the rise of
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``. Cases too long to run twice (:func:`measure_once`)
+take their time from that same call.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -203,6 +205,41 @@ def peak_memory_mib(
         outputs = _output_mib(fn())
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, outputs
+    measured = _measure_in_fresh_process(case_key, script)
+    return measured["peak_MiB"], measured["outputs_MiB"]
+
+
+def measure_once(
+    case_key: str,
+    fn: Callable[[], object] | None,
+    device: torch.device,
+    script: str | None = None,
+) -> dict:
+    """Time, peak memory and result of one call of a case too long to run twice: ``time_ms``,
+    ``peak_MiB``, ``outputs_MiB`` (as :func:`peak_memory_mib`) and ``result``, what the call
+    returned when it is a mapping of numbers (a recall table), else None.
+
+    CPU: the call measured by :func:`peak_memory_mib`'s fresh process (after its warm-up),
+    timed there; ``fn`` is unused. CUDA: one call of ``fn`` after a warm-up call.
+    """
+    if device.type != "cuda":
+        return _measure_in_fresh_process(case_key, script)
+    fn()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize(device)
+    return {
+        "time_ms": (time.perf_counter() - start) * 1e3,
+        "peak_MiB": (torch.cuda.max_memory_allocated(device) - base) / 2**20,
+        "outputs_MiB": _output_mib(result),
+        "result": _numbers(result),
+    }
+
+
+def _measure_in_fresh_process(case_key: str, script: str | None) -> dict:
     out = subprocess.run(
         [sys.executable, script or sys.argv[0], _MEMORY_FLAG, case_key],
         env=measuring_env(),
@@ -210,15 +247,22 @@ def peak_memory_mib(
         text=True,
         check=True,
     )
-    peak, outputs = out.stdout.strip().splitlines()[-1].split()
-    return float(peak), float(outputs)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _numbers(result: object) -> dict | None:
+    """``result`` as a plain dict when it is a mapping of numbers (a recall table)."""
+    if isinstance(result, Mapping) and all(isinstance(v, (int, float)) for v in result.values()):
+        return dict(result)
+    return None
 
 
 def serve_memory_request(
     cases: Callable[[str], Callable[[], object]],
     warmup_key: Callable[[str], str] = lambda key: key,
 ) -> bool:
-    """In the child process: build the case, warm up, measure one call, print MiB.
+    """In the child process: build the case, warm up, measure one call, print its peak
+    memory, the size of what it returned, its time and (a recall table) its result as JSON.
 
     The warm-up runs the case ``warmup_key(key)`` (a smaller one for long cases), so that
     one-time allocations (thread pools, BLAS buffers) are not counted.
@@ -230,8 +274,16 @@ def serve_memory_request(
     fn = cases(key)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = _rss_kib("VmRSS")
-    outputs = _output_mib(fn())
-    print((_rss_kib("VmHWM") - before) / 1024, outputs)
+    start = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start
+    measured = {
+        "peak_MiB": (_rss_kib("VmHWM") - before) / 1024,
+        "outputs_MiB": _output_mib(result),
+        "time_ms": elapsed * 1e3,
+        "result": _numbers(result),
+    }
+    print(json.dumps(measured))
     return True
 
 

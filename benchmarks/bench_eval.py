@@ -64,46 +64,74 @@ _LAST_SIMS: dict[str, object] = {}  # the last score matrix of each impl, for th
 
 
 # --------------------------------------------------------------------------- data
-def caption_lengths(n: int, g: torch.Generator) -> torch.Tensor:
-    """Flickr30K-like caption lengths: log-normal around 11.5 words, clamped to 4..40."""
+def caption_lengths(
+    n: int, g: torch.Generator, shortest: int = 4, longest: int = PADDED_WORDS
+) -> torch.Tensor:
+    """Flickr30K-like caption lengths: log-normal around 11.5 words, clamped to
+    shortest..longest (4..40 by default)."""
     log_length = torch.log(torch.tensor(11.5)) + 0.38 * torch.randn(n, generator=g)
-    return log_length.exp().round().long().clamp(4, PADDED_WORDS)
+    return log_length.exp().round().long().clamp(shortest, longest)
 
 
-def make_features(n_images: int, n_regions: int, dim: int, seed: int = 0):
-    """(regions (Ni, R, D), words (5 Ni, 40, D), word_lengths (5 Ni,)), float32, unit rows.
+def make_features(
+    n_images: int,
+    n_regions: int,
+    dim: int,
+    seed: int = 0,
+    shortest: int = 4,
+    padded: int = PADDED_WORDS,
+    signal: float = SIGNAL,
+):
+    """(regions (Ni, R, D), words (5 Ni, padded, D), word_lengths (5 Ni,)), float32, unit
+    rows; caption lengths :func:`caption_lengths` in shortest..padded.
 
-    Every word of caption j is a noisy copy of a random region of image j // 5.
+    Every word of caption j is a noisy copy of a random region of image j // 5 (``signal``:
+    the region's weight, which sets the recalls).
     """
     g = torch.Generator().manual_seed(seed)
     n_captions = n_images * CAPTIONS_PER_IMAGE
-    word_lengths = caption_lengths(n_captions, g)
+    word_lengths = caption_lengths(n_captions, g, shortest, padded)
     regions = F.normalize(torch.randn(n_images, n_regions, dim, generator=g), dim=-1)
-    words = torch.empty(n_captions, PADDED_WORDS, dim)
+    words = torch.empty(n_captions, padded, dim)
     for start in range(0, n_captions, 500):  # in chunks: no second full-size temporary
         stop = min(start + 500, n_captions)
         owner = (torch.arange(start, stop) // CAPTIONS_PER_IMAGE)[:, None]
-        source = torch.randint(0, n_regions, (stop - start, PADDED_WORDS), generator=g)
-        noise = torch.randn(stop - start, PADDED_WORDS, dim, generator=g) / dim**0.5
-        words[start:stop] = F.normalize(SIGNAL * regions[owner, source] + noise, dim=-1)
+        source = torch.randint(0, n_regions, (stop - start, padded), generator=g)
+        noise = torch.randn(stop - start, padded, dim, generator=g) / dim**0.5
+        words[start:stop] = F.normalize(signal * regions[owner, source] + noise, dim=-1)
     return regions, words, word_lengths
 
 
 # --------------------------------------------------------------------------- CHAN-style
-def block_similarity(images: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor):
+def block_similarity(
+    images: torch.Tensor,
+    captions: torch.Tensor,
+    lengths: torch.Tensor,
+    aggregate: str = "mean",
+    tau: float = 0.1,
+):
     """The 4-D (images, captions, R, L) tensor, cropped to the longest caption of the block,
-    max over regions, mean over valid words."""
+    max over regions, then over valid words the mean (``aggregate="mean"``) or ``tau *
+    logsumexp(x / tau)`` (``"lse"``)."""
     longest = int(lengths.max())
     scores = torch.einsum("ird,twd->itrw", images, captions)[..., :longest]
     aligned = scores.max(dim=2).values  # (images, captions, longest)
     valid = torch.arange(longest, device=captions.device) < lengths[:, None]
+    if aggregate == "lse":
+        return tau * torch.logsumexp(aligned.masked_fill(~valid, float("-inf")) / tau, dim=-1)
     return (aligned * valid).sum(-1) / lengths
 
 
 def chan_style_similarity(
-    img_embs: np.ndarray, cap_embs: np.ndarray, cap_lens: np.ndarray, device, crop_first: bool
+    img_embs: np.ndarray,
+    cap_embs: np.ndarray,
+    cap_lens: np.ndarray,
+    device,
+    crop_first: bool,
+    aggregate: str = "mean",
 ):
-    """Score matrix as CHAN / SCAN build it: float64 storage, a block pair at a time."""
+    """Score matrix as CHAN / SCAN build it: float64 storage, a block pair at a time
+    (``aggregate``: see :func:`block_similarity`)."""
     n_images, n_captions = len(img_embs), len(cap_embs)
     sims = np.zeros((n_images, n_captions))  # float64, like theirs
     for i0 in range(0, n_images, CHAN_BLOCK):
@@ -113,7 +141,7 @@ def chan_style_similarity(
             images = torch.from_numpy(img_embs[i0 : i0 + CHAN_BLOCK]).float().to(device)
             captions = torch.from_numpy(cap_embs[t0 : t0 + CHAN_BLOCK, :width]).float()
             block = block_similarity(
-                images, captions.to(device), torch.from_numpy(lengths).to(device)
+                images, captions.to(device), torch.from_numpy(lengths).to(device), aggregate
             )
             sims[i0 : i0 + CHAN_BLOCK, t0 : t0 + CHAN_BLOCK] = block.cpu().numpy()
     return sims

@@ -21,7 +21,9 @@ Protocols: Flickr30K 1K and COCO 5K are :func:`evaluate` on the whole test matri
 images and their 5000 captions).
 
 :func:`similarity_matrix` builds the matrix from region and word embeddings by streaming
-:func:`fastalign.region_word_similarity` over blocks sized to a memory budget. Features
+:func:`fastalign.region_word_similarity` over blocks sized to a memory budget: those of
+:class:`BlockScorer`, which :mod:`fastalign.retrieval` shares to rank the same scores
+without the matrix (and to search them for each query's top k). Features
 stay in their storage dtype (float16 or float32, numpy memmaps included) and are computed
 in float32 or lower, never in float64. Evaluation is model-agnostic: it takes embeddings,
 however a model produced them.
@@ -67,7 +69,7 @@ _RANK_BLOCK_ELEMENTS = 1 << 21
 
 
 # --------------------------------------------------------------------------- checks
-def _check_positive_int(name: str, value: object) -> int:
+def check_positive_int(name: str, value: object) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
@@ -80,7 +82,7 @@ def _as_score_matrix(sims: Tensor | np.ndarray, captions_per_image: int) -> Tens
 
     Numpy arrays (memmaps included) are wrapped without a copy.
     """
-    captions_per_image = _check_positive_int("captions_per_image", captions_per_image)
+    captions_per_image = check_positive_int("captions_per_image", captions_per_image)
     if isinstance(sims, np.ndarray):
         if sims.dtype.kind != "f":
             raise TypeError(f"sims must hold floating-point scores, got dtype {sims.dtype}")
@@ -136,7 +138,7 @@ def compute_ranks(
     n_images, n_captions = sims.shape
     if block_rows is None:
         block_rows = max(1, _RANK_BLOCK_ELEMENTS // n_captions)
-    block_rows = _check_positive_int("block_rows", block_rows)
+    block_rows = check_positive_int("block_rows", block_rows)
     device = sims.device
     caption_ids = torch.arange(n_captions, device=device)
     positive_t2i = sims[caption_ids // captions_per_image, caption_ids]  # (n_captions,)
@@ -196,10 +198,31 @@ def evaluate(
         TypeError: ``sims`` is not a floating-point tensor / array.
         ValueError: wrong shape, NaN scores (with their count and the first position).
     """
-    ranks_i2t, ranks_t2i = compute_ranks(sims, captions_per_image, block_rows=block_rows)
+    return results_from_ranks(*compute_ranks(sims, captions_per_image, block_rows=block_rows))
+
+
+def results_from_ranks(ranks_i2t: Tensor, ranks_t2i: Tensor) -> dict[str, float]:
+    """The table of :func:`evaluate` from 1-based ranks: (n_images,) i2t and (n_captions,)
+    t2i ranks, as :func:`compute_ranks` (or :func:`fastalign.streaming_ranks`) returns them."""
     metrics = _rank_metrics(ranks_i2t, "i2t") | _rank_metrics(ranks_t2i, "t2i")
     metrics["rsum"] = sum(metrics[f"r{k}_{d}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     return {key: metrics[key] for key in RESULT_KEYS}
+
+
+def check_folds(n_folds: object, n_images: int) -> int:
+    """``n_folds`` checked: a positive int dividing ``n_images``."""
+    n_folds = check_positive_int("n_folds", n_folds)
+    if n_images % n_folds:
+        raise ValueError(
+            f"n_folds = {n_folds} must divide the number of images, got {n_images} images"
+        )
+    return n_folds
+
+
+def mean_over_folds(per_fold: list[dict[str, float]]) -> dict[str, float]:
+    """Every metric's mean over the folds' tables (``rsum`` is also the sum of the mean
+    recalls): the COCO 1K result."""
+    return {key: sum(fold[key] for fold in per_fold) / len(per_fold) for key in RESULT_KEYS}
 
 
 def evaluate_folds(
@@ -223,20 +246,15 @@ def evaluate_folds(
         sum of the mean recalls) and the list of the folds' own results.
     """
     sims = _as_score_matrix(sims, captions_per_image)
-    n_folds = _check_positive_int("n_folds", n_folds)
     n_images = sims.shape[0]
-    if n_images % n_folds:
-        raise ValueError(
-            f"n_folds = {n_folds} must divide the number of images, got {n_images} images"
-        )
+    n_folds = check_folds(n_folds, n_images)
     size = n_images // n_folds
     width = size * captions_per_image
     per_fold = [
         evaluate(sims[k * size : (k + 1) * size, k * width : (k + 1) * width], captions_per_image)
         for k in range(n_folds)
     ]
-    mean = {key: sum(fold[key] for fold in per_fold) / n_folds for key in RESULT_KEYS}
-    return mean, per_fold
+    return mean_over_folds(per_fold), per_fold
 
 
 def chance_results(n_images: int, captions_per_image: int = 5, seed: int = 0) -> dict[str, float]:
@@ -350,6 +368,7 @@ def _plan_blocks(
     pair_bytes: int,
     budget: int,
     max_pairs: int | None = None,
+    captions_per_image: int | None = None,
 ) -> tuple[int, int]:
     """Block sizes that keep converted inputs + the output block within ``budget`` bytes.
 
@@ -357,9 +376,31 @@ def _plan_blocks(
     used in place); ``pair_bytes``: memory of one score of the block output. A size that is
     not given is also bounded so that a block holds at most ``max_pairs`` scores (when the
     other size allows it; None: ``_BLOCK_PAIRS``).
+
+    ``captions_per_image`` given: aligned blocks, ``block_captions = captions_per_image *
+    block_images``, so that image block k and caption block k hold the images and their
+    captions (the positive pairs of the streaming evaluation all lie in the diagonal
+    blocks). Without sizes, the largest such blocks within the budget and ``max_pairs``,
+    evened out over the images; ``block_captions`` alone gives ``block_captions //
+    captions_per_image`` images (aligned when it is a multiple); both given are kept.
     """
     if max_pairs is None:
         max_pairs = _BLOCK_PAIRS
+    if captions_per_image is not None and (block_images is None or block_captions is None):
+        if block_images is None and block_captions is None:
+            block_images = _aligned_block_images(
+                n_images,
+                captions_per_image,
+                image_bytes + captions_per_image * caption_bytes,
+                captions_per_image * pair_bytes,
+                budget,
+                max_pairs,
+            )
+        elif block_images is None:
+            block_images = max(1, block_captions // captions_per_image)
+        if block_captions is None:
+            block_captions = captions_per_image * block_images
+        return min(block_images, n_images), min(block_captions, n_captions)
     if block_images is None and block_captions is None:
         if n_images * image_bytes <= budget // 2:
             block_images = n_images
@@ -374,6 +415,35 @@ def _plan_blocks(
         block_images = max(1, remaining // (image_bytes + block_captions * pair_bytes))
         block_images = min(block_images, max(1, max_pairs // block_captions))
     return min(block_images, n_images), min(block_captions, n_captions)
+
+
+def _aligned_block_images(
+    n_images: int,
+    captions_per_image: int,
+    row_bytes: int,
+    square_bytes: int,
+    budget: int,
+    max_pairs: int,
+) -> int:
+    """Images per aligned block: the most b <= n_images with ``b * row_bytes + b * b *
+    square_bytes <= budget`` and ``captions_per_image * b * b <= max_pairs`` (at least 1),
+    then evened out: the same number of blocks, of equal sizes as far as they divide."""
+
+    def fits(b: int) -> bool:
+        pairs_ok = captions_per_image * b * b <= max_pairs
+        return pairs_ok and b * row_bytes + b * b * square_bytes <= budget
+
+    low, high = 1, n_images  # fits(low) is assumed: one image a block at the least
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return math.ceil(n_images / math.ceil(n_images / low))
+
+
+def block_ranges(count: int, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the consecutive blocks of ``size`` items (the last may be
+    shorter) that cover ``count`` items."""
+    return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def _region_word_score(options: dict) -> SimilarityFn:
@@ -403,6 +473,129 @@ def _split_tokens(name: str, tokens: object) -> tuple[object, object]:
     )
 
 
+class BlockScorer:
+    """Scores of blocks of images x captions: the one block scorer of :func:`similarity_matrix`
+    and of the streaming evaluation and search (:mod:`fastalign.retrieval`).
+
+    The constructor checks the inputs (see :func:`similarity_matrix` for what they may be);
+    :meth:`plan` sizes the blocks from the memory budget (:func:`_plan_blocks`); :meth:`score`
+    returns the float32 scores of one block. Each side of a block is loaded cropped to its
+    longest item and converted to the compute dtype (tensors already in it are sliced in
+    place), and the last loaded block of each side is kept for the next call, so a pass that
+    walks a row or a column of blocks loads that side once. Scoring the same block twice gives
+    the same numbers: the same inputs take the same path.
+    """
+
+    def __init__(
+        self,
+        images: Tokens | Tensor | np.ndarray,
+        captions: Tokens | Tensor | np.ndarray,
+        similarity: SimilarityFn | None = None,
+        similarity_options: dict | None = None,
+        *,
+        memory_budget_mb: float = 256,
+        device: torch.device | str | None = None,
+    ) -> None:
+        region_embs, region_lengths = _split_tokens("images", images)
+        word_embs, word_lengths = _split_tokens("captions", captions)
+        similarity_options = similarity_options or {}
+        if similarity is not None and similarity_options:
+            raise TypeError(
+                f"similarity_options ({', '.join(sorted(similarity_options))}) apply to the "
+                "default score only, not to a given similarity function"
+            )
+        self.similarity = similarity or _region_word_score(similarity_options)
+        _check_features("images.embs", region_embs)
+        _check_features("captions.embs", word_embs)
+        if region_embs.shape[2] != word_embs.shape[2]:
+            raise ValueError(
+                f"image and caption embeddings must share the feature size D, got "
+                f"{region_embs.shape[2]} and {word_embs.shape[2]}"
+            )
+        self.n_images, n_regions, dim = region_embs.shape
+        self.n_captions, n_words, _ = word_embs.shape
+        # Lengths are kept on the CPU: blocks are cut from them before reaching the device.
+        cpu = torch.device("cpu")
+        region_lengths = check_lengths(
+            "images.lengths", _on_cpu(region_lengths), self.n_images, n_regions, cpu
+        )
+        word_lengths = check_lengths(
+            "captions.lengths", _on_cpu(word_lengths), self.n_captions, n_words, cpu
+        )
+        if not isinstance(memory_budget_mb, (int, float)) or isinstance(memory_budget_mb, bool):
+            raise TypeError(
+                f"memory_budget_mb must be a number, got {type(memory_budget_mb).__name__}"
+            )
+        if not (0 < memory_budget_mb < math.inf):
+            raise ValueError(
+                f"memory_budget_mb must be positive and finite, got {memory_budget_mb}"
+            )
+        self.budget = int(memory_budget_mb * 2**20)
+        if device is None:
+            device = region_embs.device if isinstance(region_embs, Tensor) else torch.device("cpu")
+        self.device = torch.device(device)
+        self.dtype = _compute_dtype(region_embs, word_embs, self.device)
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        copies = _needs_copy(region_embs, self.dtype, self.device)
+        self._image_bytes = n_regions * dim * self.itemsize * copies
+        copies = _needs_copy(word_embs, self.dtype, self.device)
+        self._caption_bytes = n_words * dim * self.itemsize * copies
+        self._sides = {
+            "images": (region_embs, region_lengths),
+            "captions": (word_embs, word_lengths),
+        }
+        self._loaded: dict[str, tuple[tuple[int, int], Tokens]] = {}
+
+    def plan(
+        self,
+        block_images: int | None,
+        block_captions: int | None,
+        captions_per_image: int | None = None,
+    ) -> tuple[int, int]:
+        """(images, captions) per block: the sizes given (checked), the others from the
+        memory budget and at most 262144 scores a block; aligned blocks (``block_captions =
+        captions_per_image * block_images``) when ``captions_per_image`` is given."""
+        if block_images is not None:
+            block_images = check_positive_int("block_images", block_images)
+        if block_captions is not None:
+            block_captions = check_positive_int("block_captions", block_captions)
+        return _plan_blocks(
+            self.n_images,
+            self.n_captions,
+            block_images,
+            block_captions,
+            image_bytes=self._image_bytes,
+            caption_bytes=self._caption_bytes,
+            pair_bytes=self.itemsize,
+            budget=self.budget,
+            captions_per_image=captions_per_image,
+        )
+
+    def _side(self, side: str, start: int, stop: int) -> Tokens:
+        """Items [start, stop) of one side, loaded (or the one kept from the last call)."""
+        kept = self._loaded.get(side)
+        if kept is not None and kept[0] == (start, stop):
+            return kept[1]
+        self._loaded.pop(side, None)  # freed before the next block is loaded
+        embs, lengths = self._sides[side]
+        lengths = lengths[start:stop]
+        block = _load_block(embs, start, stop, int(lengths.max()), self.dtype, self.device)
+        tokens = Tokens(block, lengths.to(self.device))
+        self._loaded[side] = ((start, stop), tokens)
+        return tokens
+
+    def score(self, i0: int, i1: int, t0: int, t1: int) -> Tensor:
+        """(i1 - i0, t1 - t0) float32 scores of images [i0, i1) x captions [t0, t1)."""
+        block = self.similarity(self._side("images", i0, i1), self._side("captions", t0, t1))
+        if not isinstance(block, Tensor) or tuple(block.shape) != (i1 - i0, t1 - t0):
+            got = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+            raise ValueError(
+                f"the similarity returned {got} for a block of {i1 - i0} images x {t1 - t0} "
+                f"captions, expected a tensor of shape ({i1 - i0}, {t1 - t0})"
+            )
+        return block.to(torch.float32)
+
+
 @torch.no_grad()
 def similarity_matrix(
     images: Tokens | Tensor | np.ndarray,
@@ -421,6 +614,8 @@ def similarity_matrix(
     Scores blocks of images x captions (with :func:`fastalign.region_word_similarity`, or
     ``similarity``) and writes each block into the result; the fused operator never forms
     the 4-D tensor, so blocks only bound the converted input pieces and the block output.
+    The blocks are those of :class:`BlockScorer`, shared with :mod:`fastalign.retrieval`,
+    whose streaming evaluation ranks the very same scores without this matrix.
 
     Args:
         images: :class:`~fastalign.tokens.Tokens` of the images: (n_images, R, D) region
@@ -454,81 +649,35 @@ def similarity_matrix(
         the block sizes beyond the BLAS's last-bit rounding (the blocks' matrix products can
         take differently shaped BLAS paths).
     """
-    region_embs, region_lengths = _split_tokens("images", images)
-    word_embs, word_lengths = _split_tokens("captions", captions)
-    if similarity is not None and similarity_options:
-        raise TypeError(
-            f"similarity_options ({', '.join(sorted(similarity_options))}) apply to the "
-            "default score only, not to a given similarity function"
-        )
-    if similarity is None:
-        similarity = _region_word_score(similarity_options)
-    _check_features("images.embs", region_embs)
-    _check_features("captions.embs", word_embs)
-    if region_embs.shape[2] != word_embs.shape[2]:
-        raise ValueError(
-            f"image and caption embeddings must share the feature size D, got "
-            f"{region_embs.shape[2]} and {word_embs.shape[2]}"
-        )
-    n_images, n_regions, dim = region_embs.shape
-    n_captions, n_words, _ = word_embs.shape
-    # Lengths are kept on the CPU: blocks are cut from them before reaching the device.
-    cpu = torch.device("cpu")
-    region_lengths = check_lengths(
-        "images.lengths", _on_cpu(region_lengths), n_images, n_regions, cpu
+    scorer = BlockScorer(
+        images,
+        captions,
+        similarity,
+        similarity_options,
+        memory_budget_mb=memory_budget_mb,
+        device=device,
     )
-    word_lengths = check_lengths(
-        "captions.lengths", _on_cpu(word_lengths), n_captions, n_words, cpu
-    )
-    if block_images is not None:
-        block_images = _check_positive_int("block_images", block_images)
-    if block_captions is not None:
-        block_captions = _check_positive_int("block_captions", block_captions)
-    if not isinstance(memory_budget_mb, (int, float)) or isinstance(memory_budget_mb, bool):
-        raise TypeError(f"memory_budget_mb must be a number, got {type(memory_budget_mb).__name__}")
-    if not (0 < memory_budget_mb < math.inf):
-        raise ValueError(f"memory_budget_mb must be positive and finite, got {memory_budget_mb}")
-    if device is None:
-        device = region_embs.device if isinstance(region_embs, Tensor) else torch.device("cpu")
-    device = torch.device(device)
-
-    dtype = _compute_dtype(region_embs, word_embs, device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    block_images, block_captions = _plan_blocks(
-        n_images,
-        n_captions,
-        block_images,
-        block_captions,
-        image_bytes=n_regions * dim * itemsize * _needs_copy(region_embs, dtype, device),
-        caption_bytes=n_words * dim * itemsize * _needs_copy(word_embs, dtype, device),
-        pair_bytes=itemsize,
-        budget=int(memory_budget_mb * 2**20),
-    )
-    n_blocks = math.ceil(n_images / block_images) * math.ceil(n_captions / block_captions)
+    block_images, block_captions = scorer.plan(block_images, block_captions)
+    image_blocks = block_ranges(scorer.n_images, block_images)
+    caption_blocks = block_ranges(scorer.n_captions, block_captions)
+    n_blocks = len(image_blocks) * len(caption_blocks)
     # A single block's output is the result itself, not copied into a second matrix.
     scores = None
     if n_blocks > 1:
-        scores = torch.empty(n_images, n_captions, dtype=torch.float32, device=device)
+        shape = (scorer.n_images, scorer.n_captions)
+        scores = torch.empty(shape, dtype=torch.float32, device=scorer.device)
     bar = progress_bar(n_blocks, "similarity_matrix", progress, unit="block")
     try:
-        for i0 in range(0, n_images, block_images):
-            i1 = min(i0 + block_images, n_images)
-            r_len = region_lengths[i0:i1]
-            regions = _load_block(region_embs, i0, i1, int(r_len.max()), dtype, device)
-            r_len = r_len.to(device)
-            for t0 in range(0, n_captions, block_captions):
-                t1 = min(t0 + block_captions, n_captions)
-                w_len = word_lengths[t0:t1]
-                words = _load_block(word_embs, t0, t1, int(w_len.max()), dtype, device)
-                block = similarity(Tokens(regions, r_len), Tokens(words, w_len.to(device)))
+        for i0, i1 in image_blocks:
+            for t0, t1 in caption_blocks:
+                block = scorer.score(i0, i1, t0, t1)
                 if scores is None:
-                    scores = block.to(torch.float32)
+                    scores = block
                 else:
                     scores[i0:i1, t0:t1] = block
-                del words, block  # freed before the next block is loaded
+                del block  # freed before the next block is scored
                 if bar is not None:
                     bar.update(1)
-            del regions
     finally:
         if bar is not None:
             bar.close()

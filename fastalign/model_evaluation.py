@@ -1,19 +1,21 @@
-"""Evaluation of a trained method on a dataset: encode every image and caption, score them
-with the method's similarity in blocks, then rank (the one path of ``fastalign eval`` and
-of the trainer's validation)."""
+"""Evaluation of a trained method on a dataset: encode every image and caption, then score
+them with the method's similarity in blocks and rank them in the same pass, without the
+score matrix (the one path of ``fastalign eval`` and of the trainer's validation)."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fastalign.data import PrecompDataset
-from fastalign.evaluation import evaluate, evaluate_folds, similarity_matrix
+from fastalign.evaluation import similarity_matrix
 from fastalign.methods import Method
 from fastalign.progress import progress_iter
+from fastalign.retrieval import evaluate_streaming, evaluate_streaming_folds
 from fastalign.tokens import Tokens
 
 PROTOCOLS = ("f30k", "coco1k", "coco5k")
@@ -90,14 +92,21 @@ def score_matrix(
     ``progress``: progress bars of the encoding and of the scoring in blocks (see
     :mod:`fastalign.progress`).
     """
+    images, captions, similarity = _encoded(method, model, dataset, progress)
+    return similarity_matrix(images, captions, similarity=similarity, progress=progress)
+
+
+def _encoded(
+    method: Method, model: nn.Module, dataset: PrecompDataset, progress: bool
+) -> tuple[Tokens, Tokens, Callable[[Tokens, Tokens], Tensor]]:
+    """(image tokens, caption tokens, the method's similarity of token blocks)."""
     dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
     images, captions = encode_dataset(model, dataset, progress=progress)
-    return similarity_matrix(
-        images,
-        captions,
-        similarity=lambda i, t: method.similarity(model, i, t),
-        progress=progress,
-    )
+
+    def similarity(images: Tokens, captions: Tokens) -> Tensor:
+        return method.similarity(model, images, captions)
+
+    return images, captions, similarity
 
 
 @torch.no_grad()
@@ -108,12 +117,14 @@ def evaluate_trained(
     protocol: str = "f30k",
     progress: bool = False,
 ) -> dict[str, float]:
-    """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``: of
-    its :func:`score_matrix`.
+    """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``: the
+    numbers of :func:`score_matrix`'s matrix, which is never formed.
 
-    ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole matrix; ``"coco1k"`` is the
-    mean over 5 folds of 1000 images (:func:`fastalign.evaluation.evaluate_folds`).
-    ``progress``: as in :func:`score_matrix`.
+    ``protocol``: ``"f30k"`` and ``"coco5k"`` rank the whole gallery; ``"coco1k"`` is the
+    mean over 5 folds of 1000 images (as :func:`fastalign.evaluation.evaluate_folds`). Every
+    protocol streams (:mod:`fastalign.retrieval`): the numbers of :func:`fastalign.evaluate`
+    on the score matrix, which is never formed. ``progress``: progress bars of the encoding
+    and of the scoring pass (see :mod:`fastalign.progress`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -124,7 +135,11 @@ def evaluate_trained(
             f"{dataset.split!r} of {dataset.root} has {dataset.n_images}: use protocol f30k (the "
             f"whole matrix) or the COCO testall split"
         )
-    sims = score_matrix(method, model, dataset, progress)
+    images, captions, similarity = _encoded(method, model, dataset, progress)
+    per_image = dataset.captions_per_image
     if protocol == "coco1k":
-        return evaluate_folds(sims, n_folds=5, captions_per_image=dataset.captions_per_image)[0]
-    return evaluate(sims, captions_per_image=dataset.captions_per_image)
+        folds = evaluate_streaming_folds(
+            images, captions, similarity, per_image, n_folds=5, progress=progress
+        )
+        return folds.mean
+    return evaluate_streaming(images, captions, similarity, per_image, progress=progress)

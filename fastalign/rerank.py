@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastalign.evaluation import RECALL_KS, RESULT_KEYS, _check_positive_int, evaluate
+from fastalign.evaluation import RECALL_KS, RESULT_KEYS, check_positive_int, evaluate
 from fastalign.ops._checks import check_finite, check_floating_tensor, check_number
 
 FUSIONS = ("zscore", "sum")
@@ -48,7 +48,7 @@ def check_rerank_options(
         TypeError: k is not an int, alpha not a number.
         ValueError: k < 1 or k > n_items, alpha negative or not finite, an unknown fusion.
     """
-    k = _check_positive_int(f"{prefix}k", k)
+    k = check_positive_int(f"{prefix}k", k)
     if n_items is not None and k > n_items:
         raise ValueError(
             f"{prefix}k must be <= {n_items}, the number of items a query ranks, got {k}"

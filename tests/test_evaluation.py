@@ -397,14 +397,14 @@ def test_encoding_and_scoring_show_progress(tiny_data, capsys, monkeypatch):
     model = MatchingModel(len(vocab), config.model)
     method = get_method("baseline")(config)
     monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)
-    monkeypatch.setattr(evaluation, "_BLOCK_PAIRS", 12 * 20)  # 12 x 60 scores: 3 blocks
+    monkeypatch.setattr(evaluation, "_BLOCK_PAIRS", 12 * 20)  # 12 x 60 scores: 4 blocks
     quiet = evaluate_trained(method, model, dataset)
     assert capsys.readouterr().err == ""
     assert evaluate_trained(method, model, dataset, progress=True) == quiet
     err = capsys.readouterr().err
-    for bar in ("encoding images", "encoding captions", "similarity_matrix"):
+    for bar in ("encoding images", "encoding captions", "streaming_ranks"):
         assert bar in err, err
-    assert "0/3" in err  # 12 x 60 scores in blocks of 12 x 20
+    assert "0/4" in err  # 12 x 60 scores in aligned blocks of 6 images x 30 captions
     encode_dataset(model, dataset, batch_size=20, progress=True)  # 60 captions: 3 batches
     assert "0/3" in capsys.readouterr().err
 
