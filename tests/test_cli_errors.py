@@ -54,7 +54,7 @@ def trained(tiny_data, tmp_path_factory):
         ("grad_clip=abc", "grad_clip"),
         ("lr_decay_epochs=3", "lr_decay_epochs"),
         ("epochs=1.5", "epochs"),
-        ("epochs=0", "epochs"),
+        ("epochs=-1", "epochs"),
         ("val_every=0", "val_every"),
         ("lr=0", "lr"),
         ("margin=-0.5", "margin"),
