@@ -8,7 +8,8 @@ knowledge included); the score of an image and a caption is the cosine of its re
 the caption's prototypes, max over the regions, mean over the words
 (:func:`fastalign.region_word_similarity` t2i / max / mean on L2-normalised vectors), as
 in the authors' ``clip_t2i_i2t_jj.py``. A caption none of whose words has a prototype
-scores 0 against every image (the authors' script gives it a one-hot word instead).
+scores the lowest finite value against every image: it ranks last both ways (the authors'
+script gives it a one-hot word instead).
 
 MACK has nothing to train: run it with ``epochs: 0``; the knowledge is built when the
 run starts and stored in the checkpoint. :class:`KnowledgeMatchingModel` is the part it
@@ -140,7 +141,7 @@ class KnowledgeMatchingModel(nn.Module):
     def encode_captions(self, captions: Tensor, caption_lengths: Tensor) -> Tokens:
         """(B, L) token ids -> (B, L', D) the prototypes of the words kept, in caption
         order (L' = the most kept by one caption; a caption that keeps none gets one zero
-        vector, which scores 0 against every image)."""
+        vector, which :meth:`similarity` ranks last)."""
         table, kept = self.word_table()
         positions = torch.arange(captions.shape[1], device=captions.device)
         keep = kept[captions] & (positions < caption_lengths[:, None])
@@ -154,8 +155,11 @@ class KnowledgeMatchingModel(nn.Module):
         return Tokens(embs, lengths.clamp(min=1))
 
     def similarity(self, images: Tokens, captions: Tokens) -> Tensor:
-        """(Ni, R, D) x (Nt, L, D) -> (Ni, Nt): max over the regions, mean over the words."""
-        return region_word_similarity(
+        """(Ni, R, D) x (Nt, L, D) -> (Ni, Nt): max over the regions, mean over the words;
+        a caption that kept no word (all its tokens zero) scores the lowest finite value
+        against every image, so that it ranks below every caption that has evidence (a
+        score of 0 would rank it above every caption whose scores are negative)."""
+        scores = region_word_similarity(
             images.embs,
             captions.embs,
             images.lengths,
@@ -164,6 +168,8 @@ class KnowledgeMatchingModel(nn.Module):
             align="max",
             aggregate="mean",
         )
+        empty = captions.embs.flatten(1).abs().amax(dim=1) == 0
+        return scores.masked_fill(empty[None, :], torch.finfo(scores.dtype).min)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         saved = state_dict.get(prefix + "oov_vectors")
