@@ -60,10 +60,13 @@ test: install
 
 # The package as a user gets it: the wheel built, installed into a fresh virtual environment,
 # and the command line run from another folder (its help, the method list, one tiny training
-# on the bundled demo config).
+# on the bundled demo config). The wheel builds from the objects that make install compiled
+# (setup.py keeps them in build/temp.*): ninja recompiles only what changed since, and _C is
+# linked afresh (build/lib.* goes first: setuptools skips the link when its _C is newer than the
+# .cpp files, whatever the headers say). This saves a whole second compile of the extension.
 WHEEL_DIR = build/wheel-check
 wheel-check: install
-	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/elsewhere
+	rm -rf $(WHEEL_DIR) build/lib.* && mkdir -p $(WHEEL_DIR)/elsewhere
 	MAX_JOBS=2 $(PY) -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/dist .
 	python3 -m venv $(WHEEL_DIR)/venv
 	$(WHEEL_DIR)/venv/bin/pip install -q "$(TORCH)" $(WHEEL_DIR)/dist/fastalign-*.whl
@@ -81,7 +84,8 @@ cuda-compile-check: install
 # imported, and a CUDA kernel found under the CUDA dispatch key for every compiled op. It
 # builds from a copy of the sources in build/cuda-link-check, so that its objects and _C module
 # never mix with the CPU build's in this tree. One architecture (sm_80): what this adds to the
-# compile check, which covers sm_80 and sm_90, is the torch-side code and the link.
+# compile check, which covers sm_80 and sm_90, is the torch-side code and the link, so it builds
+# at -O0 (FASTALIGN_LINK_ONLY=1, setup.py): the kernels' code generation at -O3 is that check's.
 CUDA_VENV ?= .venv-cuda
 CUDA_VENV_ABS = $(abspath $(CUDA_VENV))
 CUDA_TORCH ?= torch==2.14.1
@@ -99,7 +103,7 @@ cuda-link-check: cuda-venv
 	rm -rf $(CUDA_SRC) && mkdir -p $(CUDA_SRC)
 	tar -c --exclude=./.venv --exclude=./.venv-cuda --exclude=./build --exclude=./.data \
 		--exclude=./runs --exclude='*.so' --exclude=.git . | tar -x -C $(CUDA_SRC)
-	cd $(CUDA_SRC) && CUDA_HOME=$(CUDA_HOME) FASTALIGN_FORCE_CUDA=1 \
+	cd $(CUDA_SRC) && CUDA_HOME=$(CUDA_HOME) FASTALIGN_FORCE_CUDA=1 FASTALIGN_LINK_ONLY=1 \
 		TORCH_CUDA_ARCH_LIST="8.0" $(CUDA_VENV_ABS)/bin/python -m pip install -q \
 		--no-build-isolation .
 	cd /tmp && $(CUDA_VENV_ABS)/bin/python -m fastalign.kernels.cuda_link_check
