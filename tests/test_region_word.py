@@ -97,6 +97,26 @@ def test_cpu_many_tiles_match_reference():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("l2_bytes", [1, 1 << 16, 1 << 30])
+@pytest.mark.parametrize("dim", [83, 128])
+def test_cpu_block_sizes_from_any_cache_match_reference(monkeypatch, l2_bytes, dim):
+    """The CPU kernels size their tiles and gather blocks from the L2 the CPU reports; under the
+    smallest and the largest sizes they pick (FASTALIGN_L2_BYTES overrides the report) the
+    results are the reference's: every block width and the last columns of an odd D."""
+    monkeypatch.setenv("FASTALIGN_L2_BYTES", str(l2_bytes))
+    inputs = make_inputs(19, 37, 36, 32, dim, dtype=torch.float32, seed=dim + l2_bytes)
+    upstream = torch.randn(19, 37)
+    for align in ALIGNS:
+        kw = dict(direction="both", align=align, aggregate="mean")
+        got = grads(fastalign.region_word_similarity, *inputs, upstream, backend="cpu", **kw)
+        want = grads(region_word_similarity_reference, *inputs, upstream, **kw)
+        for name, a, b in zip(("scores", "grad_regions", "grad_words"), got, want):
+            torch.testing.assert_close(
+                a, b, atol=2e-4, rtol=2e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
+
+
+@needs_cpu_kernel
 def test_padding_never_matters_and_gets_no_gradient():
     regions, words, rl, wl = make_inputs(4, 6, 8, 10, 12, padding_value=1e3, seed=3)
     clean_r, clean_w, _, _ = make_inputs(4, 6, 8, 10, 12, padding_value=0.0, seed=3)

@@ -3,6 +3,9 @@
 // a side) by the platform BLAS, the one routine that reaches this machine's GEMM ceiling,
 // and each tile is reduced at once by the ALIGN / AGGREGATE epilogue, so the
 // (Ni, Nt, R, L) tensor never exists. Tile pairs run in parallel, one BLAS thread each.
+// The align-max backward is a gather of arg-max token rows (backward_max_side). Block sizes
+// come from the cache sizes the CPU reports (cpu_info.h), the gather's inner loop is compiled
+// for AVX-512, AVX2 and the x86-64 baseline.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,10 +14,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../checks/region_word.h"
 #include "../option_codes.h"
+#include "cpu_info.h"
 #include "../ranking.h"  // takes_over: the inputs are finite, but a dot product can overflow
 
 namespace fastalign {
@@ -22,11 +28,14 @@ namespace {
 
 constexpr double kLeakySlope = 0.1;
 
-// Valid tokens per tile side: a 256 x 512 float tile (512 KiB) stays in L2 while reduced.
+// Valid region tokens per tile: rows enough for the BLAS to run at full speed.
 constexpr int64_t kRowTile = 256;
-constexpr int64_t kColTile = 512;
-// Feature columns per pass of the sparse backward: a slice of every token stays in L2.
-constexpr int64_t kFeatureBlock = 64;
+
+// Valid word tokens per tile: as many as keep the (kRowTile, columns) tile of scores in half of
+// L2 while the epilogue reduces it (512 with a 1 MiB L2 in float32).
+int64_t column_tile(int64_t element_bytes) {
+  return items_fitting(l2_bytes() / 2, kRowTile * element_bytes, 128, 2048);
+}
 
 struct Options {
   bool t2i, i2t, leaky;
@@ -238,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
   const Tokens images = make_tokens(regions, region_lengths);
   const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
-  const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
+  const std::vector<int64_t> caption_groups =
+      group_by_tokens(captions.offset, column_tile(regions.element_size()));
 
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -298,12 +308,6 @@ Coefficients<acc_t> coefficients(const at::Tensor& coef) {
   return {coef.data_ptr<acc_t>(), coef.stride(0), coef.stride(1), coef.stride(2)};
 }
 
-// y[0..n) += c * x[0..n)
-template <typename acc_t, typename scalar_t>
-inline void axpy(acc_t* y, const scalar_t* x, acc_t c, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += c * static_cast<acc_t>(x[d]);
-}
-
 // One side of the align-max backward (regions or words): its tokens (items, padded, dim), valid
 // lengths and float accumulation gradient.
 template <typename scalar_t, typename acc_t>
@@ -321,14 +325,129 @@ struct MaxDirection {
   const int32_t* index;
 };
 
-// The gradient of own's tokens, item by item in parallel and feature block by feature block. As
-// the queries of as_query, own's tokens gather c * their arg-max key of every other item; as the
-// keys of as_key, they receive c * every query token of other that picked them. Only own's rows
-// are written: the two sides run one after the other without races.
+// The gradient rows of items [o0, o1) of one side as weighted sums of the other side's valid
+// token rows, a sparse matrix stored by rows: row a (token a % padded of item o0 + a / padded)
+// is the sum of weight[j] * the other side's valid token source[j] (numbered as packed, item by
+// item), j in [start[a], start[a + 1]).
+template <typename scalar_t>
+struct RowSums {
+  std::vector<int64_t> start, source;
+  std::vector<scalar_t> weight;
+};
+
+// 16 lanes of a float type (GCC's vector_size ignores a dependent type, hence one per type).
+template <typename scalar_t>
+struct Lanes16;
+template <>
+struct Lanes16<float> {
+  using type = float __attribute__((vector_size(64)));
+};
+template <>
+struct Lanes16<double> {
+  using type = double __attribute__((vector_size(128)));
+};
+
+// out rows [0, rows) (row-major, dim columns), columns [d0, d0 + kWidth): their sums, from
+// `packed`, the other side's valid tokens' columns [d0, d0 + kWidth) (row-major, kWidth wide).
+// The accumulators are vectors of 16 lanes (GCC vector extensions, one AVX-512 register, two
+// AVX2 ones or four SSE ones, as the clone the CPU runs), held in registers while a row's entries
+// stream by; a block one vector wide alternates two of them, so that consecutive entries do not
+// wait on each other's multiply-add. kWidth 1: the last dim % 16 columns, one by one.
+template <int64_t kWidth, typename scalar_t>
+FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int64_t* source,
+                                          const scalar_t* weight, int64_t rows,
+                                          const scalar_t* packed, int64_t dim, int64_t d0,
+                                          scalar_t* out) {
+  if constexpr (kWidth == 1) {
+    for (int64_t a = 0; a < rows; ++a) {
+      scalar_t acc = 0;
+      for (int64_t j = start[a]; j < start[a + 1]; ++j) acc += weight[j] * packed[source[j]];
+      out[a * dim + d0] = acc;
+    }
+  } else {
+    using Lanes = typename Lanes16<scalar_t>::type;
+    constexpr int64_t kVectors = kWidth / 16, kChains = kVectors == 1 ? 2 : 1;
+    static_assert(kWidth % 16 == 0);
+    for (int64_t a = 0; a < rows; ++a) {
+      Lanes acc[kChains][kVectors] = {};
+      for (int64_t j = start[a]; j < start[a + 1]; ++j) {
+        const scalar_t* src = packed + source[j] * kWidth;
+        const Lanes w = Lanes{} + weight[j];
+        Lanes* chain = acc[(j - start[a]) % kChains];
+        for (int64_t v = 0; v < kVectors; ++v) {
+          Lanes x;
+          std::memcpy(&x, src + 16 * v, sizeof x);
+          chain[v] += w * x;
+        }
+      }
+      for (int64_t v = 0; v < kVectors; ++v) {
+        if constexpr (kChains == 2) acc[0][v] += acc[1][v];
+        std::memcpy(out + a * dim + d0 + 16 * v, &acc[0][v], sizeof(Lanes));
+      }
+    }
+  }
+}
+
+// Columns per pass of the gather: the narrowest block, and the widest, whose slice of the other
+// side's tokens must still fit half of L2 to be chosen.
+constexpr int64_t kMinColumns = 16;
+constexpr int64_t kMaxColumns = 64;
+// Entries of one item chunk's RowSums (about 12 MiB in float32): the chunk's items share each
+// pass over the other side's slice, so larger chunks pack it fewer times.
+constexpr int64_t kChunkEntries = 1 << 20;
+
+// One side's tokens as the other side's gradient gathers them: valid token v of item x sits at
+// row x * padded + v - offset[x] of tokens (items, padded, dim).
+template <typename scalar_t>
+struct GatherSource {
+  const scalar_t* tokens;
+  std::vector<int64_t> offset;
+  int64_t padded;
+};
+
+// out = sums (every row written: rows without entries as zeros), a block of kWidth columns at a
+// time. The block's columns of every valid source token are first copied side by side into
+// `packed`: read in place, rows dim apart would fall into a handful of cache sets (dim is
+// usually a power of two) and thrash; packed, the slice stays in L2 while every row gathers.
+template <int64_t kWidth, typename scalar_t>
+void sum_rows_width(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other, int64_t dim,
+                    int64_t& d0, std::vector<scalar_t>& packed, scalar_t* out) {
+  const int64_t rows = static_cast<int64_t>(sums.start.size()) - 1;
+  const int64_t items = static_cast<int64_t>(other.offset.size()) - 1;
+  packed.resize(other.offset.back() * kWidth);
+  for (; d0 + kWidth <= dim; d0 += kWidth) {
+    for (int64_t x = 0; x < items; ++x)
+      for (int64_t v = other.offset[x]; v < other.offset[x + 1]; ++v)
+        std::copy_n(other.tokens + (x * other.padded + v - other.offset[x]) * dim + d0, kWidth,
+                    packed.data() + v * kWidth);
+    sum_rows_block<kWidth>(sums.start.data(), sums.source.data(), sums.weight.data(), rows,
+                           packed.data(), dim, d0, out);
+  }
+}
+
+template <typename scalar_t>
+void sum_rows(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other, int64_t dim,
+              std::vector<scalar_t>& packed, scalar_t* out) {
+  const int64_t other_rows = std::max<int64_t>(1, other.offset.back());
+  const int64_t width = items_fitting(l2_bytes() / 2, other_rows * int64_t(sizeof(scalar_t)),
+                                      kMinColumns, kMaxColumns);
+  int64_t d0 = 0;
+  if (width == 64) sum_rows_width<64>(sums, other, dim, d0, packed, out);
+  if (width >= 32) sum_rows_width<32>(sums, other, dim, d0, packed, out);
+  sum_rows_width<16>(sums, other, dim, d0, packed, out);
+  sum_rows_width<1>(sums, other, dim, d0, packed, out);  // the last dim % 16 columns
+}
+
+// The gradient of own's tokens. As the queries of as_query, own's tokens gather c * their
+// arg-max key of every other item; as the keys of as_key, they receive c * every query token of
+// other that picked them. Both become one RowSums per chunk of own's items, summed block of
+// columns by block of columns (sum_rows); chunks run in parallel and write only their own rows.
 template <typename scalar_t, typename acc_t>
 void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar_t, acc_t>& other,
                        bool own_is_image, const MaxDirection<acc_t>& as_query,
                        const MaxDirection<acc_t>& as_key, int64_t dim) {
+  // Float and double only (AT_DISPATCH_FLOATING_TYPES): each its own accumulation type.
+  static_assert(std::is_same_v<scalar_t, acc_t>);
   const int64_t n_captions = own_is_image ? other.items : own.items;
   // (image, caption) of own item o and other item x, flattened, and the coefficient of a token.
   auto pair = [&](int64_t o, int64_t x) {
@@ -337,36 +456,65 @@ void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar
   auto coef = [&](const Coefficients<acc_t>& c, int64_t o, int64_t x, int64_t token) {
     return own_is_image ? c(o, x, token) : c(x, o, token);
   };
-  at::parallel_for(0, own.items, 1, [&](int64_t begin, int64_t end) {
-    acc_t acc[kFeatureBlock];
-    for (int64_t o = begin; o < end; ++o)
-      for (int64_t d0 = 0; d0 < dim; d0 += kFeatureBlock) {
-        const int64_t dn = std::min(kFeatureBlock, dim - d0);
+  GatherSource<scalar_t> source{other.tokens, std::vector<int64_t>(other.items + 1, 0),
+                                other.padded};
+  std::partial_sum(other.lengths, other.lengths + other.items, source.offset.begin() + 1);
+  const std::vector<int64_t>& offset = source.offset;
+  // Calls visit(row, source, weight) for every nonzero term of items [o0, o1).
+  auto for_each_term = [&](int64_t o0, int64_t o1, auto&& visit) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t base = (o - o0) * own.padded;
+      for (int64_t x = 0; x < other.items; ++x) {
+        const int64_t p = pair(o, x);
         for (int64_t q = 0; as_query.coef && q < own.lengths[o]; ++q) {
-          std::fill(acc, acc + dn, acc_t(0));
-          for (int64_t x = 0; x < other.items; ++x) {
-            const acc_t c = coef(as_query.coef, o, x, q);
-            if (c == 0) continue;
-            const int64_t key = as_query.index[pair(o, x) * own.padded + q];
-            axpy(acc, other.tokens + (x * other.padded + key) * dim + d0, c, dn);
-          }
-          axpy(own.grad + (o * own.padded + q) * dim + d0, acc, acc_t(1), dn);
+          const acc_t c = coef(as_query.coef, o, x, q);
+          if (c != 0) visit(base + q, offset[x] + as_query.index[p * own.padded + q], c);
         }
-        for (int64_t x = 0; as_key.coef && x < other.items; ++x)
-          for (int64_t q = 0; q < other.lengths[x]; ++q) {
-            const acc_t c = coef(as_key.coef, o, x, q);
-            if (c == 0) continue;
-            const int64_t key = as_key.index[pair(o, x) * other.padded + q];
-            axpy(own.grad + (o * own.padded + key) * dim + d0,
-                 other.tokens + (x * other.padded + q) * dim + d0, c, dn);
-          }
+        for (int64_t q = 0; as_key.coef && q < other.lengths[x]; ++q) {
+          const acc_t c = coef(as_key.coef, o, x, q);
+          if (c != 0) visit(base + as_key.index[p * other.padded + q], offset[x] + q, c);
+        }
       }
+    }
+  };
+  // Chunks of consecutive items with about kChunkEntries terms at most (one item at least).
+  const int64_t terms_per_other = as_key.coef ? offset.back() : 0;
+  std::vector<int64_t> chunks{0};
+  int64_t terms = 0;
+  for (int64_t o = 0; o < own.items; ++o) {
+    const int64_t item_terms = (as_query.coef ? own.lengths[o] * other.items : 0) + terms_per_other;
+    if (o > chunks.back() && terms + item_terms > kChunkEntries) {
+      chunks.push_back(o);
+      terms = 0;
+    }
+    terms += item_terms;
+  }
+  chunks.push_back(own.items);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    RowSums<acc_t> sums;
+    std::vector<int64_t> next;
+    std::vector<scalar_t> packed;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t o0 = chunks[k], o1 = chunks[k + 1];
+      sums.start.assign((o1 - o0) * own.padded + 1, 0);
+      for_each_term(o0, o1, [&](int64_t row, int64_t, acc_t) { ++sums.start[row + 1]; });
+      std::partial_sum(sums.start.begin(), sums.start.end(), sums.start.begin());
+      sums.source.resize(sums.start.back());
+      sums.weight.resize(sums.start.back());
+      next.assign(sums.start.begin(), sums.start.end() - 1);
+      for_each_term(o0, o1, [&](int64_t row, int64_t source, acc_t weight) {
+        const int64_t j = next[row]++;
+        sums.source[j] = source;
+        sums.weight[j] = weight;
+      });
+      sum_rows(sums, source, dim, packed, own.grad + o0 * own.padded * dim);
+    }
   });
 }
 
 // Align max: every query token's gradient goes to its one arg-max key, so the backward is
-// a gather-accumulate over (image, caption, token) triples, done feature block by feature
-// block: words first (queries of t2i, keys of i2t), then regions (the reverse roles).
+// a gather-accumulate over (image, caption, token) triples: words first (queries of t2i, keys
+// of i2t), then regions (the reverse roles). Every element of both gradients is written.
 template <typename scalar_t>
 void backward_max(const at::Tensor& coef_t2i, const at::Tensor& idx_t2i, const at::Tensor& coef_i2t,
                   const at::Tensor& idx_i2t, const at::Tensor& regions, const at::Tensor& words,
@@ -398,7 +546,8 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
   const Tokens images = make_tokens(regions, region_lengths);
   const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
-  const std::vector<int64_t> caption_groups = group_by_tokens(captions.offset, kColTile);
+  const std::vector<int64_t> caption_groups =
+      group_by_tokens(captions.offset, column_tile(regions.element_size()));
   const auto c_t2i = coefficients<acc_t>(coef_t2i), c_i2t = coefficients<acc_t>(coef_i2t);
   const acc_t* v_t2i = c_t2i ? a_t2i.data_ptr<acc_t>() : nullptr;
   const acc_t* v_i2t = c_i2t ? a_i2t.data_ptr<acc_t>() : nullptr;
@@ -470,8 +619,12 @@ std::tuple<at::Tensor, at::Tensor> region_word_backward_cpu(
   const at::Tensor aux_i2t = checks::check_region_word_saved(op, "coef_i2t", coef_i2t, "aux_i2t",
                                                              aux_i2t_in, in, false, align);
   const auto acc_options = regions.options().dtype(at::toOpMathType(regions.scalar_type()));
-  at::Tensor grad_regions = at::zeros(regions.sizes(), acc_options);
-  at::Tensor grad_words = at::zeros(words.sizes(), acc_options);
+  // The max backward writes every element; the lse backward accumulates.
+  auto gradient = [&](const at::Tensor& x) {
+    return align == Align::kMax ? at::empty(x.sizes(), acc_options)
+                                : at::zeros(x.sizes(), acc_options);
+  };
+  at::Tensor grad_regions = gradient(regions), grad_words = gradient(words);
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_backward_cpu", [&] {
     if (align == Align::kMax) {
       backward_max<scalar_t>(coef_t2i, aux_t2i, coef_i2t, aux_i2t, regions, words,

@@ -1,0 +1,77 @@
+// What the CPU kernels ask of the machine they run on, in one place: the data cache sizes
+// their block sizes come from (read at run time, never a constant tuned to one CPU), and the
+// attribute that compiles a hot loop once per x86-64 level (AVX-512, AVX2 + FMA, baseline),
+// the loader picking the best one the CPU has.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define FASTALIGN_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTALIGN_SIMD_CLONES
+#endif
+
+namespace fastalign {
+
+// Used when neither the C library nor sysfs says (the smallest of today's x86 cores).
+constexpr int64_t kFallbackL1Bytes = 32 << 10;
+constexpr int64_t kFallbackL2Bytes = 512 << 10;
+
+// One core's level-`level` data (or unified) cache in bytes from sysfs, or 0.
+inline int64_t sysfs_cache_bytes(int level) {
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+    std::ifstream level_file(dir + "/level"), type_file(dir + "/type"), size_file(dir + "/size");
+    int found_level = 0;
+    std::string type, size;
+    if (!(level_file >> found_level) || !(type_file >> type) || !(size_file >> size)) return 0;
+    if (found_level != level || type == "Instruction") continue;
+    const int64_t value = std::strtoll(size.c_str(), nullptr, 10);
+    const char unit = size.back();
+    return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : value;
+  }
+  return 0;
+}
+
+// What the C library reports for one core's cache (sysconf), else sysfs, else 0.
+inline int64_t reported_cache_bytes(int sysconf_name, int level) {
+  const long from_libc = sysconf(sysconf_name);
+  return from_libc > 0 ? static_cast<int64_t>(from_libc) : sysfs_cache_bytes(level);
+}
+
+// FASTALIGN_<NAME>_BYTES when set (tests run the kernels under other caches' block sizes),
+// else the reported size, else the fallback.
+inline int64_t cache_bytes(const char* env_name, int64_t reported, int64_t fallback) {
+  if (const char* value = std::getenv(env_name)) {
+    const int64_t bytes = std::strtoll(value, nullptr, 10);
+    if (bytes > 0) return bytes;
+  }
+  return reported > 0 ? reported : fallback;
+}
+
+// One core's L1 data cache and L2 cache in bytes.
+inline int64_t l1_bytes() {
+  static const int64_t reported = reported_cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 1);
+  return cache_bytes("FASTALIGN_L1_BYTES", reported, kFallbackL1Bytes);
+}
+inline int64_t l2_bytes() {
+  static const int64_t reported = reported_cache_bytes(_SC_LEVEL2_CACHE_SIZE, 2);
+  return cache_bytes("FASTALIGN_L2_BYTES", reported, kFallbackL2Bytes);
+}
+
+// The largest power of two <= bytes / item_bytes, clamped to [lo, hi] (powers of two).
+inline int64_t items_fitting(int64_t bytes, int64_t item_bytes, int64_t lo, int64_t hi) {
+  int64_t count = lo;
+  while (count * 2 <= hi && count * 2 * item_bytes <= bytes) count *= 2;
+  return count;
+}
+
+}  // namespace fastalign
