@@ -419,9 +419,9 @@ SHARDED_TOPK = {
     "i2t, a block cut": ("images", 13, dict(), 1),
     "t2i, an empty shard": ("captions", 4, dict(block_images=4), 4),
 }
-# The eval runs' blocks: 4 images x 20 captions (3 blocks of the 12 test images, so that
-# each process holds whole blocks: 8 images and 4).
-EVAL_BLOCK_PAIRS = 80
+# The eval runs' most scores a block: None, the default (one block of the 12 test images:
+# rank 1 holds none), and 80 (4 images x 20 captions: rank 0 holds 8 images, rank 1 4).
+EVAL_BLOCK_PAIRS = [None, 80]
 
 
 def sharded_case(name: str, seed: int):
@@ -456,6 +456,17 @@ def _sharded_cases(rank: int, seed: int) -> dict:
             images.rows(start, stop), captions, None, per_image, sharded=True, **blocks, **score
         )
         out[name] = dict(shard=(start, stop), ranks=ranks)
+    # The blocks each process scores (ranks of "whole blocks"): (images, captions) per call.
+    images, captions, per_image, score, blocks, shard_block = sharded_case("whole blocks", seed)
+    start, stop = shard_range(images.count, shard_block)
+    calls = []
+
+    def recording(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        calls.append((block_images.count, block_captions.count))
+        return full_matrix(block_images, block_captions, score)
+
+    streaming_ranks(images.rows(start, stop), captions, recording, sharded=True, **blocks)
+    out["calls"] = calls
     images, captions = folds_inputs(seed)
     for name, (n_folds, blocks, shard_block) in SHARDED_FOLDS.items():
         start, stop = shard_range(images.count, shard_block)
@@ -527,21 +538,27 @@ def _failing_rank(rank: int, seed: int) -> str:
 
 
 def _sharded_worker(rank: int, ports: list[int], seed: int, checkpoint: str, out_dir: str):
-    """``fastalign eval`` as torchrun starts it (stdout to a file), then every sharded case
-    in a new group, then a rank that fails in a third group with a 2 s timeout."""
+    """``fastalign eval`` as torchrun starts it (stdout to a file) with each of
+    EVAL_BLOCK_PAIRS, then every sharded case in a new group, then a rank that fails in a
+    last group with a 2 s timeout."""
     as_torchrun_rank(rank, ports[0])
-    fastalign.evaluation._BLOCK_PAIRS = EVAL_BLOCK_PAIRS
-    with open(os.path.join(out_dir, f"rank{rank}.out"), "w") as out, redirect_stdout(out):
-        main(["eval", checkpoint, "--no-progress"])
+    default_pairs = fastalign.evaluation._BLOCK_PAIRS
+    for pairs, port in zip(EVAL_BLOCK_PAIRS, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        fastalign.evaluation._BLOCK_PAIRS = pairs or default_pairs
+        with open(os.path.join(out_dir, f"rank{rank}.{pairs}.out"), "w") as out:
+            with redirect_stdout(out):
+                main(["eval", checkpoint, "--no-progress"])
+        assert not fd.is_distributed()  # eval left its group
+    fastalign.evaluation._BLOCK_PAIRS = default_pairs
     results = {"eval_timeout_s": fd._group_timeout.total_seconds()}
-    assert not fd.is_distributed()  # eval left the group
-    os.environ["MASTER_PORT"] = str(ports[1])
+    os.environ["MASTER_PORT"] = str(ports[-2])
     fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         results |= _sharded_cases(rank, seed)
     finally:
         fd.cleanup()
-    os.environ["MASTER_PORT"] = str(ports[2])
+    os.environ["MASTER_PORT"] = str(ports[-1])
     fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=2))
     try:
         results["failure"] = _failing_rank(rank, seed)
@@ -573,11 +590,11 @@ def sharded_ranks(tmp_path_factory, eval_checkpoint) -> list[dict]:
     """Per rank of one 2-process gloo run: every sharded case's result, what ``fastalign
     eval`` printed (``out``), its group's timeout, and the failure case's error."""
     out_dir = tmp_path_factory.mktemp("sharded")
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(len(EVAL_BLOCK_PAIRS) + 2)]
     spawn(_sharded_worker, ports, SEED, str(eval_checkpoint), str(out_dir))
     return [
         torch.load(out_dir / f"rank{r}.pt", weights_only=False)
-        | {"out": (out_dir / f"rank{r}.out").read_text()}
+        | {pairs: (out_dir / f"rank{r}.{pairs}.out").read_text() for pairs in EVAL_BLOCK_PAIRS}
         for r in range(WORLD)
     ]
 
@@ -607,6 +624,15 @@ def test_sharded_ranks_equal_one_process(sharded_ranks, test_seed, name):
         assert torch.equal(got[1], expected[1]), f"seed {test_seed}, rank {rank}: t2i"
     if name == "an empty shard":
         assert sharded_ranks[1][name]["shard"] == (4, 4)
+
+
+def test_sharded_ranks_score_each_block_once(sharded_ranks):
+    # 13 images in blocks of 4 (+ 1): rank 0 holds 2 image blocks, rank 1 the other 2; each
+    # scores its blocks against the 4 caption blocks once.
+    first, second = (result["calls"] for result in sharded_ranks)
+    assert len(first) == len(second) == 2 * 4
+    assert sum(ni * nt for ni, nt in first + second) == 13 * 65  # every pair once
+    assert {ni for ni, _ in first} == {4} and {ni for ni, _ in second} == {4, 1}
 
 
 @pytest.mark.parametrize("name", list(SHARDED_FOLDS))
@@ -662,18 +688,38 @@ def test_a_failing_rank_does_not_hang_the_others(sharded_ranks):
     assert "rank 0 of 2: the all_reduce of the positive scores timed out after 2 s" in first
 
 
-def test_sharded_eval_prints_one_process_table(sharded_ranks, eval_checkpoint, capsys):
+@pytest.mark.parametrize("pairs", EVAL_BLOCK_PAIRS)
+def test_sharded_eval_prints_one_process_table(sharded_ranks, eval_checkpoint, capsys, pairs):
     # The same blocks as the 2 processes: one process's eval prints the same.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastalign.evaluation, "_BLOCK_PAIRS", EVAL_BLOCK_PAIRS)
+        if pairs is not None:
+            patch.setattr(fastalign.evaluation, "_BLOCK_PAIRS", pairs)
         main(["eval", str(eval_checkpoint), "--no-progress"])
     one = capsys.readouterr().out
     assert "rSum" in one
-    first, second = (result["out"] for result in sharded_ranks)
+    first, second = (result[pairs] for result in sharded_ranks)
     assert first == one
     assert second == ""  # rank 0 prints
     # The run's dist_timeout_minutes.
     assert [result["eval_timeout_s"] for result in sharded_ranks] == [90, 90]
+
+
+def test_encode_a_shard_of_the_images(tiny_data):
+    vocab = Vocabulary.build(read_captions(tiny_data, "train"))
+    dataset = PrecompDataset(tiny_data, "test", vocab)
+    config = ModelConfig(feature_dim=dataset.feature_dim, embed_dim=8, word_dim=8)
+    model = MatchingModel(len(vocab), config)
+    images, captions = encode_dataset(model, dataset, batch_size=5)
+    for start, stop in ((3, 9), (0, 12), (11, 12)):
+        shard, all_captions = encode_dataset(model, dataset, 5, image_range=(start, stop))
+        assert torch.equal(shard.embs, images.embs[start:stop]), (start, stop)
+        assert torch.equal(shard.lengths, images.lengths[start:stop]), (start, stop)
+        assert torch.equal(all_captions.embs, captions.embs)
+    empty, _ = encode_dataset(model, dataset, image_range=(12, 12))  # a shard of none
+    assert empty.embs.shape == (0, *images.embs.shape[1:]) and empty.lengths.shape == (0,)
+    assert empty.embs.dtype == torch.float32 and empty.lengths.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"image_range must be .* <= 12 \(the images\)"):
+        encode_dataset(model, dataset, image_range=(5, 13))
 
 
 def test_shard_range_without_a_group():
