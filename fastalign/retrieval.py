@@ -132,23 +132,23 @@ _SIDES = ("images", "captions")
 def _layout(scorer: BlockScorer, side: str, sharded: bool) -> _Layout:
     """The layout of ``side`` (the scorer's inputs are a shard of it when ``sharded``, the
     other side whole): one all_gather of every process's :attr:`BlockScorer.sizes`."""
-    count = scorer.sizes[_SIDES.index(side)]
+    # PlanSizes begins with the counts of the two sides, in _SIDES's order.
+    this, other = _SIDES.index(side), 1 - _SIDES.index(side)
     if not sharded or distributed.world_size() == 1:
-        return _Layout([0, count], 0, scorer.sizes)
+        return _Layout([0, scorer.sizes[this]], 0, scorer.sizes)
     mine = torch.tensor([scorer.sizes], dtype=torch.int64, device=scorer.device)
     every = distributed.all_gather_no_grad(mine, None, "sizes of the shards").cpu()
-    other = 1 - _SIDES.index(side)
     if (every[:, other] != every[0, other]).any():
         counts = ", ".join(f"{int(n)} on rank {r}" for r, n in enumerate(every[:, other]))
         raise ValueError(
             f"a sharded pass takes every process's shard of the {side} and all the "
             f"{_SIDES[other]}, the same on every process: got {counts}"
         )
-    bounds = [0, *itertools.accumulate(every[:, _SIDES.index(side)].tolist())]
+    bounds = [0, *itertools.accumulate(every[:, this].tolist())]
     # The whole side's count; the largest item and score sizes: what one process on the
     # whole inputs (padded to the longest item) plans for.
     whole = every.max(0).values.tolist()
-    whole[_SIDES.index(side)] = bounds[-1]
+    whole[this] = bounds[-1]
     return _Layout(bounds, distributed.rank(), PlanSizes(*whole))
 
 
@@ -263,13 +263,15 @@ class _RankCounts:
     def share_counts(self) -> None:
         """The counts over the whole gallery: the sums of every process's counts over its
         own blocks (an image's i2t counts are 0 but on its own process)."""
-        names = ["i2t", "t2i"] + (["fold_i2t", "fold_t2i"] if self.fold_images else [])
-        counts = [getattr(self, name) for name in names]
+        folds = self.fold_images is not None
+        counts = [self.i2t, self.t2i] + ([self.fold_i2t, self.fold_t2i] if folds else [])
         summed = torch.cat(counts)
         with distributed.collective("all_reduce of the rank counts"):
             dist.all_reduce(summed)
-        for name, part in zip(names, summed.split([len(c) for c in counts])):
-            setattr(self, name, part)
+        parts = summed.split([len(c) for c in counts])
+        self.i2t, self.t2i = parts[:2]
+        if folds:
+            self.fold_i2t, self.fold_t2i = parts[2:]
 
 
 def _check_no_nan(block: Tensor, i0: int, t0: int) -> None:
