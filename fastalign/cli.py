@@ -106,6 +106,7 @@ def _print_evaluated(title: str | None, results: dict, method=None) -> None:
 
 
 def _eval(args) -> None:
+    from fastalign import distributed
     from fastalign.evaluation import evaluate
     from fastalign.model_evaluation import evaluate_trained, score_matrix
     from fastalign.rerank import DEFAULT_ALPHA, DEFAULT_K, check_rerank_options, evaluate_reranked
@@ -132,12 +133,26 @@ def _eval(args) -> None:
     method, model, dataset = _restore_on_data(
         args.checkpoint, data_root, data_root is not None, args.split
     )
+    # Under torchrun every process evaluates a shard of the images, on the CPU as one
+    # process does; a collective waits for the others at most the run's dist_timeout_minutes.
+    timeout = distributed.timeout_from_minutes(method.config.dist_timeout_minutes)
+    distributed.setup_from_env("gloo", timeout)
+    sharded = distributed.world_size() > 1
     heading = f"{args.protocol} on {dataset.root} / {args.split}:"
     if args.rerank_base is None:
-        results = evaluate_trained(method, model, dataset, args.protocol, progress=progress)
-        print(heading)
-        _print_evaluated(None, results, method)
+        results = evaluate_trained(
+            method, model, dataset, args.protocol, progress=progress, sharded=sharded
+        )
+        if distributed.rank() == 0:  # every process holds the same results
+            print(heading)
+            _print_evaluated(None, results, method)
+        distributed.cleanup()
         return
+    if sharded:
+        raise ValueError(
+            "--rerank-base is not sharded (re-ranking takes both whole score matrices): run it "
+            "as one process, without torchrun"
+        )
     # The base model on the same data and split (so the same images and captions, in the
     # same order), with its own tokenizer.
     base_method, base_model, base_set = _restore_on_data(

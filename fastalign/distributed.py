@@ -45,6 +45,7 @@ from fastalign.tokens import SimilarityFn, Tokens
 
 __all__ = [
     "CollectiveTimeoutError",
+    "all_gather_no_grad",
     "all_gather_with_grad",
     "cleanup",
     "collective",
@@ -215,9 +216,9 @@ def _gather_shapes(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Ten
     return torch.stack(parts).cpu()
 
 
-def _all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
-    """Concatenation along dim 0 of same-shaped ``x`` (the ``name``) from every rank,
-    without gradient."""
+def all_gather_no_grad(x: Tensor, group: dist.ProcessGroup | None, name: str) -> Tensor:
+    """Concatenation along dim 0 of ``x`` (the ``name``; the same shape on every rank) from
+    every rank in rank order, without gradient: (W * B, ...)."""
     x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(world_size(group))]
     with collective(f"all_gather of the {name}"):
@@ -233,7 +234,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         ctx.group, ctx.name = group, name
         ctx.start = dist.get_rank(group) * x.shape[0]
         ctx.stop = ctx.start + x.shape[0]
-        return _all_gather_no_grad(x, group, name)
+        return all_gather_no_grad(x, group, name)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -344,7 +345,7 @@ def gather_tokens(
     if x.shape[1] < t_max:
         x = F.pad(x, (0, 0, 0, t_max - x.shape[1]))
     gathered = _AllGatherWithGrad.apply(x, group, name)
-    return Tokens(gathered, _all_gather_no_grad(lengths, group, f"lengths of the {name}"))
+    return Tokens(gathered, all_gather_no_grad(lengths, group, f"lengths of the {name}"))
 
 
 # --------------------------------------------------------------------------- scores
@@ -455,7 +456,7 @@ def global_batch_losses(
         index_all = (
             image_index
             if n == n_global
-            else _all_gather_no_grad(image_index, group, "image indices")
+            else all_gather_no_grad(image_index, group, "image indices")
         )
         # (B, B_global): same image, on any rank; plus the matched pair itself.
         positives = image_index[:, None] == index_all[None, :]

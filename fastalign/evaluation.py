@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -293,7 +294,8 @@ def format_results(results: Mapping[str, float]) -> str:
 _NUMPY_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
-def _check_features(name: str, x: object) -> None:
+def _check_features(name: str, x: object, shard: bool = False) -> None:
+    """3-D floating features with no empty dimension; a ``shard`` may hold no item."""
     if isinstance(x, np.ndarray):
         if x.dtype not in _NUMPY_FLOATS:
             raise TypeError(f"{name} must hold float16 / float32 / float64, got {x.dtype}")
@@ -302,9 +304,10 @@ def _check_features(name: str, x: object) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    if x.ndim != 3 or 0 in x.shape:
+    if x.ndim != 3 or 0 in x.shape[1 if shard else 0 :]:
+        empty = "tokens or D" if shard else "dimension"
         raise ValueError(
-            f"{name} must be 3-D (N, tokens, D) with no empty dimension, got shape {tuple(x.shape)}"
+            f"{name} must be 3-D (N, tokens, D) with no empty {empty}, got shape {tuple(x.shape)}"
         )
 
 
@@ -356,6 +359,40 @@ def _load_block(
         block = torch.from_numpy(np.array(x[start:stop, :tokens], dtype=numpy_dtype))
         return block.to(device=device, dtype=dtype)
     return x[start:stop, :tokens].to(device=device, dtype=dtype).contiguous()
+
+
+class PlanSizes(NamedTuple):
+    """What :meth:`BlockScorer.plan` sizes blocks by: the numbers of images and captions, the
+    bytes of one image and of one caption converted for scoring (0 for inputs used in place)
+    and of one score."""
+
+    n_images: int
+    n_captions: int
+    image_bytes: int
+    caption_bytes: int
+    pair_bytes: int
+
+
+def plan_blocks(
+    sizes: PlanSizes,
+    block_images: int | None,
+    block_captions: int | None,
+    budget: int,
+    captions_per_image: int | None = None,
+) -> tuple[int, int]:
+    """(images, captions) per block for inputs of ``sizes`` within ``budget`` bytes: what
+    :meth:`BlockScorer.plan` gives for them (see :func:`_plan_blocks`)."""
+    return _plan_blocks(
+        sizes.n_images,
+        sizes.n_captions,
+        block_images,
+        block_captions,
+        sizes.image_bytes,
+        sizes.caption_bytes,
+        sizes.pair_bytes,
+        budget,
+        captions_per_image=captions_per_image,
+    )
 
 
 def _plan_blocks(
@@ -484,6 +521,9 @@ class BlockScorer:
     place), and the last loaded block of each side is kept for the next call, so a pass that
     walks a row or a column of blocks loads that side once. Scoring the same block twice gives
     the same numbers: the same inputs take the same path.
+
+    ``shard`` (``"images"`` or ``"captions"``): that side is one process's shard of a
+    gallery split over processes (:mod:`fastalign.retrieval`), and may hold no item.
     """
 
     def __init__(
@@ -495,7 +535,10 @@ class BlockScorer:
         *,
         memory_budget_mb: float = 256,
         device: torch.device | str | None = None,
+        shard: str | None = None,
     ) -> None:
+        if shard not in (None, "images", "captions"):
+            raise ValueError(f"shard must be None, 'images' or 'captions', got {shard!r}")
         region_embs, region_lengths = _split_tokens("images", images)
         word_embs, word_lengths = _split_tokens("captions", captions)
         similarity_options = similarity_options or {}
@@ -505,8 +548,8 @@ class BlockScorer:
                 "default score only, not to a given similarity function"
             )
         self.similarity = similarity or _region_word_score(similarity_options)
-        _check_features("images.embs", region_embs)
-        _check_features("captions.embs", word_embs)
+        _check_features("images.embs", region_embs, shard == "images")
+        _check_features("captions.embs", word_embs, shard == "captions")
         if region_embs.shape[2] != word_embs.shape[2]:
             raise ValueError(
                 f"image and caption embeddings must share the feature size D, got "
@@ -536,10 +579,15 @@ class BlockScorer:
         self.device = torch.device(device)
         self.dtype = _compute_dtype(region_embs, word_embs, self.device)
         self.itemsize = torch.empty((), dtype=self.dtype).element_size()
-        copies = _needs_copy(region_embs, self.dtype, self.device)
-        self._image_bytes = n_regions * dim * self.itemsize * copies
-        copies = _needs_copy(word_embs, self.dtype, self.device)
-        self._caption_bytes = n_words * dim * self.itemsize * copies
+        image_copies = _needs_copy(region_embs, self.dtype, self.device)
+        caption_copies = _needs_copy(word_embs, self.dtype, self.device)
+        self.sizes = PlanSizes(
+            self.n_images,
+            self.n_captions,
+            n_regions * dim * self.itemsize * image_copies,
+            n_words * dim * self.itemsize * caption_copies,
+            self.itemsize,
+        )
         self._sides = {
             "images": (region_embs, region_lengths),
             "captions": (word_embs, word_lengths),
@@ -551,24 +599,23 @@ class BlockScorer:
         block_images: int | None,
         block_captions: int | None,
         captions_per_image: int | None = None,
+        sizes: PlanSizes | None = None,
     ) -> tuple[int, int]:
         """(images, captions) per block: the sizes given (checked), the others from the
         memory budget and at most 262144 scores a block; aligned blocks (``block_captions =
-        captions_per_image * block_images``) when ``captions_per_image`` is given."""
+        captions_per_image * block_images``) when ``captions_per_image`` is given.
+        ``sizes``: what to plan for, by default :attr:`sizes` (these inputs'); the whole
+        gallery's when this scorer holds a shard of it."""
         if block_images is not None:
             block_images = check_positive_int("block_images", block_images)
         if block_captions is not None:
             block_captions = check_positive_int("block_captions", block_captions)
-        return _plan_blocks(
-            self.n_images,
-            self.n_captions,
+        return plan_blocks(
+            self.sizes if sizes is None else sizes,
             block_images,
             block_captions,
-            image_bytes=self._image_bytes,
-            caption_bytes=self._caption_bytes,
-            pair_bytes=self.itemsize,
-            budget=self.budget,
-            captions_per_image=captions_per_image,
+            self.budget,
+            captions_per_image,
         )
 
     def _side(self, side: str, start: int, stop: int) -> Tokens:

@@ -1,6 +1,7 @@
 """Evaluation of a trained method on a dataset: encode every image and caption, then score
 them with the method's similarity in blocks and rank them in the same pass, without the
-score matrix (the one path of ``fastalign eval`` and of the trainer's validation)."""
+score matrix (the one path of ``fastalign eval`` and of the trainer's validation). Under
+torchrun each process may encode and score a shard of the images only (``sharded``)."""
 
 from __future__ import annotations
 
@@ -12,38 +13,61 @@ import torch
 from torch import Tensor, nn
 
 from fastalign.data import PrecompDataset
-from fastalign.evaluation import similarity_matrix
+from fastalign.evaluation import PlanSizes, plan_blocks, similarity_matrix
 from fastalign.methods import Method
 from fastalign.progress import progress_iter
-from fastalign.retrieval import evaluate_streaming, evaluate_streaming_folds
+from fastalign.retrieval import evaluate_streaming, evaluate_streaming_folds, shard_range
 from fastalign.tokens import Tokens
 
 PROTOCOLS = ("f30k", "coco1k", "coco5k")
 # The protocols defined on one image count (COCO's 5000 test images).
 PROTOCOL_IMAGES = {"coco1k": 5000, "coco5k": 5000}
+# The memory budget (MiB) of the evaluation's blocks: the streaming functions' default.
+MEMORY_BUDGET_MB = 256
 
 
 @torch.no_grad()
 def encode_dataset(
-    model: nn.Module, dataset: PrecompDataset, batch_size: int = 256, progress: bool = False
+    model: nn.Module,
+    dataset: PrecompDataset,
+    batch_size: int = 256,
+    progress: bool = False,
+    image_range: tuple[int, int] | None = None,
 ) -> tuple[Tokens, Tokens]:
     """Float32 embeddings of every image (n_images, R', D) and caption (n_captions, L', D)
     of ``dataset`` with their lengths, on the model's device, as the model's encoders
     return them: one embedding per input token (R' = R, L' = the longest caption) or a
     fixed number per sequence (one for global-embedding models).
 
-    ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`)."""
+    ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`).
+    ``image_range``: ``(start, stop)``, the images encoded (all the captions are): a shard
+    of a sharded evaluation, (stop - start, R', D); an empty one is (0, R', D)."""
     # A training-free model may hold buffers only.
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     model.eval()
     images = dataset.images
-    n_images, n_regions = images.shape[0], images.shape[1]
-    image_tokens = _TokenStack(n_images, n_regions)
-    starts = range(0, n_images, batch_size)
-    for start in progress_iter(starts, "encoding images", progress, unit="batch"):
-        block = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
+    first, stop = (0, images.shape[0]) if image_range is None else image_range
+    if not 0 <= first <= stop <= images.shape[0]:
+        raise ValueError(
+            f"image_range must be (start, stop) with 0 <= start <= stop <= {images.shape[0]} "
+            f"(the images), got {image_range}"
+        )
+    n_regions = images.shape[1]
+
+    def encoded(start: int, end: int) -> Tokens:
+        block = torch.from_numpy(np.array(images[start:end], dtype=np.float32))
         lengths = torch.full((len(block),), n_regions, dtype=torch.long, device=device)
-        image_tokens.put(start, model.encode_images(block.to(device), lengths), n_regions)
+        return model.encode_images(block.to(device), lengths)
+
+    if first == stop:  # an empty shard: the embeddings' shape from one image's
+        embs, lengths = encoded(0, 1)
+        image_tokens = Tokens(embs[:0].to(torch.float32), lengths[:0].to(torch.int64))
+    else:
+        stack = _TokenStack(stop - first, n_regions)
+        starts = range(first, stop, batch_size)
+        for start in progress_iter(starts, "encoding images", progress, unit="batch"):
+            stack.put(start - first, encoded(start, min(start + batch_size, stop)), n_regions)
+        image_tokens = stack.tokens()
     captions = dataset.captions
     caption_tokens = _TokenStack(len(captions), int(max(captions.lengths)))
     starts = range(0, len(captions), batch_size)
@@ -51,7 +75,7 @@ def encode_dataset(
         ids, lengths = captions.padded(range(start, min(start + batch_size, len(captions))))
         ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
         caption_tokens.put(start, model.encode_captions(ids, lengths), ids.shape[1])
-    return image_tokens.tokens(), caption_tokens.tokens()
+    return image_tokens, caption_tokens.tokens()
 
 
 class _TokenStack:
@@ -97,11 +121,16 @@ def score_matrix(
 
 
 def _encoded(
-    method: Method, model: nn.Module, dataset: PrecompDataset, progress: bool
+    method: Method,
+    model: nn.Module,
+    dataset: PrecompDataset,
+    progress: bool,
+    image_range: tuple[int, int] | None = None,
 ) -> tuple[Tokens, Tokens, Callable[[Tokens, Tokens], Tensor]]:
-    """(image tokens, caption tokens, the method's similarity of token blocks)."""
+    """(image tokens, caption tokens, the method's similarity of token blocks); the images
+    of ``image_range`` only, when given (see :func:`encode_dataset`)."""
     dataset.check_feature_dim(method.config.model.feature_dim, "the checkpoint's model")
-    images, captions = encode_dataset(model, dataset, progress=progress)
+    images, captions = encode_dataset(model, dataset, progress=progress, image_range=image_range)
 
     def similarity(images: Tokens, captions: Tokens) -> Tensor:
         return method.similarity(model, images, captions)
@@ -116,6 +145,7 @@ def evaluate_trained(
     dataset: PrecompDataset,
     protocol: str = "f30k",
     progress: bool = False,
+    sharded: bool = False,
 ) -> dict[str, float]:
     """Recall table (see :func:`fastalign.evaluate`) of a trained method on ``dataset``: the
     numbers of :func:`score_matrix`'s matrix, which is never formed.
@@ -125,6 +155,12 @@ def evaluate_trained(
     protocol streams (:mod:`fastalign.retrieval`): the numbers of :func:`fastalign.evaluate`
     on the score matrix, which is never formed. ``progress``: progress bars of the encoding
     and of the scoring pass (see :mod:`fastalign.progress`).
+
+    ``sharded``: under torch.distributed's default process group (torchrun), every process
+    calls this alike, encodes its shard of the images (whole blocks of the pass,
+    :func:`fastalign.retrieval.shard_range`) and all the captions, scores its blocks, and
+    returns the whole table: one process's, the same blocks scored (when the image encoder
+    gives an image the same embeddings in any batch, as on the CPU).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -135,11 +171,21 @@ def evaluate_trained(
             f"{dataset.split!r} of {dataset.root} has {dataset.n_images}: use protocol f30k (the "
             f"whole matrix) or the COCO testall split"
         )
-    images, captions, similarity = _encoded(method, model, dataset, progress)
     per_image = dataset.captions_per_image
+    # Chosen before encoding, so that the shards are whole blocks: the plan of the encoded
+    # tokens, float32 on the model's device (used in place: no converted copy counts).
+    sizes = PlanSizes(dataset.n_images, dataset.n_images * per_image, 0, 0, 4)
+    block_images = plan_blocks(sizes, None, None, MEMORY_BUDGET_MB * 2**20, per_image)[0]
+    image_range = shard_range(dataset.n_images, block_images) if sharded else None
+    images, captions, similarity = _encoded(method, model, dataset, progress, image_range)
+    options = dict(
+        block_images=block_images,
+        memory_budget_mb=MEMORY_BUDGET_MB,
+        progress=progress,
+        sharded=sharded,
+    )
     if protocol == "coco1k":
-        folds = evaluate_streaming_folds(
-            images, captions, similarity, per_image, n_folds=5, progress=progress
-        )
-        return folds.mean
-    return evaluate_streaming(images, captions, similarity, per_image, progress=progress)
+        return evaluate_streaming_folds(
+            images, captions, similarity, per_image, n_folds=5, **options
+        ).mean
+    return evaluate_streaming(images, captions, similarity, per_image, **options)

@@ -17,19 +17,35 @@ Both stream the blocks of :class:`fastalign.evaluation.BlockScorer`, the scorer 
 Given the same block sizes, the results equal :func:`fastalign.evaluate` (and
 ``torch.topk``) on :func:`~fastalign.evaluation.similarity_matrix`'s matrix bit for bit:
 the same blocks give the same scores.
+
+Sharded (``sharded=True``, under torchrun's process group): each process holds a
+contiguous shard of the gallery, in rank order (the images, for the ranks; the searched
+side, for the top-k; :func:`shard_range` splits it), and the other side whole, and scores
+its own blocks of the block grid planned for the whole gallery. For the ranks, the
+processes share the positive scores once the blocks holding them are scored (a caption's
+positive is scored by its image's process), then sum their counts; the search merges the
+processes' top-k lists, ties to the lower index as between blocks. Every process returns
+the whole result, that of one process: bit for bit when the shards are whole blocks (a
+block that a shard boundary crosses is scored in two parts, whose scores may differ from
+the whole block's in the last bit).
 """
 
 from __future__ import annotations
 
+import itertools
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from fastalign import distributed
 from fastalign.evaluation import (
     BlockScorer,
+    PlanSizes,
     block_ranges,
     check_folds,
     check_positive_int,
@@ -51,42 +67,136 @@ class FoldResults(NamedTuple):
     folds: list[dict[str, float]]
 
 
+# --------------------------------------------------------------------------- shards
+def shard_range(n_items: int, block: int = 1) -> tuple[int, int]:
+    """This process's items ``[start, stop)`` of a gallery of ``n_items`` sharded over the
+    processes of the default process group (torchrun), in rank order.
+
+    The shards are whole blocks of ``block`` items (the last block may be shorter), as many
+    on each process as they divide (the first ones take one more): a process holds none
+    when there are fewer blocks than processes. The streaming functions given the same
+    block size (``block_images``, or ``block_captions`` for a gallery of captions) then
+    score the blocks of one process, so their results are one process's bit for bit.
+    Without a process group: ``(0, n_items)``.
+
+    Raises:
+        TypeError, ValueError: ``n_items`` not an int >= 1, ``block`` not an int >= 1.
+    """
+    n_items = check_positive_int("n_items", n_items)
+    block = check_positive_int("block", block)
+    rank, world = distributed.rank(), distributed.world_size()
+    per_rank, extra = divmod(-(-n_items // block), world)
+    first = rank * per_rank + min(rank, extra)
+    stop = first + per_rank + (rank < extra)
+    return min(first * block, n_items), min(stop * block, n_items)
+
+
+class _Layout(NamedTuple):
+    """How one side of a pass lies over the processes: process r holds its items
+    ``[bounds[r], bounds[r + 1])``, this one is ``rank``; ``sizes``: the whole pass's inputs,
+    which its blocks are planned for (on every process alike)."""
+
+    bounds: list[int]
+    rank: int
+    sizes: PlanSizes
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds[self.rank + 1]
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes hold part of the side (the results are then combined)."""
+        return len(self.bounds) > 2
+
+    def blocks(self, size: int) -> list[tuple[int, int]]:
+        """The side's blocks of ``size`` items, every block that a shard boundary crosses
+        cut there (none is, with shards of whole blocks)."""
+        total = self.bounds[-1]
+        starts = sorted(set(range(0, total, size)) | {b for b in self.bounds if b < total})
+        return list(zip(starts, [*starts[1:], total]))
+
+    def mine(self, blocks: list[tuple[int, int]]) -> range:
+        """The indices of this process's blocks among ``blocks`` (those of :meth:`blocks`)."""
+        starts = [start for start, _ in blocks]
+        return range(bisect_left(starts, self.start), bisect_left(starts, self.stop))
+
+
+_SIDES = ("images", "captions")
+
+
+def _layout(scorer: BlockScorer, side: str, sharded: bool) -> _Layout:
+    """The layout of ``side`` (the scorer's inputs are a shard of it when ``sharded``, the
+    other side whole): one all_gather of every process's :attr:`BlockScorer.sizes`."""
+    # PlanSizes begins with the counts of the two sides, in _SIDES's order.
+    this, other = _SIDES.index(side), 1 - _SIDES.index(side)
+    if not sharded or distributed.world_size() == 1:
+        return _Layout([0, scorer.sizes[this]], 0, scorer.sizes)
+    mine = torch.tensor([scorer.sizes], dtype=torch.int64, device=scorer.device)
+    every = distributed.all_gather_no_grad(mine, None, "sizes of the shards").cpu()
+    if (every[:, other] != every[0, other]).any():
+        counts = ", ".join(f"{int(n)} on rank {r}" for r, n in enumerate(every[:, other]))
+        raise ValueError(
+            f"a sharded pass takes every process's shard of the {side} and all the "
+            f"{_SIDES[other]}, the same on every process: got {counts}"
+        )
+    bounds = [0, *itertools.accumulate(every[:, this].tolist())]
+    # The whole side's count; the largest item and score sizes: what one process on the
+    # whole inputs (padded to the longest item) plans for.
+    whole = every.max(0).values.tolist()
+    whole[this] = bounds[-1]
+    return _Layout(bounds, distributed.rank(), PlanSizes(*whole))
+
+
 # --------------------------------------------------------------------------- ranks
 def _schedule(
-    n_images: int, n_captions: int, block_images: int, block_captions: int, per_image: int
-) -> list[tuple[int, int, bool, bool]]:
-    """``(image block, caption block, takes positives, counts)`` in scoring order.
+    image_blocks: list[tuple[int, int]],
+    caption_blocks: list[tuple[int, int]],
+    per_image: int,
+    mine: range,
+) -> tuple[list[tuple[int, int, bool]], list[tuple[int, int]]]:
+    """The scoring order of the blocks of image blocks ``mine`` (every one, unsharded) by
+    index into ``image_blocks`` x ``caption_blocks``: ``(first, then)``.
 
-    First the blocks that hold positive pairs, caption block by caption block: each gives
-    its positives, and is counted at once when it is the last of those its rows and columns
-    need (every one of them, with aligned blocks); else it is scored again in the second
-    part, which holds every other block, image block by image block.
+    ``first``: ``(image block, caption block, counts)``, the blocks that hold positive
+    pairs, caption block by caption block; each gives its positives, and is counted at once
+    when it is the last of those its rows and columns need (every one of them, with aligned
+    blocks and shards of whole blocks); else it is scored again in ``then``, which holds
+    every other block, image block by image block. A column whose positives another process
+    scores is counted once the positives are shared, after ``first``.
     """
-    image_blocks = -(-n_images // block_images)
-    caption_blocks = -(-n_captions // block_captions)
+    starts = [i0 for i0, _ in image_blocks]
     band = [
         (a, b)
-        for b, (t0, t1) in enumerate(block_ranges(n_captions, block_captions))
-        for a in range(t0 // per_image // block_images, (t1 - 1) // per_image // block_images + 1)
+        for b, (t0, t1) in enumerate(caption_blocks)
+        for a in range(
+            bisect_right(starts, t0 // per_image) - 1, bisect_right(starts, (t1 - 1) // per_image)
+        )
     ]
+    elsewhere = {b for a, b in band if a not in mine}
+    band = [(a, b) for a, b in band if a in mine]
     rows_left = Counter(a for a, _ in band)
     columns_left = Counter(b for _, b in band)
-    schedule, again = [], set()
+    first, again = [], set()
     for a, b in band:
         rows_left[a] -= 1
         columns_left[b] -= 1
-        complete = rows_left[a] == 0 and columns_left[b] == 0
-        schedule.append((a, b, True, complete))
+        complete = rows_left[a] == 0 and columns_left[b] == 0 and b not in elsewhere
+        first.append((a, b, complete))
         if not complete:
             again.add((a, b))
     in_band = set(band)
-    schedule += [
-        (a, b, False, True)
-        for a in range(image_blocks)
-        for b in range(caption_blocks)
+    then = [
+        (a, b)
+        for a in mine
+        for b in range(len(caption_blocks))
         if (a, b) not in in_band or (a, b) in again
     ]
-    return schedule
+    return first, then
 
 
 class _RankCounts:
@@ -141,6 +251,28 @@ class _RankCounts:
         i2t, t2i = (self.fold_i2t, self.fold_t2i) if folds else (self.i2t, self.t2i)
         return 1 + i2t - tied, t2i.clone()
 
+    def share_positives(self, start: int, stop: int) -> None:
+        """Every process's positives, this one holding those of captions [start, stop) (its
+        images'): a sum over the processes of each one's, 0 elsewhere (exact)."""
+        shared = torch.zeros_like(self.positives)
+        shared[start:stop] = self.positives[start:stop]
+        with distributed.collective("all_reduce of the positive scores"):
+            dist.all_reduce(shared)
+        self.positives = shared
+
+    def share_counts(self) -> None:
+        """The counts over the whole gallery: the sums of every process's counts over its
+        own blocks (an image's i2t counts are 0 but on its own process)."""
+        folds = self.fold_images is not None
+        counts = [self.i2t, self.t2i] + ([self.fold_i2t, self.fold_t2i] if folds else [])
+        summed = torch.cat(counts)
+        with distributed.collective("all_reduce of the rank counts"):
+            dist.all_reduce(summed)
+        parts = summed.split([len(c) for c in counts])
+        self.i2t, self.t2i = parts[:2]
+        if folds:
+            self.fold_i2t, self.fold_t2i = parts[2:]
+
 
 def _check_no_nan(block: Tensor, i0: int, t0: int) -> None:
     # The block's sum is NaN if a score is (or if infinities of both signs meet): one
@@ -158,51 +290,80 @@ def _check_no_nan(block: Tensor, i0: int, t0: int) -> None:
 
 def _stream_counts(
     scorer: BlockScorer,
+    layout: _Layout,
     per_image: int,
     block_images: int | None,
     block_captions: int | None,
     fold_images: int | None,
     progress: bool,
 ) -> _RankCounts:
-    """The one pass of the streaming evaluation: every block scored once (with aligned
-    blocks), positives first, the counts of :class:`_RankCounts` filled."""
-    block_images, block_captions = scorer.plan(block_images, block_captions, per_image)
-    n_images, n_captions = scorer.n_images, scorer.n_captions
-    schedule = _schedule(n_images, n_captions, block_images, block_captions, per_image)
-    counts = _RankCounts(n_images, per_image, fold_images, scorer.device)
-    bar = progress_bar(len(schedule), "streaming_ranks", progress, unit="block")
+    """The one pass of the streaming evaluation: every block of this process's images
+    scored once (with aligned blocks), positives first, the counts of :class:`_RankCounts`
+    filled; those of the whole gallery, sharded."""
+    block_images, block_captions = scorer.plan(
+        block_images, block_captions, per_image, layout.sizes
+    )
+    image_blocks = layout.blocks(block_images)
+    caption_blocks = block_ranges(scorer.n_captions, block_captions)
+    first, then = _schedule(image_blocks, caption_blocks, per_image, layout.mine(image_blocks))
+    counts = _RankCounts(layout.bounds[-1], per_image, fold_images, scorer.device)
+
+    def scored(a: int, b: int) -> tuple[Tensor, int, int, int, int]:
+        (i0, i1), (t0, t1) = image_blocks[a], caption_blocks[b]
+        block = scorer.score(i0 - layout.start, i1 - layout.start, t0, t1)
+        _check_no_nan(block, i0, t0)
+        return block, i0, i1, t0, t1
+
+    bar = progress_bar(len(first) + len(then), "streaming_ranks", progress, unit="block")
     try:
-        for a, b, takes_positives, counted in schedule:
-            i0, i1 = a * block_images, min((a + 1) * block_images, n_images)
-            t0, t1 = b * block_captions, min((b + 1) * block_captions, n_captions)
-            block = scorer.score(i0, i1, t0, t1)
-            _check_no_nan(block, i0, t0)
-            if takes_positives:
-                counts.take_positives(block, i0, i1, t0, t1)
+        for a, b, counted in first:
+            block, *where = scored(a, b)
+            counts.take_positives(block, *where)
             if counted:
-                counts.count(block, i0, i1, t0, t1)
+                counts.count(block, *where)
             del block  # freed before the next block is scored
+            if bar is not None:
+                bar.update(1)
+        if layout.shared:
+            counts.share_positives(layout.start * per_image, layout.stop * per_image)
+        for a, b in then:
+            block, *where = scored(a, b)
+            counts.count(block, *where)
+            del block
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    if layout.shared:
+        counts.share_counts()
     return counts
 
 
-def _scorer(images, captions, similarity, options, per_image, memory_budget_mb, device):
-    """The block scorer of a streaming evaluation, its captions checked against the images."""
+def _scorer(
+    images, captions, similarity, options, per_image, memory_budget_mb, device, sharded
+) -> tuple[BlockScorer, _Layout, int]:
+    """The block scorer of a streaming evaluation, the layout of its images and
+    ``captions_per_image``, the captions checked against the (whole gallery's) images."""
     per_image = check_positive_int("captions_per_image", per_image)
     scorer = BlockScorer(
-        images, captions, similarity, options, memory_budget_mb=memory_budget_mb, device=device
+        images,
+        captions,
+        similarity,
+        options,
+        memory_budget_mb=memory_budget_mb,
+        device=device,
+        shard="images" if sharded else None,
     )
-    if scorer.n_captions != scorer.n_images * per_image:
+    layout = _layout(scorer, "images", sharded)
+    n_images = layout.bounds[-1]
+    if scorer.n_captions != n_images * per_image:
         raise ValueError(
-            f"got {scorer.n_images} images and {scorer.n_captions} captions: expected "
-            f"n_images * captions_per_image = {scorer.n_images * per_image} captions (caption "
+            f"got {n_images} images and {scorer.n_captions} captions: expected "
+            f"n_images * captions_per_image = {n_images * per_image} captions (caption "
             f"j belongs to image j // captions_per_image, captions_per_image = {per_image})"
         )
-    return scorer, per_image
+    return scorer, layout, per_image
 
 
 @torch.no_grad()
@@ -217,6 +378,7 @@ def streaming_ranks(
     memory_budget_mb: float = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    sharded: bool = False,
     **similarity_options,
 ) -> tuple[Tensor, Tensor]:
     """1-based i2t and t2i ranks, as :func:`fastalign.evaluation.compute_ranks` finds them on
@@ -238,6 +400,13 @@ def streaming_ranks(
             equal ``compute_ranks(similarity_matrix(...))`` with the same sizes exactly.
         memory_budget_mb, device, similarity_options: as for ``similarity_matrix``.
         progress: a progress bar of the blocks (see :mod:`fastalign.progress`).
+        sharded: this process holds a shard of the images, under the default process
+            group of ``torch.distributed`` (torchrun): ``images`` are its contiguous part
+            (the processes' parts in rank order make the gallery; :func:`shard_range`
+            splits it), ``captions`` all of them; every process calls this alike and
+            returns the whole gallery's ranks, one process's (bit for bit with shards of
+            whole ``block_images`` blocks; see :mod:`fastalign.retrieval`). The blocks are
+            planned for the whole gallery. False, or no process group: all the images.
 
     Returns:
         ``(ranks_i2t (n_images,), ranks_t2i (n_captions,))``, int64 on ``device``: an
@@ -249,7 +418,7 @@ def streaming_ranks(
         TypeError, ValueError: bad inputs or sizes (naming the argument); NaN scores
         (naming the pair).
     """
-    scorer, per_image = _scorer(
+    scorer, layout, per_image = _scorer(
         images,
         captions,
         similarity,
@@ -257,8 +426,9 @@ def streaming_ranks(
         captions_per_image,
         memory_budget_mb,
         device,
+        sharded,
     )
-    counts = _stream_counts(scorer, per_image, block_images, block_captions, None, progress)
+    counts = _stream_counts(scorer, layout, per_image, block_images, block_captions, None, progress)
     return counts.ranks()
 
 
@@ -290,6 +460,7 @@ def evaluate_streaming_folds(
     memory_budget_mb: float = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    sharded: bool = False,
     **similarity_options,
 ) -> FoldResults:
     """COCO 5K and COCO 1K from one streaming pass.
@@ -298,9 +469,10 @@ def evaluate_streaming_folds(
     matrix); ``mean`` and ``folds`` are :func:`fastalign.evaluation.evaluate_folds`'s: fold
     k holds images ``[k m, (k + 1) m)`` and their captions, m = n_images / n_folds, and its
     ranks count only the scores of its own images x captions. The arguments are those of
-    :func:`streaming_ranks`, plus ``n_folds`` (5 for COCO 1K; it must divide n_images).
+    :func:`streaming_ranks` (``sharded`` included), plus ``n_folds`` (5 for COCO 1K; it
+    must divide n_images).
     """
-    scorer, per_image = _scorer(
+    scorer, layout, per_image = _scorer(
         images,
         captions,
         similarity,
@@ -308,10 +480,11 @@ def evaluate_streaming_folds(
         captions_per_image,
         memory_budget_mb,
         device,
+        sharded,
     )
-    n_folds = check_folds(n_folds, scorer.n_images)
-    size = scorer.n_images // n_folds
-    counts = _stream_counts(scorer, per_image, block_images, block_captions, size, progress)
+    n_folds = check_folds(n_folds, layout.bounds[-1])
+    size = layout.bounds[-1] // n_folds
+    counts = _stream_counts(scorer, layout, per_image, block_images, block_captions, size, progress)
     fold_i2t, fold_t2i = counts.ranks(folds=True)
     width = size * per_image
     per_fold = [
@@ -332,9 +505,16 @@ def _merge_topk(
     first + m - 1``: best first, equal scores in increasing index order."""
     n, m = block.shape
     new_index = torch.arange(first, first + m, device=block.device).expand(n, m)
-    scores, index = torch.cat([scores, block], 1), torch.cat([index, new_index], 1)
     # Candidates with equal scores stand in increasing index order: the running entries
     # (sorted so) before the block's, whose indices are all larger.
+    return _best_k(torch.cat([scores, block], 1), torch.cat([index, new_index], 1), k)
+
+
+def _best_k(scores: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k best (all, if fewer) of candidate ``scores`` (n, m) of gallery items ``index``
+    (n, m), equal scores standing in increasing index order: best first, equal scores in
+    increasing index order."""
+    n = scores.shape[0]
     if scores.shape[1] > k:
         kth = scores.topk(k, dim=1).values[:, -1:]  # the k-th best score of each row
         above = scores > kth
@@ -361,6 +541,7 @@ def streaming_topk(
     memory_budget_mb: float = 256,
     device: torch.device | str | None = None,
     progress: bool = False,
+    sharded: bool = False,
     **similarity_options,
 ) -> tuple[Tensor, Tensor]:
     """Exact top-k search: each query's k best gallery items, without the score matrix.
@@ -375,6 +556,14 @@ def streaming_topk(
             ``similarity_matrix`` plans them. The result does not depend on them beyond the
             scores' last bit.
         progress: a progress bar of the blocks (see :mod:`fastalign.progress`).
+        sharded: this process holds a shard of the gallery, under the default process
+            group of ``torch.distributed`` (torchrun): the gallery side (``images`` for
+            caption queries, ``captions`` for image queries) is its contiguous part (the
+            processes' parts in rank order make the gallery; :func:`shard_range` splits
+            it), the queries all of them; every process calls this alike and returns the
+            whole gallery's top k with whole-gallery indices: each process's top-k lists
+            merged, one process's result (bit for bit with shards of whole gallery blocks;
+            see :mod:`fastalign.retrieval`). False, or no process group: the whole gallery.
 
     Returns:
         ``(scores, indices)``: (n_queries, k) float32 scores, best first, and the int64
@@ -389,6 +578,8 @@ def streaming_topk(
     if not isinstance(queries, str) or queries not in QUERIES:
         raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
     k = check_positive_int("k", k)
+    by_caption = queries == "captions"
+    gallery = "images" if by_caption else "captions"
     scorer = BlockScorer(
         images,
         captions,
@@ -396,22 +587,24 @@ def streaming_topk(
         similarity_options,
         memory_budget_mb=memory_budget_mb,
         device=device,
+        shard=gallery if sharded else None,
     )
-    by_caption = queries == "captions"
-    n_queries, n_gallery = scorer.n_captions, scorer.n_images
-    if not by_caption:
-        n_queries, n_gallery = n_gallery, n_queries
-    gallery = "images" if by_caption else "captions"
+    layout = _layout(scorer, gallery, sharded)
+    n_gallery = layout.bounds[-1]
     if k > n_gallery:
         raise ValueError(f"k must be at most the gallery's size, {n_gallery} {gallery}, got {k}")
-    block_images, block_captions = scorer.plan(block_images, block_captions)
-    image_blocks = block_ranges(scorer.n_images, block_images)
-    caption_blocks = block_ranges(scorer.n_captions, block_captions)
-    query_blocks, gallery_blocks = (
-        (caption_blocks, image_blocks) if by_caption else (image_blocks, caption_blocks)
-    )
-    top_scores = torch.empty(n_queries, k, device=scorer.device)
-    top_index = torch.empty(n_queries, k, dtype=torch.int64, device=scorer.device)
+    block_images, block_captions = scorer.plan(block_images, block_captions, sizes=layout.sizes)
+    if by_caption:
+        n_queries, query_block, gallery_block = scorer.n_captions, block_captions, block_images
+    else:
+        n_queries, query_block, gallery_block = scorer.n_images, block_images, block_captions
+    query_blocks = block_ranges(n_queries, query_block)
+    gallery_blocks = layout.blocks(gallery_block)
+    gallery_blocks = [gallery_blocks[g] for g in layout.mine(gallery_blocks)]
+    shift = layout.start  # the first gallery item here
+    kept = min(k, layout.stop - shift)  # this process's top k: of its items
+    top_scores = torch.empty(n_queries, kept, device=scorer.device)
+    top_index = torch.empty(n_queries, kept, dtype=torch.int64, device=scorer.device)
     bar = progress_bar(len(query_blocks) * len(gallery_blocks), "streaming_topk", progress, "block")
     try:
         for q0, q1 in query_blocks:
@@ -419,11 +612,11 @@ def streaming_topk(
             index = torch.empty(q1 - q0, 0, dtype=torch.int64, device=scorer.device)
             for g0, g1 in gallery_blocks:  # in increasing index order: see _merge_topk
                 if by_caption:
-                    block = scorer.score(g0, g1, q0, q1)
+                    block = scorer.score(g0 - shift, g1 - shift, q0, q1)
                     _check_no_nan(block, g0, q0)
                     block = block.T
                 else:
-                    block = scorer.score(q0, q1, g0, g1)
+                    block = scorer.score(q0, q1, g0 - shift, g1 - shift)
                     _check_no_nan(block, q0, g0)
                 scores, index = _merge_topk(scores, index, block, g0, k)
                 del block  # freed before the next block is scored
@@ -433,4 +626,26 @@ def streaming_topk(
     finally:
         if bar is not None:
             bar.close()
+    if layout.shared:
+        return _merge_shards(top_scores, top_index, layout.bounds, k)
     return top_scores, top_index
+
+
+def _merge_shards(
+    scores: Tensor, index: Tensor, bounds: list[int], k: int
+) -> tuple[Tensor, Tensor]:
+    """The k best of every process's top-k lists (n, min(k, its items)), this process's
+    ``scores`` and ``index`` among them: the lists, in rank order, hold increasing indices
+    (process r: ``[bounds[r], bounds[r + 1])``), as :func:`_best_k` takes them."""
+    n, kept = scores.shape
+    # Padded to k entries for the gather (the same shape on every process), then cut back.
+    scores = torch.cat([scores, scores.new_zeros(n, k - kept)], 1)
+    index = torch.cat([index, index.new_zeros(n, k - kept)], 1)
+    every_score = distributed.all_gather_no_grad(scores, None, "top-k scores of the shards")
+    every_index = distributed.all_gather_no_grad(index, None, "top-k indices of the shards")
+    lengths = [min(k, stop - start) for start, stop in itertools.pairwise(bounds)]
+
+    def listed(every: Tensor) -> Tensor:  # (W * n, k) -> (n, the lists' entries)
+        return torch.cat([part[:, :m] for part, m in zip(every.split(n), lengths)], 1)
+
+    return _best_k(listed(every_score), listed(every_index), k)

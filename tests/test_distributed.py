@@ -10,16 +10,15 @@ from __future__ import annotations
 import datetime
 import functools
 import os
-import socket
 import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
+from _helpers.distributed import WORLD, as_torchrun_rank, free_port, spawn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,7 +28,6 @@ from fastalign.cli import main
 from fastalign.losses import hinge_triplet_loss, info_nce_loss, positives_from_image_index
 from fastalign.tokens import Tokens
 
-WORLD = 2
 FEAT, DIM, VOCAB = 5, 8, 17
 # 8 pairs, rank 0 holds pairs 0-3 and rank 1 pairs 4-7. Image 2 is twice on rank 0 and
 # image 0 on both ranks. Padded sizes differ between the ranks: rank 0 has R=4 and L=6,
@@ -48,7 +46,6 @@ SCENARIOS = {
         loss="infonce", temperature=0.1, sim=dict(direction="both", align="lse", aggregate="mean")
     ),
 }
-TIMEOUT_S = 120
 
 
 # --------------------------------------------------------------------------- shared setup
@@ -137,12 +134,6 @@ def single_process_reference(scenario: dict) -> tuple[Tensor, dict[str, Tensor]]
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- worker side
 def _distributed_step(scenario: dict, rank: int) -> dict:
     """One DDP step on this rank's half of the batch."""
@@ -208,20 +199,8 @@ def _error_checks(rank: int) -> dict:
     return out
 
 
-def _as_torchrun_rank(rank: int, port: int) -> None:
-    """The environment torchrun gives ``rank`` of WORLD, one thread per process."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-    )
-    torch.set_num_threads(1)
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    _as_torchrun_rank(rank, port)
+    as_torchrun_rank(rank, port)
     device = fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         results = {
@@ -239,29 +218,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _spawn(worker, *args) -> None:
-    """Runs ``worker(rank, *args)`` in WORLD spawned processes; fails after TIMEOUT_S."""
-    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} gloo workers did not finish within {TIMEOUT_S} s")
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Results of both ranks of one 2-process gloo run."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    _spawn(_worker, free_port(), str(out_dir))
+    spawn(_worker, free_port(), str(out_dir))
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
 def _train_worker(rank: int, ports: tuple[int, int], config: str, out_dir: str) -> None:
     """``fastalign train`` as torchrun starts it, this rank's stdout and stderr written to
     files; then, in a new group with a 2 s timeout, rank 0 gathers while rank 1 hangs."""
-    _as_torchrun_rank(rank, ports[0])
+    as_torchrun_rank(rank, ports[0])
     import fastalign.progress
 
     fastalign.progress._interactive = lambda: True  # bars are drawn, as on a terminal
@@ -301,7 +269,7 @@ def training_ranks(tmp_path_factory, tiny_data, tiny_config) -> list[dict]:
     config = tiny_config(tiny_data, out_dir / "run", epochs=1, dist_timeout_minutes=1.5)
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(config.to_dict()))
-    _spawn(_train_worker, (free_port(), free_port()), str(path), str(out_dir))
+    spawn(_train_worker, (free_port(), free_port()), str(path), str(out_dir))
     return [
         torch.load(out_dir / f"rank{r}.pt")
         | {name: (out_dir / f"rank{r}.{name}").read_text() for name in ("out", "err")}
@@ -311,7 +279,7 @@ def training_ranks(tmp_path_factory, tiny_data, tiny_config) -> list[dict]:
 
 def _demo_worker(rank: int, port: int, overrides: list[str], out_dir: str) -> None:
     """``fastalign demo`` as torchrun starts it, this rank's stdout written to a file."""
-    _as_torchrun_rank(rank, port)
+    as_torchrun_rank(rank, port)
     with open(os.path.join(out_dir, f"rank{rank}.out"), "w") as f:
         os.dup2(f.fileno(), 1)
         try:
@@ -414,7 +382,7 @@ def test_two_process_demo_prints_on_rank_0_only(tmp_path, tiny_data):
         "model.word_dim=16",
         "model.embed_dim=32",
     ]
-    _spawn(_demo_worker, free_port(), overrides, str(tmp_path))
+    spawn(_demo_worker, free_port(), overrides, str(tmp_path))
     first, second = ((tmp_path / f"rank{r}.out").read_text() for r in range(WORLD))
     assert "synthetic test set" in first and "for random scores (chance)" in first
     assert second == ""

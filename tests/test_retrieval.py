@@ -6,14 +6,24 @@ positive and many gallery items tie at the k-th place. Failure messages carry th
 ``FASTALIGN_TEST_SEED`` re-draws every input.
 """
 
+import datetime
+import itertools
 import math
+import os
+import time
+from contextlib import redirect_stdout
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from _helpers.distributed import WORLD, as_torchrun_rank, free_port, spawn
+from conftest import SEED
 
 import fastalign
 import fastalign.progress
+from fastalign import distributed as fd
+from fastalign.cli import main
 from fastalign.config import TrainConfig
 from fastalign.data import PrecompDataset, Vocabulary, read_captions
 from fastalign.evaluation import (
@@ -29,6 +39,7 @@ from fastalign.models import MatchingModel, ModelConfig
 from fastalign.retrieval import (
     evaluate_streaming,
     evaluate_streaming_folds,
+    shard_range,
     streaming_ranks,
     streaming_topk,
 )
@@ -379,3 +390,341 @@ def test_nan_scores_name_the_pair(test_seed):
             streaming_ranks(images, bad, with_nan, **blocks)
         with pytest.raises(ValueError, match=r"image 0 x caption 13 NaN"):
             streaming_topk(images, bad, with_nan, k=2, **blocks)
+
+
+# --------------------------------------------------------------------------- sharded
+# Sharded runs: 2 gloo processes (one spawn for the module, see sharded_ranks), each holding
+# a contiguous shard of the gallery, against one process on the whole gallery. Cases: name
+# -> (n_images, captions per image, score, block sizes, the block the shards are whole
+# blocks of). Integer scores where a block is cut by a shard boundary (its two parts score
+# alike to the last bit only with exact scores); float scores bit for bit with whole blocks.
+SHARDED_RANKS = {
+    "whole blocks": (13, 5, INTEGER_SCORE, dict(block_images=4), 4),
+    "floats, whole blocks": (9, 5, FLOAT_SCORE, dict(block_images=2), 2),
+    "7 images, a block cut": (7, 5, INTEGER_SCORE, dict(), 1),
+    "unaligned blocks": (13, 5, INTEGER_SCORE, dict(block_images=3, block_captions=7), 3),
+    "unaligned, cut": (9, 1, INTEGER_SCORE, dict(block_images=2, block_captions=3), 1),
+    "an empty shard": (4, 5, INTEGER_SCORE, dict(block_images=4), 4),
+}
+# name -> (n_folds, block sizes, shards' block): 15 images, fold boundaries inside shards.
+SHARDED_FOLDS = {
+    "folds, whole blocks": (5, dict(block_images=2), 2),
+    "folds, unaligned, cut": (3, dict(block_images=3, block_captions=7), 1),
+}
+# name -> (queries, n_images, block sizes, shards' block): 13 or 4 images of 5 captions.
+SHARDED_TOPK = {
+    "t2i, whole blocks": ("captions", 13, dict(block_images=3), 3),
+    "t2i, cut": ("captions", 13, dict(block_images=3, block_captions=7), 1),
+    "i2t, whole blocks": ("images", 13, dict(block_captions=10), 10),
+    "i2t, a block cut": ("images", 13, dict(), 1),
+    "t2i, an empty shard": ("captions", 4, dict(block_images=4), 4),
+}
+# The eval runs' most scores a block: None, the default (one block of the 12 test images:
+# rank 1 holds none), and 80 (4 images x 20 captions: rank 0 holds 8 images, rank 1 4).
+EVAL_BLOCK_PAIRS = [None, 80]
+
+
+def sharded_case(name: str, seed: int):
+    """(images, captions, per_image, score options, blocks, shard block) of a ranks case."""
+    n_images, per_image, score, blocks, shard_block = SHARDED_RANKS[name]
+    images, captions = make_tokens(
+        n_images, per_image, case_seed(seed, n_images, per_image, 43), score is INTEGER_SCORE
+    )
+    return images, captions, per_image, score, blocks, shard_block
+
+
+def folds_inputs(seed: int):
+    return make_tokens(15, 5, case_seed(seed, 15, 47), integer=True)
+
+
+def topk_inputs(n_images: int, seed: int):
+    return make_tokens(n_images, 5, case_seed(seed, n_images, 53), integer=True)
+
+
+def topk_ks(queries: str, n_images: int) -> list[int]:
+    """Gallery items per query: 1, some, and the whole gallery (more than a shard holds)."""
+    n_gallery = n_images if queries == "captions" else 5 * n_images
+    return [1, min(4, n_gallery), n_gallery]
+
+
+def _sharded_cases(rank: int, seed: int) -> dict:
+    out = {}
+    for name in SHARDED_RANKS:
+        images, captions, per_image, score, blocks, shard_block = sharded_case(name, seed)
+        start, stop = shard_range(images.count, shard_block)
+        ranks = streaming_ranks(
+            images.rows(start, stop), captions, None, per_image, sharded=True, **blocks, **score
+        )
+        out[name] = dict(shard=(start, stop), ranks=ranks)
+    # The blocks each process scores (ranks of "whole blocks"): (images, captions) per call.
+    images, captions, per_image, score, blocks, shard_block = sharded_case("whole blocks", seed)
+    start, stop = shard_range(images.count, shard_block)
+    calls = []
+
+    def recording(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        calls.append((block_images.count, block_captions.count))
+        return full_matrix(block_images, block_captions, score)
+
+    streaming_ranks(images.rows(start, stop), captions, recording, sharded=True, **blocks)
+    out["calls"] = calls
+    images, captions = folds_inputs(seed)
+    for name, (n_folds, blocks, shard_block) in SHARDED_FOLDS.items():
+        start, stop = shard_range(images.count, shard_block)
+        folds = evaluate_streaming_folds(
+            images.rows(start, stop),
+            captions,
+            n_folds=n_folds,
+            sharded=True,
+            **blocks,
+            **INTEGER_SCORE,
+        )
+        out[name] = dict(shard=(start, stop), folds=folds)
+    for name, (queries, n_images, blocks, shard_block) in SHARDED_TOPK.items():
+        images, captions = topk_inputs(n_images, seed)
+        gallery = images if queries == "captions" else captions
+        start, stop = shard_range(gallery.count, shard_block)
+        shard = gallery.rows(start, stop)
+        inputs = (shard, captions) if queries == "captions" else (images, shard)
+        out[name] = dict(
+            shard=(start, stop),
+            topk={
+                k: streaming_topk(
+                    *inputs, k=k, queries=queries, sharded=True, **blocks, **INTEGER_SCORE
+                )
+                for k in topk_ks(queries, n_images)
+            },
+        )
+    # Errors every process raises alike; the group works on after them.
+    images, captions = topk_inputs(4, seed)
+    start, stop = shard_range(4)
+    errors = {}
+    for what, call in {
+        "captions differ": lambda: streaming_ranks(
+            images.rows(start, stop), captions.rows(0, 20 - 5 * rank), sharded=True
+        ),
+        "k above the gallery": lambda: streaming_topk(
+            images.rows(start, stop), captions, k=5, sharded=True
+        ),
+    }.items():
+        try:
+            call()
+        except ValueError as error:
+            errors[what] = str(error)
+    check = torch.ones(1)
+    dist.all_reduce(check)
+    errors["after"] = float(check)
+    out["errors"] = errors
+    return out
+
+
+def _failing_rank(rank: int, seed: int) -> str:
+    """Rank 1's images score NaN: its error, and rank 0's when the positives it waits for
+    never come (the group's timeout is 2 s)."""
+    images, captions = make_tokens(4, 5, case_seed(seed, 59), integer=True)
+
+    def nan_for_image_3(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        scores = full_matrix(block_images, block_captions, INTEGER_SCORE)
+        return torch.where(block_images.embs[:, :1, 0] > 5, torch.nan, scores)
+
+    images.embs[3, 0, 0] = 9.0
+    start, stop = shard_range(4)
+    try:
+        streaming_ranks(images.rows(start, stop), captions, nan_for_image_3, sharded=True)
+    except (ValueError, fd.CollectiveTimeoutError) as error:
+        if rank == 1:
+            time.sleep(4)  # alive: rank 0 times out meanwhile
+        return str(error)
+    return "no error"
+
+
+def _sharded_worker(rank: int, ports: list[int], seed: int, checkpoint: str, out_dir: str):
+    """``fastalign eval`` as torchrun starts it (stdout to a file) with each of
+    EVAL_BLOCK_PAIRS, then every sharded case in a new group, then a rank that fails in a
+    last group with a 2 s timeout."""
+    as_torchrun_rank(rank, ports[0])
+    default_pairs = fastalign.evaluation._BLOCK_PAIRS
+    for pairs, port in zip(EVAL_BLOCK_PAIRS, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        fastalign.evaluation._BLOCK_PAIRS = pairs or default_pairs
+        with open(os.path.join(out_dir, f"rank{rank}.{pairs}.out"), "w") as out:
+            with redirect_stdout(out):
+                main(["eval", checkpoint, "--no-progress"])
+        assert not fd.is_distributed()  # eval left its group
+    fastalign.evaluation._BLOCK_PAIRS = default_pairs
+    results = {"eval_timeout_s": fd._group_timeout.total_seconds()}
+    os.environ["MASTER_PORT"] = str(ports[-2])
+    fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        results |= _sharded_cases(rank, seed)
+    finally:
+        fd.cleanup()
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    fd.setup_from_env("gloo", timeout=datetime.timedelta(seconds=2))
+    try:
+        results["failure"] = _failing_rank(rank, seed)
+    finally:
+        dist.destroy_process_group()  # no barrier: a timeout closes the group's connections
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(tiny_data, tmp_path_factory):
+    """A one-epoch run on the tiny data (its collectives time out after 1.5 min)."""
+    out = tmp_path_factory.mktemp("sharded_eval") / "run"
+    overrides = [
+        f"data_root={tiny_data}",
+        f"word_vectors={tiny_data / 'glove_synthetic.txt'}",
+        f"output_dir={out}",
+        "epochs=1",
+        "batch_size=16",
+        "model.word_dim=16",
+        "model.embed_dim=32",
+        "dist_timeout_minutes=1.5",
+    ]
+    main(["train", "--no-progress", *overrides])
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def sharded_ranks(tmp_path_factory, eval_checkpoint) -> list[dict]:
+    """Per rank of one 2-process gloo run: every sharded case's result, what ``fastalign
+    eval`` printed (``out``), its group's timeout, and the failure case's error."""
+    out_dir = tmp_path_factory.mktemp("sharded")
+    ports = [free_port() for _ in range(len(EVAL_BLOCK_PAIRS) + 2)]
+    spawn(_sharded_worker, ports, SEED, str(eval_checkpoint), str(out_dir))
+    return [
+        torch.load(out_dir / f"rank{r}.pt", weights_only=False)
+        | {pairs: (out_dir / f"rank{r}.{pairs}.out").read_text() for pairs in EVAL_BLOCK_PAIRS}
+        for r in range(WORLD)
+    ]
+
+
+def check_shards(sharded_ranks, name: str, n_items: int, block: int) -> None:
+    """The shards of ``name``: contiguous, in rank order, whole blocks, covering the items."""
+    shards = [result[name]["shard"] for result in sharded_ranks]
+    assert shards[0][0] == 0 and shards[-1][1] == n_items, shards
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(shards)), shards
+    assert all(start % block == 0 for start, _ in shards), shards
+
+
+@pytest.mark.parametrize("name", list(SHARDED_RANKS))
+def test_sharded_ranks_equal_one_process(sharded_ranks, test_seed, name):
+    images, captions, per_image, score, blocks, shard_block = sharded_case(name, test_seed)
+    check_shards(sharded_ranks, name, images.count, shard_block)
+    # One process with the same block sizes: bit for bit (floats too, with whole blocks).
+    expected = streaming_ranks(images, captions, None, per_image, **blocks, **score)
+    if score is INTEGER_SCORE:  # ... and compute_ranks of the matrix, ties included
+        sims = full_matrix(images, captions, score)
+        assert has_ties(sims, per_image), f"seed {test_seed}: no tie to count"
+        full = compute_ranks(sims, per_image)
+        assert all(torch.equal(a, b) for a, b in zip(expected, full)), f"seed {test_seed}"
+    for rank, result in enumerate(sharded_ranks):
+        got = result[name]["ranks"]
+        assert torch.equal(got[0], expected[0]), f"seed {test_seed}, rank {rank}: i2t"
+        assert torch.equal(got[1], expected[1]), f"seed {test_seed}, rank {rank}: t2i"
+    if name == "an empty shard":
+        assert sharded_ranks[1][name]["shard"] == (4, 4)
+
+
+def test_sharded_ranks_score_each_block_once(sharded_ranks):
+    # 13 images in blocks of 4 (+ 1): rank 0 holds 2 image blocks, rank 1 the other 2; each
+    # scores its blocks against the 4 caption blocks once.
+    first, second = (result["calls"] for result in sharded_ranks)
+    assert len(first) == len(second) == 2 * 4
+    assert sum(ni * nt for ni, nt in first + second) == 13 * 65  # every pair once
+    assert {ni for ni, _ in first} == {4} and {ni for ni, _ in second} == {4, 1}
+
+
+@pytest.mark.parametrize("name", list(SHARDED_FOLDS))
+def test_sharded_folds_equal_one_process(sharded_ranks, test_seed, name):
+    n_folds, blocks, shard_block = SHARDED_FOLDS[name]
+    images, captions = folds_inputs(test_seed)
+    check_shards(sharded_ranks, name, 15, shard_block)
+    expected = evaluate_streaming_folds(
+        images, captions, n_folds=n_folds, **blocks, **INTEGER_SCORE
+    )
+    sims = full_matrix(images, captions, INTEGER_SCORE)
+    assert (expected.mean, expected.folds) == evaluate_folds(sims, n_folds=n_folds)
+    assert expected.whole == evaluate(sims), f"seed {test_seed}"
+    for rank, result in enumerate(sharded_ranks):
+        assert result[name]["folds"] == expected, f"seed {test_seed}, rank {rank}"
+
+
+@pytest.mark.parametrize("name", list(SHARDED_TOPK))
+def test_sharded_topk_equals_one_process(sharded_ranks, test_seed, name):
+    queries, n_images, blocks, shard_block = SHARDED_TOPK[name]
+    images, captions = topk_inputs(n_images, test_seed)
+    n_gallery = n_images if queries == "captions" else 5 * n_images
+    check_shards(sharded_ranks, name, n_gallery, shard_block)
+    sims = full_matrix(images, captions, INTEGER_SCORE)
+    rows = sims.T if queries == "captions" else sims
+    for k in topk_ks(queries, n_images):
+        expected = reference_topk(rows, k)
+        one = streaming_topk(images, captions, k=k, queries=queries, **blocks, **INTEGER_SCORE)
+        assert all(torch.equal(a, b) for a, b in zip(one, expected)), f"seed {test_seed}, k {k}"
+        for rank, result in enumerate(sharded_ranks):
+            scores, indices = result[name]["topk"][k]
+            assert torch.equal(scores, expected[0]), f"seed {test_seed}, rank {rank}, k {k}"
+            assert torch.equal(indices, expected[1]), f"seed {test_seed}, rank {rank}, k {k}"
+    # Ties at a k-th place: their order across the shards was exercised.
+    ordered = rows.sort(dim=1, descending=True).values
+    ks = [k for k in topk_ks(queries, n_images) if k < n_gallery]
+    assert any(bool((ordered[:, k - 1] == ordered[:, k]).any()) for k in ks), f"seed {test_seed}"
+
+
+def test_sharded_errors_are_raised_on_every_process(sharded_ranks):
+    for result in sharded_ranks:
+        errors = result["errors"]
+        assert (
+            "the same on every process: got 20 on rank 0, 15 on rank 1" in errors["captions differ"]
+        )
+        assert "at most the gallery's size, 4 images, got 5" in errors["k above the gallery"]
+        assert errors["after"] == WORLD
+
+
+def test_a_failing_rank_does_not_hang_the_others(sharded_ranks):
+    first, second = (result["failure"] for result in sharded_ranks)
+    assert "image 3 x caption" in second and "NaN" in second
+    assert "rank 0 of 2: the all_reduce of the positive scores timed out after 2 s" in first
+
+
+@pytest.mark.parametrize("pairs", EVAL_BLOCK_PAIRS)
+def test_sharded_eval_prints_one_process_table(sharded_ranks, eval_checkpoint, capsys, pairs):
+    # The same blocks as the 2 processes: one process's eval prints the same.
+    with pytest.MonkeyPatch.context() as patch:
+        if pairs is not None:
+            patch.setattr(fastalign.evaluation, "_BLOCK_PAIRS", pairs)
+        main(["eval", str(eval_checkpoint), "--no-progress"])
+    one = capsys.readouterr().out
+    assert "rSum" in one
+    first, second = (result[pairs] for result in sharded_ranks)
+    assert first == one
+    assert second == ""  # rank 0 prints
+    # The run's dist_timeout_minutes.
+    assert [result["eval_timeout_s"] for result in sharded_ranks] == [90, 90]
+
+
+def test_encode_a_shard_of_the_images(tiny_data):
+    vocab = Vocabulary.build(read_captions(tiny_data, "train"))
+    dataset = PrecompDataset(tiny_data, "test", vocab)
+    config = ModelConfig(feature_dim=dataset.feature_dim, embed_dim=8, word_dim=8)
+    model = MatchingModel(len(vocab), config)
+    images, captions = encode_dataset(model, dataset, batch_size=5)
+    for start, stop in ((3, 9), (0, 12), (11, 12)):
+        shard, all_captions = encode_dataset(model, dataset, 5, image_range=(start, stop))
+        assert torch.equal(shard.embs, images.embs[start:stop]), (start, stop)
+        assert torch.equal(shard.lengths, images.lengths[start:stop]), (start, stop)
+        assert torch.equal(all_captions.embs, captions.embs)
+    empty, _ = encode_dataset(model, dataset, image_range=(12, 12))  # a shard of none
+    assert empty.embs.shape == (0, *images.embs.shape[1:]) and empty.lengths.shape == (0,)
+    assert empty.embs.dtype == torch.float32 and empty.lengths.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"image_range must be .* <= 12 \(the images\)"):
+        encode_dataset(model, dataset, image_range=(5, 13))
+
+
+def test_shard_range_without_a_group():
+    assert shard_range(7) == (0, 7) and shard_range(7, block=3) == (0, 7)
+    with pytest.raises(ValueError, match="n_items must be >= 1"):
+        shard_range(0)
+    with pytest.raises(TypeError, match="block must be an int"):
+        shard_range(5, block=2.0)
