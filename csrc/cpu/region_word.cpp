@@ -21,6 +21,7 @@
 #include "../checks/region_word.h"
 #include "../option_codes.h"
 #include "cpu_info.h"
+#include "row_gather.h"
 #include "../ranking.h"  // takes_over: the inputs are finite, but a dot product can overflow
 
 namespace fastalign {
@@ -325,75 +326,8 @@ struct MaxDirection {
   const int32_t* index;
 };
 
-// The gradient rows of items [o0, o1) of one side as weighted sums of the other side's valid
-// token rows, a sparse matrix stored by rows: row a (token a % padded of item o0 + a / padded)
-// is the sum of weight[j] * the other side's valid token source[j] (numbered as packed, item by
-// item), j in [start[a], start[a + 1]).
-template <typename scalar_t>
-struct RowSums {
-  std::vector<int64_t> start, source;
-  std::vector<scalar_t> weight;
-};
-
-// 16 lanes of a float type (GCC's vector_size ignores a dependent type, hence one per type).
-template <typename scalar_t>
-struct Lanes16;
-template <>
-struct Lanes16<float> {
-  using type = float __attribute__((vector_size(64)));
-};
-template <>
-struct Lanes16<double> {
-  using type = double __attribute__((vector_size(128)));
-};
-
-// out rows [0, rows) (row-major, dim columns), columns [d0, d0 + kWidth): their sums, from
-// `packed`, the other side's valid tokens' columns [d0, d0 + kWidth) (row-major, kWidth wide).
-// The accumulators are vectors of 16 lanes (GCC vector extensions, one AVX-512 register, two
-// AVX2 ones or four SSE ones, as the clone the CPU runs), held in registers while a row's entries
-// stream by; a block one vector wide alternates two of them, so that consecutive entries do not
-// wait on each other's multiply-add. kWidth 1: the last dim % 16 columns, one by one.
-template <int64_t kWidth, typename scalar_t>
-FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int64_t* source,
-                                          const scalar_t* weight, int64_t rows,
-                                          const scalar_t* packed, int64_t dim, int64_t d0,
-                                          scalar_t* out) {
-  if constexpr (kWidth == 1) {
-    for (int64_t a = 0; a < rows; ++a) {
-      scalar_t acc = 0;
-      for (int64_t j = start[a]; j < start[a + 1]; ++j) acc += weight[j] * packed[source[j]];
-      out[a * dim + d0] = acc;
-    }
-  } else {
-    using Lanes = typename Lanes16<scalar_t>::type;
-    constexpr int64_t kVectors = kWidth / 16, kChains = kVectors == 1 ? 2 : 1;
-    static_assert(kWidth % 16 == 0);
-    for (int64_t a = 0; a < rows; ++a) {
-      Lanes acc[kChains][kVectors] = {};
-      for (int64_t j = start[a]; j < start[a + 1]; ++j) {
-        const scalar_t* src = packed + source[j] * kWidth;
-        const Lanes w = Lanes{} + weight[j];
-        Lanes* chain = acc[(j - start[a]) % kChains];
-        for (int64_t v = 0; v < kVectors; ++v) {
-          Lanes x;
-          std::memcpy(&x, src + 16 * v, sizeof x);
-          chain[v] += w * x;
-        }
-      }
-      for (int64_t v = 0; v < kVectors; ++v) {
-        if constexpr (kChains == 2) acc[0][v] += acc[1][v];
-        std::memcpy(out + a * dim + d0 + 16 * v, &acc[0][v], sizeof(Lanes));
-      }
-    }
-  }
-}
-
-// Columns per pass of the gather: the narrowest block, and the widest, whose slice of the other
-// side's tokens must still fit half of L2 to be chosen.
-constexpr int64_t kMinColumns = 16;
-constexpr int64_t kMaxColumns = 64;
 // Entries of one item chunk's RowSums (about 12 MiB in float32): the chunk's items share each
-// pass over the other side's slice, so larger chunks pack it fewer times.
+// packed slice of the other side's tokens, so larger chunks pack it fewer times.
 constexpr int64_t kChunkEntries = 1 << 20;
 
 // One side's tokens as the other side's gradient gathers them: valid token v of item x sits at
@@ -405,37 +339,25 @@ struct GatherSource {
   int64_t padded;
 };
 
-// out = sums (every row written: rows without entries as zeros), a block of kWidth columns at a
-// time. The block's columns of every valid source token are first copied side by side into
-// `packed`: read in place, rows dim apart would fall into a handful of cache sets (dim is
-// usually a power of two) and thrash; packed, the slice stays in L2 while every row gathers.
-template <int64_t kWidth, typename scalar_t>
-void sum_rows_width(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other, int64_t dim,
-                    int64_t& d0, std::vector<scalar_t>& packed, scalar_t* out) {
+// out rows [0, rows) (row-major, dim columns) = sums, every row written (rows without entries
+// as zeros), a block of columns at a time (row_gather.h), the sources numbered as packed.
+template <typename scalar_t>
+void sum_rows(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other, int64_t dim,
+              std::vector<scalar_t>& packed, scalar_t* out) {
   const int64_t rows = static_cast<int64_t>(sums.start.size()) - 1;
   const int64_t items = static_cast<int64_t>(other.offset.size()) - 1;
-  packed.resize(other.offset.back() * kWidth);
-  for (; d0 + kWidth <= dim; d0 += kWidth) {
+  const int64_t width = gather_width(other.offset.back(), 1, sizeof(scalar_t));
+  scalar_t* const outs[1] = {out};
+  packed.resize(other.offset.back() * width);
+  for_each_column_block(dim, width, [&](int64_t d0, auto block_width) {
+    constexpr int64_t kWidth = decltype(block_width)::value;
     for (int64_t x = 0; x < items; ++x)
       for (int64_t v = other.offset[x]; v < other.offset[x + 1]; ++v)
         std::copy_n(other.tokens + (x * other.padded + v - other.offset[x]) * dim + d0, kWidth,
                     packed.data() + v * kWidth);
-    sum_rows_block<kWidth>(sums.start.data(), sums.source.data(), sums.weight.data(), rows,
-                           packed.data(), dim, d0, out);
-  }
-}
-
-template <typename scalar_t>
-void sum_rows(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other, int64_t dim,
-              std::vector<scalar_t>& packed, scalar_t* out) {
-  const int64_t other_rows = std::max<int64_t>(1, other.offset.back());
-  const int64_t width = items_fitting(l2_bytes() / 2, other_rows * int64_t(sizeof(scalar_t)),
-                                      kMinColumns, kMaxColumns);
-  int64_t d0 = 0;
-  if (width == 64) sum_rows_width<64>(sums, other, dim, d0, packed, out);
-  if (width >= 32) sum_rows_width<32>(sums, other, dim, d0, packed, out);
-  sum_rows_width<16>(sums, other, dim, d0, packed, out);
-  sum_rows_width<1>(sums, other, dim, d0, packed, out);  // the last dim % 16 columns
+    sum_rows_block<kWidth, 1>(sums.start.data(), sums.source.data(), sums.weight.data(), 0, rows,
+                              packed.data(), outs, dim, d0);
+  });
 }
 
 // The gradient of own's tokens. As the queries of as_query, own's tokens gather c * their
