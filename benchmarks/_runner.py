@@ -349,7 +349,7 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 
 def report(rows: list[dict], name: str, title: str) -> Path:
-    """Prints ``rows`` as an aligned table and writes them to benchmarks/results/<name>.csv."""
+    """Prints ``rows`` as an aligned table and writes them to RESULTS_DIR/<name>.csv."""
     print(f"\n{title}")
     print("\n".join(table_lines(rows)))
     path = write_csv(rows, name)
@@ -358,7 +358,7 @@ def report(rows: list[dict], name: str, title: str) -> Path:
 
 
 def write_csv(rows: list[dict], name: str) -> Path:
-    """Writes ``rows`` to benchmarks/results/<name>.csv."""
+    """Writes ``rows`` to RESULTS_DIR/<name>.csv (benchmarks/results/ by default)."""
     columns = list(rows[0])
     path = RESULTS_DIR / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -123,15 +123,17 @@ def main(argv: list[str] | None = None, scripts: Mapping[str, Path] | None = Non
     load = f"; load average {os.getloadavg()[0]:.1f} at the start" if device.type == "cpu" else ""
     rows, failed = [], []
     for operator, script in scripts.items():
+        folder = _runner.RESULTS_DIR / run_name / operator
+        print(f"{operator}: running {script.name} {' '.join(options)} (log: {folder})", flush=True)
         start = time.perf_counter()
         try:
-            found = run_benchmark(script, options, _runner.RESULTS_DIR / run_name / operator)
+            found = run_benchmark(script, options, folder)
         except RuntimeError as error:
             print(f"{operator}: FAILED, {error}", flush=True)
             failed.append(operator)
             continue
         rows += summary_rows(operator, found)
-        print(f"{operator}: {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{operator}: done in {time.perf_counter() - start:.0f} s", flush=True)
     if rows:
         title = (
             f"fastalign versus plain PyTorch ({'quick cases' if args.quick else 'all cases'}) "

@@ -93,7 +93,8 @@ def chan_style_similarity(
     (Ni, Nt, R, L); a float mask of that size, the product of the region and word masks;
     masked scores set to -1; the max over regions; words whose max is -1 (padding) set to
     -inf; log-sum-exp over words at temperature 0.1, not scaled back by it. Exact for
-    unit-norm embeddings, whose scores are >= -1.
+    unit-norm embeddings, whose scores are >= -1. The benchmark gives it every region valid:
+    CHAN's training drops a fifth of them at random, padding that fastalign would skip.
     """
     regions = regions[:, : int(region_lengths.max())]
     words = words[:, : int(word_lengths.max())]
