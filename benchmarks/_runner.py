@@ -315,7 +315,8 @@ def machine_description(device: torch.device) -> str:
     flags = set(info.get("flags", "").split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     features = ", ".join([isa, *_cache_sizes()])
-    threads = f"{torch.get_num_threads()} threads of {os.cpu_count()} CPUs"
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' * (n != 1)} of {os.cpu_count()} CPUs"
     return f"{cpu} ({features}), {threads}, torch {torch.__version__}"
 
 

@@ -3,7 +3,7 @@ each case's plain-PyTorch baseline, headed by the machine (CPU model, vector ISA
 threads).
 
     python benchmarks/bench_all.py [--quick] [--device cpu|cuda] [--repeat N]
-    fastalign bench all --quick        # the same; about 5 minutes on 2 cores
+    fastalign bench all --quick        # the same (7 minutes on 2 cores shared at load 3 to 6)
 
 Runs benchmarks/bench_NAME.py of every operator (``_runner.OPERATOR_BENCHMARKS``) in a
 process of its own, with --quick, --device and --repeat passed on, its output and its CSV
