@@ -68,7 +68,7 @@ def run_benchmark(script: Path, options: list[str], folder: Path) -> list[dict[s
 def summary_rows(operator: str, rows: list[dict[str, str]]) -> list[dict]:
     """One row per case of an operator benchmark's CSV ``rows``: its ``fastalign`` row versus
     the case's baseline (the first row with a working memory), times in ms, memory in MiB.
-    Cases without both are left out (a GEMM ceiling, a reference of its own)."""
+    Cases without both are left out (one whose rows have no memory probe: a GEMM ceiling)."""
     cases: dict[tuple, list[dict[str, str]]] = {}
     for row in rows:
         columns = list(row)
