@@ -5,6 +5,9 @@ one call, measured in a fresh process (glibc and MKL told to hand large blocks b
 it counts every allocation, the BLAS's included. On CUDA it is the rise of
 ``torch.cuda.max_memory_allocated``. Cases too long to run twice (:func:`measure_once`)
 take their time from that same call.
+
+CSV files go to benchmarks/results/, or to the folder FASTALIGN_BENCH_RESULTS names
+(benchmarks/bench_all.py gives each operator benchmark its own).
 """
 
 from __future__ import annotations
@@ -23,8 +26,14 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(
+    os.environ.get("FASTALIGN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 _MEMORY_FLAG = "--measure-memory-of"
+# The operator benchmarks (benchmarks/bench_NAME.py): plain PyTorch versus fastalign, with
+# ``build_case`` and ``suite`` (benchmarks/test_kernels.py) and a --quick set of cases
+# (benchmarks/bench_all.py).
+OPERATOR_BENCHMARKS = ("region_word", "dimension_correlation", "sparse_spatial", "prototypes")
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,13 +58,16 @@ def time_ms(
 
 
 def interleaved_times_ms(
-    cases: dict[str, Callable[[], object]], device: torch.device, repeat: int = 5
+    cases: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeat: int = 5,
+    warmup: bool = True,
 ) -> dict[str, float]:
     """Median wall time of each case in milliseconds, their calls alternating (a, b, a, b,
-    ...) after one warm-up call each, so that a change in a shared machine's load affects
-    every case alike."""
+    ...) after one warm-up call each if ``warmup``, so that a change in a shared machine's
+    load affects every case alike."""
     samples: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():
+    for fn in cases.values() if warmup else ():
         fn()
         synchronize(device)
     for _ in range(repeat):
@@ -127,16 +139,18 @@ def compare_cases(
     build_case: Callable[[str], Callable[[], object]],
     device: torch.device,
     repeat: int,
+    warmup: bool = True,
 ) -> list[dict]:
     """Table rows comparing implementations of one case, the first one the baseline.
 
     ``keys`` maps each implementation to its case key; every row holds ``labels``, the
-    implementation, its median time (calls interleaved), speedup over the first, peak
-    memory rise, returned tensors' size, working memory (peak - outputs) and that as a
-    share of the first's. Progress goes to stdout.
+    implementation, its median time (calls interleaved, after a warm-up call each if
+    ``warmup``: long cases skip it), speedup over the first, peak memory rise, returned
+    tensors' size, working memory (peak - outputs) and that as a share of the first's.
+    Progress goes to stdout. benchmarks/bench_all.py reads these columns back.
     """
     cases = {impl: build_case(key) for impl, key in keys.items()}
-    times = interleaved_times_ms(cases, device, repeat)
+    times = interleaved_times_ms(cases, device, repeat, warmup)
     del cases
     rows, first = [], None
     for impl, key in keys.items():
@@ -288,14 +302,41 @@ def serve_memory_request(
 
 
 def machine_description(device: torch.device) -> str:
+    """The machine of a benchmark, for its title: the GPU's name, or the CPU's model, widest
+    vector instruction set, caches (those of CPU 0, from sysfs), torch's thread count out of
+    the CPUs, and the torch version."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    info: dict[str, str] = {}  # the first CPU's fields
+    for line in _CPUINFO.read_text().splitlines() if _CPUINFO.is_file() else ():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    features = ", ".join([isa, *_cache_sizes()])
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' * (n != 1)} of {os.cpu_count()} CPUs"
+    return f"{cpu} ({features}), {threads}, torch {torch.__version__}"
+
+
+_CPUINFO = Path("/proc/cpuinfo")
+_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def _cache_sizes() -> list[str]:
+    """CPU 0's data and unified caches, smallest level first: ``["L1d 32 KiB", "L2 1 MiB",
+    ...]`` (empty where sysfs does not describe them)."""
+    caches = []
+    for index in sorted(_CACHES.glob("index*")):
+        level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        if kind == "Instruction":
+            continue
+        if size.endswith("K") and size[:-1].isdigit():  # sysfs writes KiB as "1024K"
+            kib = int(size[:-1])
+            size = f"{kib // 1024} MiB" if kib % 1024 == 0 else f"{kib} KiB"
+        caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    return caches
 
 
 def table_lines(rows: list[dict]) -> list[str]:
@@ -309,7 +350,7 @@ def table_lines(rows: list[dict]) -> list[str]:
 
 
 def report(rows: list[dict], name: str, title: str) -> Path:
-    """Prints ``rows`` as an aligned table and writes them to benchmarks/results/<name>.csv."""
+    """Prints ``rows`` as an aligned table and writes them to RESULTS_DIR/<name>.csv."""
     print(f"\n{title}")
     print("\n".join(table_lines(rows)))
     path = write_csv(rows, name)
@@ -318,10 +359,10 @@ def report(rows: list[dict], name: str, title: str) -> Path:
 
 
 def write_csv(rows: list[dict], name: str) -> Path:
-    """Writes ``rows`` to benchmarks/results/<name>.csv."""
+    """Writes ``rows`` to RESULTS_DIR/<name>.csv (benchmarks/results/ by default)."""
     columns = list(rows[0])
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".csv.tmp")
     with partial.open("w", newline="") as f:  # written whole, then renamed into place
         writer = csv.DictWriter(f, fieldnames=columns)

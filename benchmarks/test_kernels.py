@@ -19,19 +19,16 @@ their page faults on every call (up to 20% on one case, from allocation history 
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 
-import bench_dimension_correlation
-import bench_prototypes
-import bench_region_word
-import bench_sparse_spatial
 import pytest
 import torch
-from _runner import peak_memory_mib, synchronize
+from _runner import OPERATOR_BENCHMARKS, peak_memory_mib, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-MODULES = (bench_region_word, bench_dimension_correlation, bench_sparse_spatial, bench_prototypes)
+MODULES = tuple(importlib.import_module(f"bench_{name}") for name in OPERATOR_BENCHMARKS)
 TARGET_S = 1.5
 MIN_ROUNDS = 3
 MAX_ROUNDS = 50

@@ -24,6 +24,8 @@ EPILOG = r"""examples:
   fastalign compare vsepp_synthetic chan_synthetic laps_synthetic dias_synthetic \
       --preset hard --seeds 3
   fastalign list                                  methods and bundled configs
+  fastalign bench all --quick                     every operator's speed-up and working
+                                                  memory on this machine, one table
 """
 
 
@@ -387,7 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = add_command(
         "bench",
         help="run a benchmark script (benchmarks/bench_NAME.py)",
-        description=f"Run benchmarks/bench_NAME.py of a source checkout. NAME: {available}.",
+        description=f"Run benchmarks/bench_NAME.py of a source checkout. NAME: {available}. "
+        "'all' runs every operator benchmark (--quick: their quick cases, a few minutes) and "
+        "prints one table of fastalign's speed-up and working memory, headed by the machine.",
     )
     bench.add_argument("name", help=available)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script")
