@@ -1,0 +1,341 @@
+"""Two-stage search against plain references, the on-disk index and its commands.
+
+Integer-valued embeddings make every fine-grained score an exact small integer (whatever
+batch it is computed in), so results compare bit for bit, ties included; float embeddings
+compare indices exactly and scores to rounding. Failure messages carry the seed:
+``FASTALIGN_TEST_SEED`` re-draws every input.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastalign.progress
+import fastalign.search
+from fastalign.retrieval import streaming_topk
+from fastalign.search import (
+    PackedTokens,
+    global_embeddings,
+    global_shortlist,
+    topk_recall,
+    two_stage_search,
+)
+from fastalign.tokens import Tokens
+
+INTEGER_SCORE = dict(direction="t2i", align="max", aggregate="sum")
+FLOAT_SCORE = dict(direction="t2i", align="max", aggregate="lse")
+
+try:
+    import faiss  # noqa: F401
+
+    HAS_FAISS = True
+except ImportError:
+    HAS_FAISS = False
+needs_faiss = pytest.mark.skipif(
+    not HAS_FAISS, reason="faiss is not installed (pip install faiss-cpu)"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: the calls here are tiny (see tests/test_retrieval.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tokens(n, tokens, seed, integer, dim=6):
+    """(n, tokens, dim) embeddings with random valid lengths, the padding filled with garbage
+    that no score may read: in {-1, 0, 1} when ``integer``, else unit-norm Gaussian."""
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        embs = torch.randint(-1, 2, (n, tokens, dim), generator=g).float()
+    else:
+        embs = F.normalize(torch.randn(n, tokens, dim, generator=g), dim=-1)
+    lengths = torch.randint(1, tokens + 1, (n,), generator=g)
+    lengths[0] = tokens
+    embs[torch.arange(tokens) >= lengths[:, None]] = 1e4
+    return Tokens(embs, lengths)
+
+
+def full_matrix(images, captions, options):
+    return fastalign.region_word_similarity(
+        images.embs, captions.embs, images.lengths, captions.lengths, **options
+    )
+
+
+def stable_topk(rows: torch.Tensor, k: int):
+    """The k best of each row, equal scores in increasing index order."""
+    order = rows.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return rows.gather(1, order), order
+
+
+def plain_global(tokens: Tokens) -> torch.Tensor:
+    """The mean of the valid tokens, L2-normalised, one sequence at a time."""
+    rows = [tokens.embs[n, : tokens.lengths[n]].double().mean(0) for n in range(len(tokens.embs))]
+    return F.normalize(torch.stack(rows), dim=-1).float()
+
+
+def case_seed(test_seed, *parts) -> int:
+    return test_seed * 1000 + sum(31**k * p for k, p in enumerate(parts))
+
+
+# --------------------------------------------------------------------------- packed tokens
+def test_packed_rows_are_the_padded_rows(test_seed):
+    tokens = make_tokens(9, 5, case_seed(test_seed, 1), integer=False)
+    packed = PackedTokens.pack(tokens, torch.float32)
+    assert packed.count == 9 and packed.dim == 6 and packed.longest == 5
+    assert packed.flat.shape[0] == int(tokens.lengths.sum())
+    memmap_like = PackedTokens(packed.flat.numpy(), packed.offsets)  # read as a numpy array
+    for indices in (np.array([0]), np.array([2, 3, 7]), np.arange(9)):
+        for source in (packed, memmap_like):
+            rows = source.rows(indices)
+            longest = int(tokens.lengths[indices].max())
+            assert torch.equal(rows.lengths, tokens.lengths[indices])
+            expected = tokens.embs[indices, :longest] * rows.valid_mask()[..., None]
+            assert torch.equal(rows.embs, expected), f"seed {test_seed}, {indices}"
+
+
+@pytest.mark.parametrize(
+    "offsets, error, match",
+    [
+        ([0, 2, 2, 4], ValueError, r"sequence 1 spans 2 \.\. 2"),
+        ([0, 2, 3], ValueError, "from 0 to the 4 rows"),
+        ([1, 2, 4], ValueError, "from 0 to the 4 rows"),
+        ([0.0, 4.0], TypeError, "offsets must hold integers"),
+        ([4], ValueError, r"\(N \+ 1,\) with N >= 1"),
+    ],
+)
+def test_packed_tokens_errors(offsets, error, match):
+    with pytest.raises(error, match=match):
+        PackedTokens(torch.zeros(4, 3), offsets)
+
+
+def test_packed_tokens_flat_errors():
+    with pytest.raises(TypeError, match="flat must hold floating-point"):
+        PackedTokens(torch.zeros(4, 3, dtype=torch.int64), [0, 4])
+    with pytest.raises(ValueError, match="flat must be 2-D"):
+        PackedTokens(torch.zeros(4), [0, 4])
+
+
+# --------------------------------------------------------------------------- stage 1
+def test_global_embeddings_are_the_normalised_means(test_seed):
+    tokens = make_tokens(11, 7, case_seed(test_seed, 2), integer=False)
+    expected = plain_global(tokens)
+    half = Tokens(tokens.embs.half().numpy(), tokens.lengths)  # a float16 numpy array
+    for source, atol in (
+        (tokens, 1e-6),
+        (PackedTokens.pack(tokens, torch.float32), 1e-6),
+        (half, 2e-3),
+    ):
+        # A budget of about one sequence a block: the blocks' seams are crossed.
+        result = global_embeddings(source, memory_budget_mb=7 * 6 * 4 * 1.5 / 2**20)
+        assert result.dtype == torch.float32 and result.shape == (11, 6)
+        torch.testing.assert_close(result, expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("budget", [None, 1e-4])
+def test_exact_shortlist_is_a_stable_sort_of_every_inner_product(test_seed, monkeypatch, budget):
+    # Integer vectors: exact inner products, with ties at the size-th place to break.
+    g = torch.Generator().manual_seed(case_seed(test_seed, 3))
+    queries = torch.randint(-1, 2, (13, 4), generator=g).float()
+    gallery = torch.randint(-1, 2, (57, 4), generator=g).float()
+    monkeypatch.setattr(fastalign.search, "_QUERY_BLOCK", 5)  # query blocks too
+    options = {} if budget is None else dict(memory_budget_mb=budget)  # 1e-4: 2-item blocks
+    products = queries @ gallery.T
+    for size in (1, 6, 57):
+        for source in (gallery, gallery.numpy()):
+            scores, indices = global_shortlist(queries, source, size, **options)
+            expected_scores, expected_indices = stable_topk(products, size)
+            assert torch.equal(indices, expected_indices), f"seed {test_seed}, size {size}"
+            assert torch.equal(scores, expected_scores), f"seed {test_seed}, size {size}"
+    kth = products.sort(dim=1, descending=True).values[:, 5:7]
+    assert bool((kth[:, 0] == kth[:, 1]).any()), f"seed {test_seed}: no tie at the 6th place"
+
+
+@needs_faiss
+def test_faiss_flat_shortlist_equals_the_exact_one(test_seed):
+    g = torch.Generator().manual_seed(case_seed(test_seed, 4))
+    queries = F.normalize(torch.randn(9, 8, generator=g), dim=-1)
+    gallery = F.normalize(torch.randn(200, 8, generator=g), dim=-1)
+    exact_scores, exact_indices = global_shortlist(queries, gallery, 10)
+    scores, indices = global_shortlist(queries, gallery.numpy(), 10, index="faiss")
+    assert torch.equal(indices, exact_indices), f"seed {test_seed}"  # no ties among floats
+    torch.testing.assert_close(scores, exact_scores, rtol=0, atol=1e-5)
+    # An approximate index answers with valid, distinct items of high recall here.
+    _, approximate = global_shortlist(queries, gallery, 10, index="faiss:HNSW8")
+    assert approximate.shape == (9, 10) and int(approximate.min()) >= 0
+    assert all(len(set(row.tolist())) == 10 for row in approximate)
+    assert topk_recall(approximate, exact_indices) >= 0.8, f"seed {test_seed}"
+
+
+def test_faiss_without_faiss_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        global_shortlist(torch.zeros(1, 2), torch.zeros(3, 2), 2, index="faiss")
+
+
+# --------------------------------------------------------------------------- two stages
+@pytest.mark.parametrize("queries", ["captions", "images"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_whole_gallery_shortlist_is_streaming_topk(test_seed, queries, packed):
+    seed = case_seed(test_seed, 5, len(queries), packed)
+    images = make_tokens(13, 7, seed, integer=True)
+    captions = make_tokens(21, 9, seed + 1, integer=True)
+    sides = (
+        (PackedTokens.pack(images), PackedTokens.pack(captions)) if packed else (images, captions)
+    )
+    n_gallery = 13 if queries == "captions" else 21
+    for k in (1, 4, n_gallery):
+        expected = streaming_topk(images, captions, k=k, queries=queries, **INTEGER_SCORE)
+        for shortlist in (n_gallery, n_gallery + 5):
+            # A budget of one gallery row at a time: the scoring chunks' seams are crossed.
+            result = two_stage_search(
+                *sides,
+                k=k,
+                queries=queries,
+                shortlist=shortlist,
+                memory_budget_mb=9 * 6 * 4 / 2**20,
+                **INTEGER_SCORE,
+            )
+            assert torch.equal(result[1], expected[1]), f"seed {seed}, k {k}"
+            assert torch.equal(result[0], expected[0]), f"seed {seed}, k {k}"
+    # Ties at the k-th place happened: the tie-break was exercised.
+    sims = full_matrix(images, captions, INTEGER_SCORE)
+    rows = sims.T if queries == "captions" else sims
+    kth = rows.sort(dim=1, descending=True).values[:, 3:5]
+    assert bool((kth[:, 0] == kth[:, 1]).any()), f"seed {seed}"
+
+
+@pytest.mark.parametrize("queries", ["captions", "images"])
+def test_two_stages_equal_the_plain_shortlist_then_rerank(test_seed, queries):
+    seed = case_seed(test_seed, 6, len(queries))
+    images = make_tokens(40, 7, seed, integer=False)
+    captions = make_tokens(25, 9, seed + 1, integer=False)
+    sims = full_matrix(images, captions, FLOAT_SCORE)
+    query_tokens, gallery_tokens = (
+        (captions, images) if queries == "captions" else (images, captions)
+    )
+    rows = sims.T if queries == "captions" else sims
+    # The plain way: every global inner product, the 8 best, their fine scores, the 3 best.
+    products = plain_global(query_tokens) @ plain_global(gallery_tokens).T
+    expected = []
+    for q, shortlist in enumerate(stable_topk(products, 8)[1]):
+        candidates = shortlist.sort().values  # ties of the fine scores to the lower index
+        expected.append(candidates[stable_topk(rows[q, candidates][None], 3)[1][0]])
+    expected = torch.stack(expected)
+    scores, indices = two_stage_search(
+        images, captions, k=3, queries=queries, shortlist=8, **FLOAT_SCORE
+    )
+    assert torch.equal(indices, expected), f"seed {seed}"
+    torch.testing.assert_close(scores, rows.gather(1, expected), rtol=0, atol=1e-6)
+    # The stored global embeddings of an index give the same result.
+    stored = global_embeddings(gallery_tokens).numpy()
+    again = two_stage_search(
+        images, captions, k=3, queries=queries, shortlist=8, gallery_global=stored, **FLOAT_SCORE
+    )
+    assert torch.equal(again[1], indices)
+    # The shortlist lost some of the exact top 3 here, and topk_recall counts them.
+    exact = stable_topk(rows, 3)[1]
+    recall = topk_recall(indices, exact)
+    plain = (
+        sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(indices, exact)) / exact.numel()
+    )
+    assert recall == plain and recall < 1, f"seed {seed}"
+
+
+def test_a_custom_similarity_on_the_shortlist(test_seed):
+    # Every method's similarity takes (images, captions) tokens: here a global cosine.
+    images = make_tokens(30, 5, case_seed(test_seed, 7), integer=False)
+    captions = make_tokens(6, 4, case_seed(test_seed, 8), integer=False)
+
+    def cosine(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        return (
+            F.normalize(block_images.mean_pooled(), dim=-1)
+            @ F.normalize(block_captions.mean_pooled(), dim=-1).T
+        )
+
+    scores, indices = two_stage_search(images, captions, cosine, k=4, shortlist=10)
+    # Its score is the shortlist's own: the two stages agree on the order.
+    expected_scores, expected = stable_topk(plain_global(captions) @ plain_global(images).T, 4)
+    assert torch.equal(indices, expected), f"seed {test_seed}"
+    torch.testing.assert_close(scores, expected_scores, rtol=0, atol=1e-6)
+    # Equal fine scores go to the lower gallery index, whatever the shortlist's order.
+    shortlists = global_shortlist(global_embeddings(captions), global_embeddings(images), 10)[1]
+    constant = two_stage_search(
+        images, captions, lambda i, t: torch.zeros(i.count, t.count), k=4, shortlist=10
+    )
+    assert torch.equal(constant[1], shortlists.sort(dim=1).values[:, :4])
+
+
+def test_topk_recall_counts_the_reference_entries_found():
+    found = torch.tensor([[3, 1, 4], [0, 2, 5]])
+    assert topk_recall(found, torch.tensor([[1, 3], [7, 0]])) == 3 / 4
+    assert topk_recall(found, found) == 1.0
+    assert topk_recall(found[:, :1], torch.tensor([[4], [9]])) == 0.0
+    with pytest.raises(ValueError, match="the same queries"):
+        topk_recall(found, found[:1])
+    with pytest.raises(TypeError, match="reference must be a 2-D integer tensor"):
+        topk_recall(found, found.float())
+
+
+def test_progress_bars(test_seed, capsys, monkeypatch):
+    images = make_tokens(8, 4, case_seed(test_seed, 9), integer=True)
+    captions = make_tokens(3, 4, case_seed(test_seed, 10), integer=True)
+    two_stage_search(images, captions, k=2, shortlist=4, progress=True)
+    assert capsys.readouterr().err == ""  # stderr is no terminal here: no bar
+    monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)
+    two_stage_search(images, captions, k=2, shortlist=4, progress=True)
+    err = capsys.readouterr().err
+    for bar in ("global embeddings", "global shortlist", "two-stage search", "0/3"):
+        assert bar in err, err
+
+
+def test_errors(test_seed):
+    images = make_tokens(5, 3, case_seed(test_seed, 11), integer=True)
+    captions = make_tokens(4, 3, case_seed(test_seed, 12), integer=True)
+    cases = [
+        (dict(k=6), ValueError, "k must be at most the gallery's size, 5 images, got 6"),
+        (dict(k=5, queries="images"), ValueError, "gallery's size, 4 captions, got 5"),
+        (dict(k=0), ValueError, "k must be >= 1"),
+        (dict(k=3, shortlist=2), ValueError, "shortlist must be at least k = 3, got 2"),
+        (dict(k=1, shortlist=2.0), TypeError, "shortlist must be an int"),
+        (dict(k=1, queries="text"), ValueError, "queries must be one of"),
+        (dict(k=1, shortlist=2, shortlist_index="hnsw"), ValueError, "index must be 'exact'"),
+        (dict(k=1, shortlist=2, gallery_global=np.zeros((4, 6))), ValueError, "one row per"),
+        (dict(k=1, shortlist=2, gallery_global=np.zeros((5, 2))), ValueError, r"shape \(N, 6\)"),
+        (dict(k=1, memory_budget_mb=0), ValueError, "memory_budget_mb must be a finite"),
+        (dict(k=1, aggregate="median"), ValueError, "aggregate must be one of"),
+    ]
+    for arguments, error, match in cases:
+        with pytest.raises(error, match=match):
+            two_stage_search(images, captions, **arguments)
+    with pytest.raises(TypeError, match="apply to the default score only"):
+        two_stage_search(images, captions, lambda i, t: None, k=1, aggregate="sum")
+    with pytest.raises(ValueError, match=r"the similarity returned \(1, 1\).*shape \(5, 1\)"):
+        two_stage_search(images, captions, lambda i, t: torch.zeros(1, 1), k=1)
+    with pytest.raises(ValueError, match="image and caption embeddings must share"):
+        two_stage_search(images, make_tokens(4, 3, 0, True, dim=5), k=1)
+    with pytest.raises(ValueError, match=r"captions\.lengths\[1\] = 0"):
+        two_stage_search(images, Tokens(captions.embs, torch.tensor([1, 0, 1, 1])), k=1)
+    with pytest.raises(ValueError, match="size must be at most the gallery's 3 items"):
+        global_shortlist(torch.zeros(1, 2), torch.zeros(3, 2), 4)
+
+
+def test_nan_scores_name_the_query_and_the_item(test_seed):
+    images = make_tokens(6, 3, case_seed(test_seed, 13), integer=True)
+    captions = make_tokens(4, 3, case_seed(test_seed, 14), integer=True)
+
+    def nan_at_image_4(block_images: Tokens, block_captions: Tokens) -> torch.Tensor:
+        scores = torch.zeros(block_images.count, block_captions.count)
+        scores[(block_images.embs[:, 0, 0] == 7).nonzero()[:, 0]] = torch.nan
+        return scores
+
+    embs = images.embs.clone()
+    embs[4, 0, 0] = 7.0
+    with pytest.raises(ValueError, match="query caption 0 x image 4 NaN"):
+        two_stage_search(Tokens(embs, images.lengths), captions, nan_at_image_4, k=2, shortlist=6)
