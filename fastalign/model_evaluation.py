@@ -5,7 +5,7 @@ score matrix (the one path of ``fastalign eval`` and of the trainer's validation
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,35 +23,66 @@ PROTOCOLS = ("f30k", "coco1k", "coco5k")
 PROTOCOL_IMAGES = {"coco1k": 5000, "coco5k": 5000}
 
 
+SIDES = ("images", "captions")
+
+
+@torch.no_grad()
+def encoded_batches(
+    model: nn.Module,
+    dataset: PrecompDataset,
+    side: str,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> Iterator[tuple[Tokens, int]]:
+    """The model's embeddings of one side of ``dataset`` (``"images"`` or ``"captions"``),
+    batch by batch in order: ``(tokens, input width)``, the float32 tokens as the encoder
+    returns them (on the model's device) and the width of the batch's padded input (the
+    regions, or the batch's longest caption), for telling per-token outputs from
+    fixed-size ones.
+
+    ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    # A training-free model may hold buffers only.
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    model.eval()
+    count = dataset.n_images if side == "images" else len(dataset.captions)
+    starts = range(0, count, batch_size)
+    for start in progress_iter(starts, f"encoding {side}", progress, unit="batch"):
+        stop = min(start + batch_size, count)
+        if side == "images":
+            block = np.array(dataset.images[start:stop], dtype=np.float32)
+            width = block.shape[1]
+            lengths = torch.full((len(block),), width, dtype=torch.long, device=device)
+            tokens = model.encode_images(torch.from_numpy(block).to(device), lengths)
+        else:
+            ids, lengths = dataset.captions.padded(range(start, stop))
+            ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
+            width = ids.shape[1]
+            tokens = model.encode_captions(ids, lengths)
+        yield Tokens(tokens.embs.float(), tokens.lengths), width
+
+
 @torch.no_grad()
 def encode_dataset(
     model: nn.Module, dataset: PrecompDataset, batch_size: int = 256, progress: bool = False
 ) -> tuple[Tokens, Tokens]:
     """Float32 embeddings of every image (n_images, R', D) and caption (n_captions, L', D)
     of ``dataset`` with their lengths, on the model's device, as the model's encoders
-    return them: one embedding per input token (R' = R, L' = the longest caption) or a
-    fixed number per sequence (one for global-embedding models).
+    return them (:func:`encoded_batches`): one embedding per input token (R' = R, L' = the
+    longest caption) or a fixed number per sequence (one for global-embedding models).
 
     ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`)."""
-    # A training-free model may hold buffers only.
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    model.eval()
-    images = dataset.images
-    n_images, n_regions = images.shape[0], images.shape[1]
-    image_tokens = _TokenStack(n_images, n_regions)
-    starts = range(0, n_images, batch_size)
-    for start in progress_iter(starts, "encoding images", progress, unit="batch"):
-        block = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
-        lengths = torch.full((len(block),), n_regions, dtype=torch.long, device=device)
-        image_tokens.put(start, model.encode_images(block.to(device), lengths), n_regions)
-    captions = dataset.captions
-    caption_tokens = _TokenStack(len(captions), int(max(captions.lengths)))
-    starts = range(0, len(captions), batch_size)
-    for start in progress_iter(starts, "encoding captions", progress, unit="batch"):
-        ids, lengths = captions.padded(range(start, min(start + batch_size, len(captions))))
-        ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
-        caption_tokens.put(start, model.encode_captions(ids, lengths), ids.shape[1])
-    return image_tokens.tokens(), caption_tokens.tokens()
+    widest = {"images": dataset.n_regions, "captions": int(max(dataset.captions.lengths))}
+    encoded = []
+    for side in SIDES:
+        count = dataset.n_images if side == "images" else len(dataset.captions)
+        stack, start = _TokenStack(count, widest[side]), 0
+        for part, width in encoded_batches(model, dataset, side, batch_size, progress):
+            stack.put(start, part, width)
+            start += part.count
+        encoded.append(stack.tokens())
+    return encoded[0], encoded[1]
 
 
 class _TokenStack:
