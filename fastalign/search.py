@@ -225,7 +225,7 @@ def _check_global(name: str, x: object, dim: int | None = None) -> None:
 def _float_rows(x: Tensor | np.ndarray, start: int, stop: int, device) -> Tensor:
     if isinstance(x, Tensor):
         return x[start:stop].to(device, torch.float32)
-    return torch.from_numpy(np.asarray(x[start:stop], dtype=np.float32)).to(device)
+    return torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device)  # writable
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ compare indices exactly and scores to rounding. Failure messages carry the seed:
 ``FASTALIGN_TEST_SEED`` re-draws every input.
 """
 
+import json
 import sys
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 import fastalign.progress
 import fastalign.search
+from fastalign.index import open_index, write_index
 from fastalign.retrieval import streaming_topk
 from fastalign.search import (
     PackedTokens,
@@ -339,3 +341,116 @@ def test_nan_scores_name_the_query_and_the_item(test_seed):
     embs[4, 0, 0] = 7.0
     with pytest.raises(ValueError, match="query caption 0 x image 4 NaN"):
         two_stage_search(Tokens(embs, images.lengths), captions, nan_at_image_4, k=2, shortlist=6)
+
+
+# --------------------------------------------------------------------------- the index
+def write_random_index(path, seed, n=10, tokens=6, dim=4, batch=3, **options):
+    """An index of n random integer-valued items (exact in float16) in batches of ``batch``;
+    returns the Tokens written."""
+    items = make_tokens(n, tokens, seed, integer=True, dim=dim)
+    items = Tokens(items.embs.masked_fill(~items.valid_mask()[..., None], 0), items.lengths)
+    batches = (items.rows(start, start + batch) for start in range(0, n, batch))
+    ids = [f"item{i}" for i in range(n)]
+    source = {"model": {"checkpoint": "none", "sha256": "0"}, "data": {"split": "test"}}
+    write_index(path, batches, ids, gallery="images", source=source, **options)
+    return items
+
+
+def test_an_index_holds_the_packed_tokens_globals_and_ids(test_seed, tmp_path):
+    items = write_random_index(tmp_path / "index", case_seed(test_seed, 20))
+    index = open_index(tmp_path / "index")
+    assert index.gallery == "images" and index.count == 10 and index.ids[3] == "item3"
+    assert isinstance(index.tokens.flat, np.memmap) and index.tokens.flat.dtype == np.float16
+    assert np.array_equal(index.tokens.lengths, items.lengths.numpy())
+    rows = index.tokens.rows(np.arange(10))
+    assert torch.equal(rows.embs, items.embs[:, : rows.embs.shape[1]])
+    torch.testing.assert_close(
+        torch.from_numpy(np.array(index.global_embeddings)), plain_global(items), rtol=0, atol=1e-6
+    )
+    manifest = index.manifest
+    assert manifest["tokens"] == int(items.lengths.sum()) and manifest["dim"] == 4
+    assert manifest["longest"] == 6 and manifest["data"] == {"split": "test"}
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "index"]  # nothing beside it
+    # Searched from the memory map, the index gives the in-memory search's results.
+    queries = make_tokens(5, 3, case_seed(test_seed, 21), integer=True, dim=4)
+    for shortlist in (4, 10):
+        expected = two_stage_search(items, queries, k=3, shortlist=shortlist, **INTEGER_SCORE)
+        found = two_stage_search(
+            index.tokens,
+            queries,
+            k=3,
+            shortlist=shortlist,
+            gallery_global=index.global_embeddings,
+            **INTEGER_SCORE,
+        )
+        assert torch.equal(found[1], expected[1]) and torch.equal(found[0], expected[0])
+
+
+def test_an_index_is_written_whole_or_not_at_all(test_seed, tmp_path):
+    path = tmp_path / "index"
+
+    def failing():
+        yield make_tokens(2, 3, 0, integer=True)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=f"cannot write {path}: no space left on device"):
+        write_index(path, failing(), ["a", "b", "c"], gallery="images", source={})
+    assert not list(tmp_path.iterdir())  # no index, no partial folder
+    with pytest.raises(ValueError, match="the batches hold 2 items, expected 3"):
+        write_index(path, iter([make_tokens(2, 3, 0, True)]), "abc", gallery="images", source={})
+    assert not list(tmp_path.iterdir())
+    first = write_random_index(path, case_seed(test_seed, 22))
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        write_random_index(path, case_seed(test_seed, 23))
+    assert torch.equal(open_index(path).tokens.rows(np.arange(10)).embs[:, :6], first.embs)
+    second = write_random_index(path, case_seed(test_seed, 23), overwrite=True)
+    assert torch.equal(open_index(path).tokens.rows(np.arange(10)).embs[:, :6], second.embs)
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no fastalign index"):
+        write_random_index(other, 0, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_index_names_the_file(test_seed, tmp_path):
+    path = tmp_path / "index"
+    write_random_index(path, case_seed(test_seed, 24))
+    _flip_byte(path / "tokens.f16", 7)
+    with pytest.raises(ValueError, match=r"tokens\.f16 does not match its sha256"):
+        open_index(path)
+    open_index(path, verify=False)  # sizes and shapes only: a flipped byte passes
+    with open(path / "global.npy", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match=r"global\.npy holds \d+ bytes, the manifest says"):
+        open_index(path, verify=False)
+    write_random_index(path, case_seed(test_seed, 24), overwrite=True)
+    (path / "ids.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks ids\.json"):
+        open_index(path, verify=False)
+    # Offsets that do not fit the tokens, the manifest rewritten to match them.
+    write_random_index(path, case_seed(test_seed, 24), overwrite=True)
+    np.save(path / "offsets.npy", np.array([0, *range(2, 12)], dtype=np.int64))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["offsets.npy"]["bytes"] = (path / "offsets.npy").stat().st_size
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"offsets\.npy does not fit tokens\.f16"):
+        open_index(path, verify=False)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"manifest\.json is not valid JSON"):
+        open_index(path)
+    (path / "manifest.json").write_text(json.dumps(manifest | {"format": "other-1"}))
+    with pytest.raises(ValueError, match="is not a fastalign-index-1 index"):
+        open_index(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no manifest\.json"):
+        open_index(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_index(tmp_path / "nowhere")
