@@ -222,6 +222,11 @@ def _check_global(name: str, x: object, dim: int | None = None) -> None:
         raise ValueError(f"{name} must have shape {expected} with N >= 1, got {tuple(x.shape)}")
 
 
+def _check_shortlist_index(name: str, index: object) -> None:
+    if not isinstance(index, str) or not (index == "exact" or index.split(":")[0] == "faiss"):
+        raise ValueError(f"{name} must be 'exact', 'faiss' or 'faiss:FACTORY', got {index!r}")
+
+
 def _float_rows(x: Tensor | np.ndarray, start: int, stop: int, device) -> Tensor:
     if isinstance(x, Tensor):
         return x[start:stop].to(device, torch.float32)
@@ -272,8 +277,7 @@ def global_shortlist(
     n_gallery = gallery.shape[0]
     if size > n_gallery:
         raise ValueError(f"size must be at most the gallery's {n_gallery} items, got {size}")
-    if not isinstance(index, str) or not (index == "exact" or index.split(":")[0] == "faiss"):
-        raise ValueError(f"index must be 'exact', 'faiss' or 'faiss:FACTORY', got {index!r}")
+    _check_shortlist_index("index", index)
     budget = _budget_bytes(memory_budget_mb)
     if index != "exact":
         return _faiss_shortlist(queries, gallery, size, index.partition(":")[2] or "Flat")
@@ -391,6 +395,7 @@ def two_stage_search(
         raise ValueError(f"queries must be one of {QUERIES}, got {queries!r}")
     k = check_positive_int("k", k)
     shortlist = check_positive_int("shortlist", shortlist)
+    _check_shortlist_index("shortlist_index", shortlist_index)
     budget = _budget_bytes(memory_budget_mb)
     if similarity is not None and similarity_options:
         raise TypeError(

@@ -7,16 +7,23 @@ compare indices exactly and scores to rounding. Failure messages carry the seed:
 """
 
 import json
+import re
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers.cli import one_error_line, run_main
 
 import fastalign.progress
 import fastalign.search
-from fastalign.index import open_index, write_index
+from fastalign.checkpoint import load_checkpoint, restore_trained
+from fastalign.cli import main
+from fastalign.data import PrecompDataset, read_captions
+from fastalign.index import encode_images, encode_texts, open_index, write_index
+from fastalign.model_evaluation import encode_dataset
 from fastalign.retrieval import streaming_topk
 from fastalign.search import (
     PackedTokens,
@@ -26,6 +33,7 @@ from fastalign.search import (
     two_stage_search,
 )
 from fastalign.tokens import Tokens
+from fastalign.training import Trainer
 
 INTEGER_SCORE = dict(direction="t2i", align="max", aggregate="sum")
 FLOAT_SCORE = dict(direction="t2i", align="max", aggregate="lse")
@@ -307,7 +315,7 @@ def test_errors(test_seed):
         (dict(k=3, shortlist=2), ValueError, "shortlist must be at least k = 3, got 2"),
         (dict(k=1, shortlist=2.0), TypeError, "shortlist must be an int"),
         (dict(k=1, queries="text"), ValueError, "queries must be one of"),
-        (dict(k=1, shortlist=2, shortlist_index="hnsw"), ValueError, "index must be 'exact'"),
+        (dict(k=1, shortlist_index="hnsw"), ValueError, "shortlist_index must be 'exact'"),
         (dict(k=1, shortlist=2, gallery_global=np.zeros((4, 6))), ValueError, "one row per"),
         (dict(k=1, shortlist=2, gallery_global=np.zeros((5, 2))), ValueError, r"shape \(N, 6\)"),
         (dict(k=1, memory_budget_mb=0), ValueError, "memory_budget_mb must be a finite"),
@@ -454,3 +462,163 @@ def test_a_damaged_index_names_the_file(test_seed, tmp_path):
         open_index(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_index(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def trained(tiny_data, tiny_config, tmp_path_factory):
+    """A one-epoch run of CHAN's similarity on the tiny data: its checkpoint."""
+    out = tmp_path_factory.mktemp("search") / "run"
+    Trainer(tiny_config(tiny_data, out, epochs=1), progress=False).fit()
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def indexes(trained, tmp_path_factory):
+    """Indexes of the tiny test split's 12 images and 60 captions."""
+    out = tmp_path_factory.mktemp("indexes")
+    for gallery in ("images", "captions"):
+        argv = ["index", str(trained), "--split", "test", "--out", str(out / gallery)]
+        main([*argv, "--gallery", gallery, "--no-progress"])
+    return out / "images", out / "captions"
+
+
+def reference_search(checkpoint, gallery, queries, k):
+    """The plain way: every item of the test split encoded and rounded to float16 as the
+    index stores it, every pair scored by the method's similarity, a stable sort."""
+    method, model, tokenizer = restore_trained(load_checkpoint(checkpoint))
+    dataset = PrecompDataset(load_checkpoint(checkpoint)["data"]["root"], "test", tokenizer)
+    images, captions = encode_dataset(model, dataset)
+    if gallery == "images":
+        images = Tokens(images.embs.half().float(), images.lengths)
+        query_tokens = encode_texts(model, tokenizer, queries)
+        scores = method.similarity(model, images, query_tokens).T
+    else:
+        captions = Tokens(captions.embs.half().float(), captions.lengths)
+        query_tokens = encode_images(model, dataset.images[np.array(queries)])
+        scores = method.similarity(model, query_tokens, captions)
+    return stable_topk(scores, k), dataset
+
+
+def printed_results(out: str) -> list[list[tuple[int, float, str, int]]]:
+    """Each query's (rank, score, id, index) lines of the search's text output."""
+    queries = []
+    for line in out.splitlines():
+        if line.startswith("query "):
+            queries.append([])
+        elif line.startswith("  ") and queries:
+            rank, score, item, _, index = line.split()  # 1  0.4903  ID  (index 4)
+            queries[-1].append((int(rank), float(score), item, int(index.strip(")"))))
+    return queries
+
+
+def test_search_an_image_index_by_text(capsys, trained, indexes, tiny_data):
+    images, _ = indexes
+    texts = read_captions(tiny_data, "test")[3:13:5]  # captions of images 0 and 2
+    (scores, expected), dataset = reference_search(trained, "images", texts, 5)
+    main(["search", str(images), "--text", texts[0], "--k", "5", "--no-progress"])
+    (printed,) = printed_results(capsys.readouterr().out)
+    assert [hit[3] for hit in printed] == expected[0].tolist()
+    assert [hit[2] for hit in printed] == [dataset.image_ids[i] for i in expected[0]]
+    assert [hit[1] for hit in printed] == pytest.approx(scores[0].tolist(), abs=1e-4)
+    # Several queries from a file, as JSON: the same results, every score in full.
+    queries = images.parent / "queries.txt"
+    queries.write_text("\n".join(texts) + "\n\n")
+    main(["search", str(images), "--queries", str(queries), "--k", "5", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["gallery"] == "images" and len(report["queries"]) == 2
+    for row, query in enumerate(report["queries"]):
+        assert query["query"] == texts[row]
+        assert [hit["index"] for hit in query["results"]] == expected[row].tolist()
+        assert [hit["rank"] for hit in query["results"]] == [1, 2, 3, 4, 5]
+        got = [hit["score"] for hit in query["results"]]
+        torch.testing.assert_close(torch.tensor(got), scores[row], rtol=0, atol=1e-5)
+
+
+def test_search_a_caption_index_by_image_and_the_recall(capsys, trained, indexes):
+    _, captions = indexes
+    (scores, expected), _ = reference_search(trained, "captions", [2], 7)
+    main(["search", str(captions), "--image-index", "2", "--k", "7", "--json", "--recall"])
+    report = json.loads(capsys.readouterr().out)
+    (query,) = report["queries"]
+    assert [hit["index"] for hit in query["results"]] == expected[0].tolist()
+    assert query["results"][0]["id"].endswith(f"#{int(expected[0, 0]) % 5}")
+    assert report["recall_vs_exact"] == 1.0  # 60 captions: the shortlist of 200 is all
+    # A shortlist of 8 of 60 captions: the recall printed is that of its top 7.
+    argv = ["search", str(captions), "--image-index", "2", "--k", "7", "--shortlist", "8"]
+    main([*argv, "--recall"])
+    out = capsys.readouterr().out
+    found = torch.tensor([[hit[3] for hit in printed_results(out)[0]]])
+    recall = re.search(r"recall of the top 7 against the exact search .*: ([\d.]+)", out)
+    assert float(recall.group(1)) == pytest.approx(topk_recall(found, expected), abs=1e-4)
+
+
+def test_search_errors(capsys, trained, indexes, tmp_path):
+    images, captions = indexes
+    cases = [
+        ([str(images)], ["one of --text"]),
+        ([str(images), "--text", "a", "--image-index", "1"], ["one of --text"]),
+        ([str(images), "--image-index", "1"], ["holds images", "--text"]),
+        ([str(captions), "--text", "a dog"], ["holds captions", "--image-index"]),
+        ([str(captions), "--image-index", "12"], ["image index 12", "12 images"]),
+        ([str(images), "--text", "a", "--shortlist", "3", "--k", "4"], ["shortlist", "k = 4"]),
+        ([str(images), "--text", "a", "--shortlist-index", "annoy"], ["'faiss:FACTORY'"]),
+        ([str(tmp_path), "--text", "a"], ["has no manifest.json"]),
+    ]
+    for argv, names in cases:
+        code, lines = run_main(capsys, "search", *argv)
+        assert code == 2, argv
+        one_error_line(lines, "search", *names)
+
+
+def test_a_damaged_or_mismatched_index_is_one_error_line(capsys, trained, indexes, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(indexes[0], damaged)
+    _flip_byte(damaged / "tokens.f16", 100)
+    code, lines = run_main(capsys, "search", str(damaged), "--text", "a")
+    assert code == 2
+    one_error_line(lines, "search", str(damaged), "tokens.f16", "sha256", "rebuild")
+    # Another model's checkpoint: its queries would not be the gallery's embeddings.
+    checkpoint = torch.load(trained, weights_only=False)
+    name = next(iter(checkpoint["model"]))
+    checkpoint["model"][name] = checkpoint["model"][name] + 1
+    other = tmp_path / "other.pt"
+    torch.save(checkpoint, other)
+    argv = ["search", str(indexes[0]), "--text", "a", "--checkpoint", str(other)]
+    code, lines = run_main(capsys, *argv)
+    assert code == 2
+    one_error_line(lines, "search", str(other), "is not the model of index", "fastalign index")
+
+
+def test_index_errors_and_overwrite(capsys, trained, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    argv = ["index", str(trained), "--split", "test", "--no-progress", "--out"]
+    code, lines = run_main(capsys, *argv, str(taken), "--overwrite")
+    assert code == 2
+    one_error_line(lines, "index", str(taken), "holds no fastalign index")
+    out = tmp_path / "index"
+    main([*argv, str(out)])
+    assert "index of the 12 images" in capsys.readouterr().out
+    code, lines = run_main(capsys, *argv, str(out))
+    assert code == 2
+    one_error_line(lines, "index", str(out), "--overwrite")
+    main([*argv, str(out), "--overwrite", "--gallery", "captions"])
+    assert open_index(out).gallery == "captions"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "taken"]  # no partials
+
+
+def test_index_and_search_progress_bars(capsys, monkeypatch, trained, tmp_path):
+    monkeypatch.setattr(fastalign.progress, "_interactive", lambda: True)
+    out = tmp_path / "index"
+    main(["index", str(trained), "--split", "test", "--out", str(out)])
+    err = capsys.readouterr().err
+    for bar in ("encoding images", "sha256 tokens.f16"):
+        assert bar in err, err
+    main(["search", str(out), "--text", "a", "--shortlist", "5", "--k", "2"])
+    err = capsys.readouterr().err
+    for bar in ("sha256 tokens.f16", "global embeddings", "global shortlist", "two-stage"):
+        assert bar in err, err
+    main(["search", str(out), "--text", "a", "--no-progress"])
+    assert capsys.readouterr().err == ""
