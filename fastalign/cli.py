@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="fastalign",
-        description="Fast fine-grained image-text matching: train, evaluate, benchmark.",
+        description="Fast fine-grained image-text matching: train, evaluate, search, benchmark.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
