@@ -1,10 +1,13 @@
-"""Files written whole or not at all: a temporary file beside the target, renamed over it
-once complete and removed on any failure, and write errors that name the final path."""
+"""Files and folders written whole or not at all: a temporary file (folder) beside the target,
+renamed over it once complete and removed on any failure, and write errors that name the
+final path."""
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -78,6 +81,58 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         # A partial left behind would hold the space of a full disk, and look like data.
         with suppress(OSError):
             partial.unlink(missing_ok=True)
+        cause = os_error_of(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise write_error(path, cause) from exc
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """A file's data, or a folder's entries, on the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_directory(path) as folder:`` writes the files of ``path`` in ``folder``,
+    a new folder beside it (``path.partial-XXXX``); once the block ends, the files are synced
+    and the folder renamed to ``path``: readers see no folder, the old one or the whole new
+    one. An existing ``path`` (the caller decides whether it may be replaced) is renamed aside
+    first and removed once the new folder is in place. On any error the new folder is
+    removed and an OSError is raised again naming ``path``."""
+    path = Path(path)
+    folder = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{path.name}{PARTIAL_SUFFIX}-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(folder, 0o777 & ~umask)  # a folder's usual mode, not mkdtemp's private one
+        yield folder
+        for entry in folder.iterdir():
+            _fsync(entry)
+        _fsync(folder)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        try:
+            os.replace(folder, path)
+        except OSError:
+            if old is not None:  # the old folder back in its place
+                os.replace(old / path.name, path)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
+    except BaseException as exc:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
         cause = os_error_of(exc) if isinstance(exc, Exception) else None
         if cause is not None:
             raise write_error(path, cause) from exc

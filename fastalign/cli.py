@@ -1,4 +1,4 @@
-"""The ``fastalign`` command line: train, eval, demo, compare, list, bench."""
+"""The ``fastalign`` command line: train, eval, index, search, demo, compare, list, bench."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ EPILOG = r"""examples:
       --rerank-fusion sum --rerank-alpha 0.1
   fastalign compare vsepp_synthetic chan_synthetic laps_synthetic dias_synthetic \
       --preset hard --seeds 3
+  fastalign index runs/chan_f30k/best.pt --data-root data/f30k_precomp --split test \
+      --out indexes/f30k_test
+  fastalign search indexes/f30k_test --text "a dog catches a frisbee" --k 5
   fastalign list                                  methods and bundled configs
   fastalign bench all --quick                     every operator's speed-up and working
                                                   memory on this machine, one table
@@ -177,6 +180,132 @@ def _eval(args) -> None:
     )
 
 
+def _index(args) -> None:
+    from fastalign.index import build_index, open_index
+
+    data_root = Path(args.data_root) if args.data_root else None
+    method, model, dataset = _restore_on_data(
+        args.checkpoint, data_root, data_root is not None, args.split
+    )
+    path = build_index(
+        args.out,
+        args.checkpoint,
+        method,
+        model,
+        dataset,
+        args.gallery,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    index = open_index(path, verify=False)
+    print(
+        f"index of the {index.count} {index.gallery} of {dataset.root} / {args.split} "
+        f"({index.tokens.flat.shape[0]} tokens of D {index.tokens.dim}) written to {path}"
+    )
+
+
+def _search_queries(args, index, method, model, tokenizer):
+    """(labels, query tokens) of --text / --image-index / --queries, of the modality the
+    index's gallery is searched by: texts for images, image indices for captions."""
+    import numpy as np
+
+    from fastalign.data import open_image_features
+    from fastalign.index import encode_images, encode_texts
+
+    if args.queries is not None:
+        lines = Path(args.queries).read_text().splitlines()
+        given = [line.strip() for line in lines if line.strip()]
+        if not given:
+            raise ValueError(f"--queries {args.queries} holds no query (one a line)")
+    else:
+        given = [args.text] if args.text is not None else [str(args.image_index)]
+    if index.gallery == "images":
+        if args.image_index is not None:
+            raise ValueError(
+                f"index {index.path} holds images: query it with --text or --queries (one text "
+                f"a line), not --image-index"
+            )
+        return given, encode_texts(model, tokenizer, given)
+    if args.text is not None:
+        raise ValueError(
+            f"index {index.path} holds captions: query it with --image-index N or --queries "
+            f"(one image index a line), not --text"
+        )
+    data = index.manifest["data"]
+    root = Path(args.data_root or data["root"])
+    split = args.split or data["split"]
+    features = open_image_features(root / f"{split}_ims.npy")
+    rows = []
+    for text in given:
+        try:
+            rows.append(int(text))
+        except ValueError:
+            raise ValueError(f"image queries are image indices, got {text!r}") from None
+        if not 0 <= rows[-1] < len(features):
+            raise ValueError(
+                f"image index {rows[-1]} is out of range: {root / f'{split}_ims.npy'} holds "
+                f"{len(features)} images"
+            )
+    feature_dim = method.config.model.feature_dim
+    if features.shape[2] != feature_dim:
+        raise ValueError(
+            f"{root / f'{split}_ims.npy'} holds features of size {features.shape[2]}; the "
+            f"index's model expects {feature_dim}"
+        )
+    labels = [f"image {row} of {root} / {split}" for row in rows]
+    return labels, encode_images(model, features[np.array(rows)])
+
+
+def _search(args) -> None:
+    import json
+
+    from fastalign.checkpoint import load_checkpoint, restore_trained
+    from fastalign.index import check_checkpoint, open_index, search_index
+    from fastalign.search import topk_recall
+
+    given = [args.text is not None, args.image_index is not None, args.queries is not None]
+    if sum(given) != 1:
+        raise ValueError("give one of --text TEXT, --image-index N, --queries FILE")
+    progress = not args.no_progress
+    index = open_index(args.index, verify=not args.no_verify, progress=progress)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else index.checkpoint
+    check_checkpoint(index, checkpoint)
+    method, model, tokenizer = restore_trained(load_checkpoint(checkpoint))
+    labels, queries = _search_queries(args, index, method, model, tokenizer)
+    options = {"shortlist": args.shortlist, "shortlist_index": args.shortlist_index}
+    k = min(args.k, index.count)
+    scores, found = search_index(index, method, model, queries, k=k, progress=progress, **options)
+    recall = None
+    if args.recall:
+        exact = search_index(index, method, model, queries, k=k, shortlist=index.count)[1]
+        recall = topk_recall(found, exact)
+    results = [
+        {
+            "query": label,
+            "results": [
+                {"rank": rank, "index": int(i), "id": index.ids[int(i)], "score": float(score)}
+                for rank, (i, score) in enumerate(zip(row_index, row_scores), 1)
+            ],
+        }
+        for label, row_index, row_scores in zip(labels, found.tolist(), scores.tolist())
+    ]
+    if args.json:
+        report = {"index": str(index.path), "gallery": index.gallery, "k": k, **options}
+        if recall is not None:
+            report["recall_vs_exact"] = recall
+        print(json.dumps(report | {"queries": results}, indent=2))
+        return
+    for number, result in enumerate(results, 1):
+        print(f"query {number}: {result['query']}")
+        for hit in result["results"]:
+            print(f"  {hit['rank']:>3}  {hit['score']:10.4f}  {hit['id']}  (index {hit['index']})")
+    if recall is not None:
+        print(
+            f"recall of the top {k} against the exact search (all {index.count} "
+            f"{index.gallery} scored): {recall:.4f}"
+        )
+
+
 def _demo(args) -> None:
     from fastalign.config import load_config
     from fastalign.evaluation import chance_results, format_results
@@ -253,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="fastalign",
-        description="Fast fine-grained image-text matching: train, evaluate, benchmark.",
+        description="Fast fine-grained image-text matching: train, evaluate, search, benchmark.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -342,6 +471,78 @@ def main(argv: list[str] | None = None) -> None:
         "k scores; sum: base + alpha * checkpoint (MACK)",
     )
     evaluate.set_defaults(run=_eval)
+
+    indexing = add_command(
+        "index",
+        help="encode a split's images (or captions) into a search index folder",
+        description="Encode the gallery of a split with a checkpoint's model and write a "
+        "search index: the token embeddings (float16, packed, memory-mapped), the global "
+        "embeddings, the ids and a manifest (model, options, counts, checksums). The folder is "
+        "written whole or not at all.",
+    )
+    indexing.add_argument("checkpoint", help="a .pt file written by fastalign train")
+    indexing.add_argument(
+        "--data-root", help="precomputed-feature folder (default: the checkpoint's training data)"
+    )
+    indexing.add_argument("--split", default="test", help="the split to index (default test)")
+    indexing.add_argument("--out", required=True, metavar="DIR", help="the index folder")
+    indexing.add_argument(
+        "--gallery",
+        choices=("images", "captions"),
+        default="images",
+        help="what the index holds (default images: searched by text)",
+    )
+    indexing.add_argument("--overwrite", action="store_true", help="replace an index at --out")
+    indexing.add_argument("--no-progress", action="store_true", help="no progress bars")
+    indexing.set_defaults(run=_index)
+
+    search = add_command(
+        "search",
+        help="search an index: top-k ids and scores",
+        description="Two-stage search of an index: a shortlist by the global embeddings, "
+        "then the model's fine-grained score on it. An index of images is searched by text "
+        "(--text, --queries with one text a line), an index of captions by images (--image-index, "
+        "--queries with one image index a line) of a split of features.",
+    )
+    search.add_argument("index", metavar="DIR", help="a folder written by fastalign index")
+    search.add_argument("--text", help="one query text")
+    search.add_argument("--image-index", type=int, metavar="N", help="image N as the query")
+    search.add_argument("--queries", metavar="FILE", help="queries, one a line")
+    search.add_argument(
+        "--k", type=int, default=10, help="results per query (default 10; at most the gallery)"
+    )
+    search.add_argument(
+        "--shortlist",
+        type=int,
+        default=200,
+        help="gallery items scored by the model per query (default 200; at least the gallery's "
+        "size: the exact search)",
+    )
+    search.add_argument(
+        "--shortlist-index",
+        default="exact",
+        metavar="INDEX",
+        help="exact (default), faiss (a flat faiss index) or faiss:FACTORY (a "
+        "faiss.index_factory string, e.g. faiss:HNSW32); faiss: pip install faiss-cpu",
+    )
+    search.add_argument(
+        "--checkpoint", help="the index's model, when it moved (default: the recorded path)"
+    )
+    search.add_argument(
+        "--data-root", help="the image queries' feature folder (default: the index's data)"
+    )
+    search.add_argument("--split", help="the image queries' split (default: the index's)")
+    search.add_argument(
+        "--recall",
+        action="store_true",
+        help="also run the exact search (every item scored) and print the recall against it",
+    )
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
+    search.add_argument(
+        "--no-verify", action="store_true", help="skip the checksums of the index's files"
+    )
+    search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search.set_defaults(run=_search)
 
     demo = add_command(
         "demo",

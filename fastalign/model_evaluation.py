@@ -6,7 +6,7 @@ torchrun each process may encode and score a shard of the images only (``sharded
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,49 @@ PROTOCOL_IMAGES = {"coco1k": 5000, "coco5k": 5000}
 MEMORY_BUDGET_MB = 256
 
 
+SIDES = ("images", "captions")
+
+
+@torch.no_grad()
+def encoded_batches(
+    model: nn.Module,
+    dataset: PrecompDataset,
+    side: str,
+    batch_size: int = 256,
+    progress: bool = False,
+    item_range: tuple[int, int] | None = None,
+) -> Iterator[tuple[Tokens, int]]:
+    """The model's embeddings of one side of ``dataset`` (``"images"`` or ``"captions"``),
+    batch by batch in order: ``(tokens, input width)``, the float32 tokens as the encoder
+    returns them (on the model's device) and the width of the batch's padded input (the
+    regions, or the batch's longest caption), for telling per-token outputs from
+    fixed-size ones.
+
+    ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`).
+    ``item_range``: ``(start, stop)``, the images or captions encoded; None: all of them."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    # A training-free model may hold buffers only.
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
+    model.eval()
+    count = dataset.n_images if side == "images" else len(dataset.captions)
+    first, end = (0, count) if item_range is None else item_range
+    starts = range(first, end, batch_size)
+    for start in progress_iter(starts, f"encoding {side}", progress, unit="batch"):
+        stop = min(start + batch_size, end)
+        if side == "images":
+            block = np.array(dataset.images[start:stop], dtype=np.float32)
+            width = block.shape[1]
+            lengths = torch.full((len(block),), width, dtype=torch.long, device=device)
+            tokens = model.encode_images(torch.from_numpy(block).to(device), lengths)
+        else:
+            ids, lengths = dataset.captions.padded(range(start, stop))
+            ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
+            width = ids.shape[1]
+            tokens = model.encode_captions(ids, lengths)
+        yield Tokens(tokens.embs.float(), tokens.lengths), width
+
+
 @torch.no_grad()
 def encode_dataset(
     model: nn.Module,
@@ -36,46 +79,44 @@ def encode_dataset(
 ) -> tuple[Tokens, Tokens]:
     """Float32 embeddings of every image (n_images, R', D) and caption (n_captions, L', D)
     of ``dataset`` with their lengths, on the model's device, as the model's encoders
-    return them: one embedding per input token (R' = R, L' = the longest caption) or a
-    fixed number per sequence (one for global-embedding models).
+    return them (:func:`encoded_batches`): one embedding per input token (R' = R, L' = the
+    longest caption) or a fixed number per sequence (one for global-embedding models).
 
     ``progress``: a progress bar of the batches (see :mod:`fastalign.progress`).
     ``image_range``: ``(start, stop)``, the images encoded (all the captions are): a shard
     of a sharded evaluation, (stop - start, R', D); an empty one is (0, R', D)."""
-    # A training-free model may hold buffers only.
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    model.eval()
-    images = dataset.images
-    first, stop = (0, images.shape[0]) if image_range is None else image_range
-    if not 0 <= first <= stop <= images.shape[0]:
+    n_images = dataset.n_images
+    first, stop = (0, n_images) if image_range is None else image_range
+    if not 0 <= first <= stop <= n_images:
         raise ValueError(
-            f"image_range must be (start, stop) with 0 <= start <= stop <= {images.shape[0]} "
+            f"image_range must be (start, stop) with 0 <= start <= stop <= {n_images} "
             f"(the images), got {image_range}"
         )
-    n_regions = images.shape[1]
-
-    def encoded(start: int, end: int) -> Tokens:
-        block = torch.from_numpy(np.array(images[start:end], dtype=np.float32))
-        lengths = torch.full((len(block),), n_regions, dtype=torch.long, device=device)
-        return model.encode_images(block.to(device), lengths)
-
     if first == stop:  # an empty shard: the embeddings' shape from one image's
-        embs, lengths = encoded(0, 1)
-        image_tokens = Tokens(embs[:0].to(torch.float32), lengths[:0].to(torch.int64))
+        part, _ = next(encoded_batches(model, dataset, "images", 1, item_range=(0, 1)))
+        image_tokens = Tokens(part.embs[:0], part.lengths[:0].to(torch.int64))
     else:
-        stack = _TokenStack(stop - first, n_regions)
-        starts = range(first, stop, batch_size)
-        for start in progress_iter(starts, "encoding images", progress, unit="batch"):
-            stack.put(start - first, encoded(start, min(start + batch_size, stop)), n_regions)
-        image_tokens = stack.tokens()
-    captions = dataset.captions
-    caption_tokens = _TokenStack(len(captions), int(max(captions.lengths)))
-    starts = range(0, len(captions), batch_size)
-    for start in progress_iter(starts, "encoding captions", progress, unit="batch"):
-        ids, lengths = captions.padded(range(start, min(start + batch_size, len(captions))))
-        ids, lengths = torch.as_tensor(ids).to(device), torch.as_tensor(lengths).to(device)
-        caption_tokens.put(start, model.encode_captions(ids, lengths), ids.shape[1])
-    return image_tokens, caption_tokens.tokens()
+        image_tokens = _stacked(
+            encoded_batches(model, dataset, "images", batch_size, progress, (first, stop)),
+            stop - first,
+            dataset.n_regions,
+        )
+    caption_tokens = _stacked(
+        encoded_batches(model, dataset, "captions", batch_size, progress),
+        len(dataset.captions),
+        int(max(dataset.captions.lengths)),
+    )
+    return image_tokens, caption_tokens
+
+
+def _stacked(batches: Iterator[tuple[Tokens, int]], count: int, widest: int) -> Tokens:
+    """:func:`encoded_batches`'s batches (``count`` sequences, inputs at most ``widest``
+    tokens wide) in one zero-padded Tokens."""
+    stack, start = _TokenStack(count, widest), 0
+    for part, width in batches:
+        stack.put(start, part, width)
+        start += part.count
+    return stack.tokens()
 
 
 class _TokenStack:
