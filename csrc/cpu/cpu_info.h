@@ -1,7 +1,7 @@
 // What the CPU kernels ask of the machine they run on, in one place: the data cache sizes
 // their block sizes come from (read at run time, never a constant tuned to one CPU), and the
 // attribute that compiles a hot loop once per x86-64 level (AVX-512, AVX2 + FMA, baseline),
-// the loader picking the best one the CPU has.
+// the loader picking the best one the CPU has; and the block arithmetic the kernels share.
 #pragma once
 
 #include <unistd.h>
@@ -66,6 +66,8 @@ inline int64_t l2_bytes() {
   static const int64_t reported = reported_cache_bytes(_SC_LEVEL2_CACHE_SIZE, 2);
   return cache_bytes("FASTALIGN_L2_BYTES", reported, kFallbackL2Bytes);
 }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The largest power of two <= bytes / item_bytes, clamped to [lo, hi] (powers of two).
 inline int64_t items_fitting(int64_t bytes, int64_t item_bytes, int64_t lo, int64_t hi) {

@@ -19,6 +19,7 @@
 
 #include "../checks/dimension_correlation.h"
 #include "../option_codes.h"
+#include "cpu_info.h"
 
 namespace fastalign {
 namespace {
@@ -41,8 +42,6 @@ constexpr int64_t kGrainElements = 1 << 15;
 constexpr int64_t kSubRows = 16;
 // Rows of C per block of the softmax passes, which bounds ATen's temporaries to kRows x D.
 constexpr int64_t kRows = 64;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / cols); }
 

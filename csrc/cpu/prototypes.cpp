@@ -15,6 +15,7 @@
 
 #include "../checks/prototypes.h"
 #include "../option_codes.h"
+#include "cpu_info.h"
 #include "../ranking.h"
 
 namespace fastalign {
@@ -39,8 +40,6 @@ constexpr int64_t kKeyCols = 256;
 // Feature columns per task of the scatter-adds of the top-m backward: each task owns its
 // columns of dL/dkeys and dL/dvalues, so no two threads write one element.
 constexpr int64_t kScatterColumns = 64;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // An input as plain contiguous data: the out= products below refuse tensors that require grad,
 // and autograd is registered from Python around these kernels.

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -32,10 +33,12 @@ constexpr double kLeakySlope = 0.1;
 // Valid region tokens per tile: rows enough for the BLAS to run at full speed.
 constexpr int64_t kRowTile = 256;
 
-// Valid word tokens per tile: as many as keep the (kRowTile, columns) tile of scores in half of
-// L2 while the epilogue reduces it (512 with a 1 MiB L2 in float32).
-int64_t column_tile(int64_t element_bytes) {
-  return items_fitting(l2_bytes() / 2, kRowTile * element_bytes, 128, 2048);
+// Valid word tokens per tile: at least 256, below which the BLAS slows down (a third slower at
+// 128, measured), and more while a tile's gathered word rows (columns, dim) and its (kRowTile,
+// columns) scores fit half of L2: the epilogue reduces the scores while they are in cache, and
+// a thread's working memory stays about one L2.
+int64_t column_tile(int64_t dim, int64_t element_bytes) {
+  return items_fitting(l2_bytes() / 2, (dim + kRowTile) * element_bytes, 256, 2048);
 }
 
 struct Options {
@@ -249,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
   const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
   const std::vector<int64_t> caption_groups =
-      group_by_tokens(captions.offset, column_tile(regions.element_size()));
+      group_by_tokens(captions.offset, column_tile(regions.size(2), regions.element_size()));
 
   AT_DISPATCH_FLOATING_TYPES(regions.scalar_type(), "region_word_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -260,32 +263,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
         a_i2t.numel() ? a_i2t.data_ptr<acc_t>() : nullptr,
         idx_i2t.numel() ? idx_i2t.data_ptr<int32_t>() : nullptr,
         n_captions, max_regions, max_words};
-    // Tiles run caption-group-major, so a thread gathers a caption group's words once for
-    // its consecutive tiles; image groups are gathered only when they hold padding.
+    // Caption groups go in waves, each group's words gathered once into a buffer that every
+    // thread reads: a wave holds just enough groups for every thread to have a tile, so the
+    // gathered words take a buffer or two, not one per thread. Image groups are gathered only
+    // when they hold padding.
     const int64_t n_image_groups = static_cast<int64_t>(image_groups.size()) - 1;
-    const int64_t n_tiles = (static_cast<int64_t>(caption_groups.size()) - 1) * n_image_groups;
-    at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor word_buffer, image_buffer, word_rows, tile;
-      std::vector<acc_t> best, total;
-      std::vector<int32_t> arg;
-      int64_t gathered = -1;
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t h = k / n_image_groups, g = k % n_image_groups;
-        const int64_t t0 = caption_groups[h], t1 = caption_groups[h + 1];
-        const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
-        if (h != gathered) {
-          word_rows = gather_rows(captions, t0, t1, word_buffer);
-          gathered = h;
-          best.resize(word_rows.size(0));
-          arg.resize(word_rows.size(0));
-          total.resize(word_rows.size(0));
+    const int64_t n_caption_groups = static_cast<int64_t>(caption_groups.size()) - 1;
+    const int64_t wave = std::min(n_caption_groups,
+                                  ceil_div(at::get_num_threads(), std::max<int64_t>(1, n_image_groups)));
+    std::vector<at::Tensor> word_buffers(wave), word_rows(wave);
+    for (int64_t h0 = 0; h0 < n_caption_groups; h0 += wave) {
+      const int64_t groups = std::min(wave, n_caption_groups - h0);
+      for (int64_t w = 0; w < groups; ++w)
+        word_rows[w] = gather_rows(captions, caption_groups[h0 + w], caption_groups[h0 + w + 1],
+                                   word_buffers[w]);
+      at::parallel_for(0, groups * n_image_groups, 1, [&](int64_t begin, int64_t end) {
+        // The tiles' products are this kernel's own: below autograd on every thread (worker
+        // threads do not inherit the caller's), though the inputs may require grad.
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor image_buffer, tile_buffer;
+        std::vector<acc_t> best, total;
+        std::vector<int32_t> arg;
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t w = k / n_image_groups, g = k % n_image_groups;
+          const int64_t t0 = caption_groups[h0 + w], t1 = caption_groups[h0 + w + 1];
+          const int64_t i0 = image_groups[g], i1 = image_groups[g + 1];
+          const at::Tensor image_rows = gather_rows(images, i0, i1, image_buffer);
+          const int64_t rows = image_rows.size(0), cols = word_rows[w].size(0);
+          if (!tile_buffer.defined() || tile_buffer.numel() < rows * cols)
+            tile_buffer = at::empty({rows * cols}, regions.options());
+          at::Tensor tile = tile_buffer.narrow(0, 0, rows * cols).view({rows, cols});
+          // Inside parallel_for the BLAS runs on this thread only.
+          at::mm_out(tile, image_rows, word_rows[w].t());
+          best.resize(cols);
+          arg.resize(cols);
+          total.resize(cols);
+          reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), cols, i0, i1, t0, t1, images,
+                                captions, o, out, best, arg, total);
         }
-        // Inside parallel_for the BLAS runs on this thread only.
-        tile = at::mm(gather_rows(images, i0, i1, image_buffer), word_rows.t());
-        reduce_tile<scalar_t>(tile.data_ptr<scalar_t>(), word_rows.size(0), i0, i1, t0, t1,
-                              images, captions, o, out, best, arg, total);
-      }
-    });
+      });
+    }
   });
   return {scores, a_t2i, idx_t2i, a_i2t, idx_i2t};
 }
@@ -326,9 +343,9 @@ struct MaxDirection {
   const int32_t* index;
 };
 
-// Entries of one item chunk's RowSums (about 12 MiB in float32): the chunk's items share each
+// Entries of one item chunk's RowSums at most (512 KiB in float32): the chunk's items share each
 // packed slice of the other side's tokens, so larger chunks pack it fewer times.
-constexpr int64_t kChunkEntries = 1 << 20;
+constexpr int64_t kChunkEntries = 1 << 16;
 
 // One side's tokens as the other side's gradient gathers them: valid token v of item x sits at
 // row x * padded + v - offset[x] of tokens (items, padded, dim).
@@ -381,6 +398,9 @@ void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar
   GatherSource<scalar_t> source{other.tokens, std::vector<int64_t>(other.items + 1, 0),
                                 other.padded};
   std::partial_sum(other.lengths, other.lengths + other.items, source.offset.begin() + 1);
+  TORCH_CHECK_VALUE(source.offset.back() <= std::numeric_limits<int32_t>::max(),
+                    "region_word_backward: align max takes at most 2^31 - 1 valid tokens a side, "
+                    "got ", source.offset.back());
   const std::vector<int64_t>& offset = source.offset;
   // Calls visit(row, source, weight) for every nonzero term of items [o0, o1).
   auto for_each_term = [&](int64_t o0, int64_t o1, auto&& visit) {
@@ -399,17 +419,24 @@ void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar
       }
     }
   };
-  // Chunks of consecutive items with about kChunkEntries terms at most (one item at least).
-  const int64_t terms_per_other = as_key.coef ? offset.back() : 0;
+  // Chunks of consecutive items, a multiple of the thread count of them, each with about the
+  // same number of terms and no more than kChunkEntries (plus one item's).
+  auto item_terms = [&](int64_t o) {
+    return (as_query.coef ? own.lengths[o] * other.items : 0) + (as_key.coef ? offset.back() : 0);
+  };
+  int64_t all_terms = 0;
+  for (int64_t o = 0; o < own.items; ++o) all_terms += item_terms(o);
+  const int64_t threads = at::get_num_threads();
+  const int64_t n_chunks = threads * std::max<int64_t>(1, ceil_div(all_terms, threads * kChunkEntries));
+  const int64_t target = std::max<int64_t>(1, ceil_div(all_terms, n_chunks));
   std::vector<int64_t> chunks{0};
   int64_t terms = 0;
-  for (int64_t o = 0; o < own.items; ++o) {
-    const int64_t item_terms = (as_query.coef ? own.lengths[o] * other.items : 0) + terms_per_other;
-    if (o > chunks.back() && terms + item_terms > kChunkEntries) {
-      chunks.push_back(o);
+  for (int64_t o = 0; o + 1 < own.items; ++o) {
+    terms += item_terms(o);
+    if (terms >= target) {
+      chunks.push_back(o + 1);
       terms = 0;
     }
-    terms += item_terms;
   }
   chunks.push_back(own.items);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()) - 1, 1, [&](int64_t begin, int64_t end) {
@@ -426,7 +453,7 @@ void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar
       next.assign(sums.start.begin(), sums.start.end() - 1);
       for_each_term(o0, o1, [&](int64_t row, int64_t source, acc_t weight) {
         const int64_t j = next[row]++;
-        sums.source[j] = source;
+        sums.source[j] = static_cast<int32_t>(source);
         sums.weight[j] = weight;
       });
       sum_rows(sums, source, dim, packed, own.grad + o0 * own.padded * dim);
@@ -469,7 +496,7 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
   const Tokens captions = make_tokens(words, word_lengths);
   const std::vector<int64_t> image_groups = group_by_tokens(images.offset, kRowTile);
   const std::vector<int64_t> caption_groups =
-      group_by_tokens(captions.offset, column_tile(regions.element_size()));
+      group_by_tokens(captions.offset, column_tile(regions.size(2), regions.element_size()));
   const auto c_t2i = coefficients<acc_t>(coef_t2i), c_i2t = coefficients<acc_t>(coef_i2t);
   const acc_t* v_t2i = c_t2i ? a_t2i.data_ptr<acc_t>() : nullptr;
   const acc_t* v_i2t = c_i2t ? a_i2t.data_ptr<acc_t>() : nullptr;
@@ -479,6 +506,7 @@ void backward_lse(const at::Tensor& coef_t2i, const at::Tensor& a_t2i, const at:
                                              words.size(2)}, grad_words.options());
   at::parallel_for(0, static_cast<int64_t>(image_groups.size()) - 1, 1, [&](int64_t begin,
                                                                             int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward's tiles
     at::Tensor grad_word_partial = grad_word_partials[at::get_thread_num()];
     at::Tensor image_buffer, word_buffer;
     for (int64_t g = begin; g < end; ++g) {

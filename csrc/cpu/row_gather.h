@@ -22,8 +22,8 @@ namespace fastalign {
 
 template <typename scalar_t>
 struct RowSums {
-  std::vector<int64_t> start;  // row a's entries: [start[a], start[a + 1])
-  std::vector<int64_t> source;
+  std::vector<int64_t> start;   // row a's entries: [start[a], start[a + 1])
+  std::vector<int32_t> source;  // half the bytes of int64: callers check their source counts
   std::vector<scalar_t> weight;
 };
 
@@ -46,7 +46,7 @@ struct Lanes16<double> {
 // entries stream by; narrow blocks rotate entries over several sets of them (four vectors in
 // all), so that consecutive entries do not wait on each other's multiply-add. kWidth 1: the last dim % 16 columns.
 template <int64_t kWidth, int64_t kParts, typename scalar_t>
-FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int64_t* source,
+FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int32_t* source,
                                           const scalar_t* weight, int64_t row_begin,
                                           int64_t row_end, const scalar_t* packed,
                                           scalar_t* const* outs, int64_t ld, int64_t d0) {
@@ -55,7 +55,8 @@ FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int64_t* s
     for (int64_t a = row_begin; a < row_end; ++a) {
       scalar_t acc[kParts] = {};
       for (int64_t j = start[a]; j < start[a + 1]; ++j)
-        for (int64_t p = 0; p < kParts; ++p) acc[p] += weight[j] * packed[source[j] * kStride + p];
+        for (int64_t p = 0; p < kParts; ++p)
+          acc[p] += weight[j] * packed[static_cast<int64_t>(source[j]) * kStride + p];
       for (int64_t p = 0; p < kParts; ++p) outs[p][a * ld + d0] = acc[p];
     }
   } else {
@@ -65,7 +66,7 @@ FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int64_t* s
     for (int64_t a = row_begin; a < row_end; ++a) {
       Lanes acc[kChains][kVectors] = {};
       for (int64_t j = start[a]; j < start[a + 1]; ++j) {
-        const scalar_t* src = packed + source[j] * kStride;
+        const scalar_t* src = packed + static_cast<int64_t>(source[j]) * kStride;
         const Lanes w = Lanes{} + weight[j];
         Lanes* chain = acc[(j - start[a]) % kChains];
         for (int64_t v = 0; v < kVectors; ++v) {

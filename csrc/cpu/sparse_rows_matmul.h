@@ -45,7 +45,7 @@ RowSums<scalar_t> compress_rows(const scalar_t* m, int64_t n, double max_density
       for (int64_t b = 0; b < n; ++b) {
         const scalar_t v = m[a * n + b];
         if (v != 0) {
-          rows.source[p] = b;
+          rows.source[p] = static_cast<int32_t>(b);  // n < 2^31: M's n * n entries exist
           rows.weight[p++] = v;
         }
       }

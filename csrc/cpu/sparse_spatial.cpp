@@ -23,6 +23,7 @@
 
 #include "../checks/sparse_spatial.h"
 #include "../option_codes.h"
+#include "cpu_info.h"
 #include "sparse_rows_matmul.h"
 
 namespace fastalign {
@@ -37,8 +38,6 @@ constexpr int64_t kStripRows = 256;
 constexpr int64_t kTile = 64;
 // Elements a thread gets at least in the row passes: smaller passes run inline.
 constexpr int64_t kGrainElements = 1 << 15;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElements / cols); }
 
