@@ -13,6 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _helpers.cpu_paths import cpu_path  # noqa: F401 (the fixture, for every test file)
+
 from fastalign._backends import triton_importable, triton_interpret  # noqa: E402
 from fastalign.data import generate_synthetic  # noqa: E402
 

@@ -97,14 +97,13 @@ def test_cpu_many_tiles_match_reference():
 
 
 @needs_cpu_kernel
-@pytest.mark.parametrize("l2_bytes", [1, 1 << 16, 1 << 30])
 @pytest.mark.parametrize("dim", [83, 128])
-def test_cpu_block_sizes_from_any_cache_match_reference(monkeypatch, l2_bytes, dim):
-    """The CPU kernels size their tiles and gather blocks from the L2 the CPU reports; under the
-    smallest and the largest sizes they pick (FASTALIGN_L2_BYTES overrides the report) the
-    results are the reference's: every block width and the last columns of an odd D."""
-    monkeypatch.setenv("FASTALIGN_L2_BYTES", str(l2_bytes))
-    inputs = make_inputs(19, 37, 36, 32, dim, dtype=torch.float32, seed=dim + l2_bytes)
+def test_cpu_every_path_matches_reference(cpu_path, dim):
+    """The CPU kernels size their tiles and gather blocks from the L2 the CPU reports and run
+    their gather at the CPU's x86-64 level: under the smallest and largest blocks they pick and
+    at every level (AVX-512 where the CPU has it, AVX2, baseline) the results are the
+    reference's: every block width and the last columns of an odd D."""
+    inputs = make_inputs(19, 37, 36, 32, dim, dtype=torch.float32, seed=dim)
     upstream = torch.randn(19, 37)
     for align in ALIGNS:
         kw = dict(direction="both", align=align, aggregate="mean")

@@ -186,10 +186,11 @@ def test_cpu_float32(kind, select, largest):
 @pytest.mark.parametrize("shape", [(150, 45), (97, 200), (260, 129)])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("select", ["threshold", "topk"])
-def test_cpu_float32_sparse_gradient_products(shape, kind, select):
+def test_cpu_float32_sparse_gradient_products(cpu_path, shape, kind, select):
     """A hard selection of a sixth or less of each row: the float32 gradient products gather
-    over the nonzeros (csrc/cpu/sparse_rows_matmul.h, on AVX-512 machines), here with D across
-    the 16-lane groups and the 128-column chunks."""
+    over the nonzeros (csrc/cpu/sparse_rows_matmul.h), here with D across the column blocks and
+    the last columns, on every CPU path (block widths from the smallest and largest L2, every
+    x86-64 level)."""
     n, d = shape
     seed = seed_of("sparse", shape, kind, select)
     options = options_for(select, n, alpha=1.2) | ({"k": n // 8} if select == "topk" else {})

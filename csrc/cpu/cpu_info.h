@@ -1,7 +1,7 @@
 // What the CPU kernels ask of the machine they run on, in one place: the data cache sizes
-// their block sizes come from (read at run time, never a constant tuned to one CPU), and the
-// attribute that compiles a hot loop once per x86-64 level (AVX-512, AVX2 + FMA, baseline),
-// the loader picking the best one the CPU has; and the block arithmetic the kernels share.
+// their block sizes come from (read at run time, never a constant tuned to one CPU), the x86-64
+// level their hot loops run at (each is compiled for AVX-512, AVX2 + FMA and the baseline, and
+// picks the best the CPU has), and the block arithmetic the kernels share.
 #pragma once
 
 #include <unistd.h>
@@ -12,11 +12,8 @@
 #include <fstream>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define FASTALIGN_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTALIGN_SIMD_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTALIGN_X86_ISAS 1
 #endif
 
 namespace fastalign {
@@ -65,6 +62,27 @@ inline int64_t l1_bytes() {
 inline int64_t l2_bytes() {
   static const int64_t reported = reported_cache_bytes(_SC_LEVEL2_CACHE_SIZE, 2);
   return cache_bytes("FASTALIGN_L2_BYTES", reported, kFallbackL2Bytes);
+}
+
+// The x86-64 levels a hot loop is compiled for: baseline (SSE2), v3 (AVX2, FMA), v4 (AVX-512).
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The best level this CPU runs, or a lower one named by FASTALIGN_CPU_ISA ("avx2" or
+// "baseline": tests run every path on one machine); a name above the CPU's level, or unknown,
+// leaves the CPU's.
+inline Isa cpu_isa() {
+#ifdef FASTALIGN_X86_ISAS
+  static const Isa supported = __builtin_cpu_supports("x86-64-v4")   ? Isa::kAvx512
+                               : __builtin_cpu_supports("x86-64-v3") ? Isa::kAvx2
+                                                                     : Isa::kBaseline;
+#else
+  static const Isa supported = Isa::kBaseline;
+#endif
+  const char* requested = std::getenv("FASTALIGN_CPU_ISA");
+  if (requested == nullptr) return supported;
+  const std::string name(requested);
+  const Isa wanted = name == "baseline" ? Isa::kBaseline : name == "avx2" ? Isa::kAvx2 : supported;
+  return std::min(wanted, supported);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -3,9 +3,9 @@
 // a side) by the platform BLAS, the one routine that reaches this machine's GEMM ceiling,
 // and each tile is reduced at once by the ALIGN / AGGREGATE epilogue, so the
 // (Ni, Nt, R, L) tensor never exists. Tile pairs run in parallel, one BLAS thread each.
-// The align-max backward is a gather of arg-max token rows (backward_max_side). Block sizes
-// come from the cache sizes the CPU reports (cpu_info.h), the gather's inner loop is compiled
-// for AVX-512, AVX2 and the x86-64 baseline.
+// The align-max backward is a gather of arg-max token rows (backward_max_side, row_gather.h).
+// Block sizes come from the cache sizes the CPU reports (cpu_info.h), the gather's inner loop
+// runs at the CPU's x86-64 level (AVX-512, AVX2 or the baseline).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -364,6 +364,7 @@ void sum_rows(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other
   const int64_t rows = static_cast<int64_t>(sums.start.size()) - 1;
   const int64_t items = static_cast<int64_t>(other.offset.size()) - 1;
   const int64_t width = gather_width(other.offset.back(), 1, sizeof(scalar_t));
+  const Isa isa = cpu_isa();
   scalar_t* const outs[1] = {out};
   packed.resize(other.offset.back() * width);
   for_each_column_block(dim, width, [&](int64_t d0, auto block_width) {
@@ -372,8 +373,8 @@ void sum_rows(const RowSums<scalar_t>& sums, const GatherSource<scalar_t>& other
       for (int64_t v = other.offset[x]; v < other.offset[x + 1]; ++v)
         std::copy_n(other.tokens + (x * other.padded + v - other.offset[x]) * dim + d0, kWidth,
                     packed.data() + v * kWidth);
-    sum_rows_block<kWidth, 1>(sums.start.data(), sums.source.data(), sums.weight.data(), 0, rows,
-                              packed.data(), outs, dim, d0);
+    sum_rows_block<kWidth, 1>(isa, sums.start.data(), sums.source.data(), sums.weight.data(), 0,
+                              rows, packed.data(), outs, dim, d0);
   });
 }
 

@@ -7,7 +7,7 @@
 // of two, usually) fall into a handful of cache sets and evict each other; packed, the slice
 // stays in L2 while every output row gathers from it. The block width is the widest that keeps
 // the packed slice in half the L2 the CPU reports (cpu_info.h); the inner loop is compiled for
-// AVX-512, AVX2 and the x86-64 baseline.
+// AVX-512, AVX2 and the x86-64 baseline, and runs at the CPU's level (cpu_isa).
 #pragma once
 
 #include <algorithm>
@@ -46,10 +46,9 @@ struct Lanes16<double> {
 // entries stream by; narrow blocks rotate entries over several sets of them (four vectors in
 // all), so that consecutive entries do not wait on each other's multiply-add. kWidth 1: the last dim % 16 columns.
 template <int64_t kWidth, int64_t kParts, typename scalar_t>
-FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int32_t* source,
-                                          const scalar_t* weight, int64_t row_begin,
-                                          int64_t row_end, const scalar_t* packed,
-                                          scalar_t* const* outs, int64_t ld, int64_t d0) {
+__attribute__((always_inline)) inline void sum_rows_block_body(
+    const int64_t* start, const int32_t* source, const scalar_t* weight, int64_t row_begin,
+    int64_t row_end, const scalar_t* packed, scalar_t* const* outs, int64_t ld, int64_t d0) {
   constexpr int64_t kStride = kWidth * kParts;
   if constexpr (kWidth == 1) {
     for (int64_t a = row_begin; a < row_end; ++a) {
@@ -82,6 +81,43 @@ FASTALIGN_SIMD_CLONES void sum_rows_block(const int64_t* start, const int32_t* s
       }
     }
   }
+}
+
+// sum_rows_block_body compiled for each level (inlined, it takes its caller's instructions).
+#ifdef FASTALIGN_X86_ISAS
+template <int64_t kWidth, int64_t kParts, typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) void sum_rows_block_avx512(
+    const int64_t* start, const int32_t* source, const scalar_t* weight, int64_t row_begin,
+    int64_t row_end, const scalar_t* packed, scalar_t* const* outs, int64_t ld, int64_t d0) {
+  sum_rows_block_body<kWidth, kParts>(start, source, weight, row_begin, row_end, packed, outs, ld,
+                                      d0);
+}
+
+template <int64_t kWidth, int64_t kParts, typename scalar_t>
+__attribute__((target("arch=x86-64-v3"))) void sum_rows_block_avx2(
+    const int64_t* start, const int32_t* source, const scalar_t* weight, int64_t row_begin,
+    int64_t row_end, const scalar_t* packed, scalar_t* const* outs, int64_t ld, int64_t d0) {
+  sum_rows_block_body<kWidth, kParts>(start, source, weight, row_begin, row_end, packed, outs, ld,
+                                      d0);
+}
+#endif
+
+// The block sum at the CPU's level (cpu_isa()).
+template <int64_t kWidth, int64_t kParts, typename scalar_t>
+void sum_rows_block(Isa isa, const int64_t* start, const int32_t* source, const scalar_t* weight,
+                    int64_t row_begin, int64_t row_end, const scalar_t* packed,
+                    scalar_t* const* outs, int64_t ld, int64_t d0) {
+#ifdef FASTALIGN_X86_ISAS
+  if (isa == Isa::kAvx512)
+    return sum_rows_block_avx512<kWidth, kParts>(start, source, weight, row_begin, row_end, packed,
+                                                 outs, ld, d0);
+  if (isa == Isa::kAvx2)
+    return sum_rows_block_avx2<kWidth, kParts>(start, source, weight, row_begin, row_end, packed,
+                                               outs, ld, d0);
+#endif
+  (void)isa;
+  sum_rows_block_body<kWidth, kParts>(start, source, weight, row_begin, row_end, packed, outs, ld,
+                                      d0);
 }
 
 // Columns per block: the narrowest, and the widest, chosen only when the packed slice of every

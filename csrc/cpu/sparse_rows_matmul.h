@@ -66,6 +66,7 @@ inline bool sparse_rows_matmul(const at::Tensor& m, const at::Tensor& x1, const 
     const scalar_t* x[2] = {x1.data_ptr<scalar_t>(), x2.data_ptr<scalar_t>()};
     scalar_t* const outs[2] = {out1.data_ptr<scalar_t>(), out2.data_ptr<scalar_t>()};
     const int64_t width = gather_width(n, 2, sizeof(scalar_t));
+    const Isa isa = cpu_isa();
     std::vector<scalar_t> packed(n * 2 * width);
     const int64_t mean_nonzeros = std::max<int64_t>(1, rows.start[n] / n);
     const int64_t grain = std::max<int64_t>(1, 4096 / mean_nonzeros);
@@ -77,7 +78,7 @@ inline bool sparse_rows_matmul(const at::Tensor& m, const at::Tensor& x1, const 
             std::copy_n(x[p] + b * d + c0, kWidth, packed.data() + (b * 2 + p) * kWidth);
       });
       at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-        sum_rows_block<kWidth, 2>(rows.start.data(), rows.source.data(), rows.weight.data(),
+        sum_rows_block<kWidth, 2>(isa, rows.start.data(), rows.source.data(), rows.weight.data(),
                                   begin, end, packed.data(), outs, d, c0);
       });
     });
