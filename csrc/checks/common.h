@@ -133,12 +133,16 @@ inline void check_range(const char* op, const char* name, const at::Tensor& x, i
     if (bounds[0].item<int64_t>() >= low && bounds[1].item<int64_t>() <= high) return;
     values = x.cpu();  // error path: find the first bad value
   }
-  values = values.to(at::kLong).contiguous();
-  const int64_t* v = values.data_ptr<int64_t>();
-  for (int64_t i = 0; i < values.numel(); ++i) {
-    TORCH_CHECK_VALUE(v[i] >= low && v[i] <= high, op, ": ", name, position(values.sizes(), i),
-                      " = ", v[i], ", expected ", low, " <= ", what, " <= ", high);
-  }
+  values = values.contiguous();  // read in its own integer type: no widened copy
+  AT_DISPATCH_INTEGRAL_TYPES(values.scalar_type(), "check_range", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < values.numel(); ++i) {
+      const int64_t value = static_cast<int64_t>(v[i]);
+      TORCH_CHECK_VALUE(value >= low && value <= high, op, ": ", name,
+                        position(values.sizes(), i), " = ", value, ", expected ", low, " <= ",
+                        what, " <= ", high);
+    }
+  });
 }
 
 // An integer (count,) tensor of lengths 1..padded, as contiguous int64.

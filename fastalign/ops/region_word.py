@@ -234,12 +234,16 @@ def _query_coefficients(
         return (grad / query_mask.sum(-1))[..., None].expand(shape)
     if aggregate == AGGREGATE_SUM:
         return grad[..., None].expand(shape)
-    masked = aligned.masked_fill(~query_mask, float("-inf"))
+    # One (Ni, Nt, Q) tensor, worked in place: the backward's working memory is a few of them.
+    weights = aligned.masked_fill(~query_mask, float("-inf"))
     if aggregate == AGGREGATE_MAX:  # the first arg-max query token takes it all, like .max(dim)
-        weights = F.one_hot(masked.argmax(-1), aligned.shape[-1]).to(aligned.dtype)
-    else:
-        weights = torch.softmax(masked / aggregate_tau, dim=-1)
-    return grad[..., None] * weights
+        first = weights.argmax(-1, keepdim=True)
+        weights.zero_().scatter_(-1, first, 1.0)
+    else:  # softmax over the valid tokens (every item has one: the row max is finite)
+        weights.div_(aggregate_tau)
+        weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        weights.div_(weights.sum(-1, keepdim=True))
+    return weights.mul_(grad[..., None])
 
 
 def _setup_context(ctx, inputs, output):
@@ -247,6 +251,9 @@ def _setup_context(ctx, inputs, output):
     align_tau, aggregate_tau, leaky = inputs[7:10]
     _, a_t2i, idx_t2i, a_i2t, idx_i2t = output
     ctx.mark_non_differentiable(a_t2i, a_i2t)
+    # The aligned values take no gradient: without this, autograd would hand the backward a
+    # zero tensor of their (Ni, Nt, L) shape, working memory as large as what is saved.
+    ctx.set_materialize_grads(False)
     ctx.options = (direction, align, aggregate, align_tau, aggregate_tau, leaky)
     ctx.save_for_backward(
         regions, words, region_lengths, word_lengths, a_t2i, idx_t2i, a_i2t, idx_i2t
@@ -259,6 +266,8 @@ def _make_backward(backward_op):
             ctx.saved_tensors
         )
         direction, align, aggregate, align_tau, aggregate_tau, leaky = ctx.options
+        if grad_scores is None:  # not materialised (see _setup_context): no gradient flows
+            return None, None, *([None] * 10)
         grad = grad_scores.to(torch.float64 if regions.dtype == torch.float64 else torch.float32)
         region_mask = (
             torch.arange(regions.shape[1], device=regions.device) < region_lengths[:, None]
