@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from _helpers.distributed import WORLD, as_torchrun_rank, free_port, spawn
+from _helpers.scores import FLOAT_SCORE, INTEGER_SCORE
 from conftest import SEED
 
 import fastalign
@@ -44,11 +45,6 @@ from fastalign.retrieval import (
     streaming_topk,
 )
 from fastalign.tokens import Tokens
-
-# Exact integer scores: t2i, max over regions, summed over words, on integer embeddings.
-INTEGER_SCORE = dict(direction="t2i", align="max", aggregate="sum")
-# The float score of the benchmarks (CHAN-style: max over regions, log-sum-exp over words).
-FLOAT_SCORE = dict(direction="t2i", align="max", aggregate="lse")
 
 
 @pytest.fixture(autouse=True, scope="module")

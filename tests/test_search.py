@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers.cli import one_error_line, run_main
+from _helpers.scores import FLOAT_SCORE, INTEGER_SCORE
 
 import fastalign.progress
 import fastalign.search
@@ -34,9 +35,6 @@ from fastalign.search import (
 )
 from fastalign.tokens import Tokens
 from fastalign.training import Trainer
-
-INTEGER_SCORE = dict(direction="t2i", align="max", aggregate="sum")
-FLOAT_SCORE = dict(direction="t2i", align="max", aggregate="lse")
 
 try:
     import faiss  # noqa: F401
