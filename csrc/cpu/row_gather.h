@@ -62,18 +62,22 @@ __attribute__((always_inline)) inline void sum_rows_block_body(
     static_assert(kWidth % 16 == 0);
     using Lanes = typename Lanes16<scalar_t>::type;
     constexpr int64_t kVectors = kStride / 16, kChains = kVectors >= 4 ? 1 : 4 / kVectors;
+    // Entry j adds to chain c: constant indices only, so that the chains stay in registers.
+    auto add = [&](Lanes* chain, int64_t j) {
+      const scalar_t* src = packed + static_cast<int64_t>(source[j]) * kStride;
+      const Lanes w = Lanes{} + weight[j];
+      for (int64_t v = 0; v < kVectors; ++v) {
+        Lanes x;
+        std::memcpy(&x, src + 16 * v, sizeof x);
+        chain[v] += w * x;
+      }
+    };
     for (int64_t a = row_begin; a < row_end; ++a) {
       Lanes acc[kChains][kVectors] = {};
-      for (int64_t j = start[a]; j < start[a + 1]; ++j) {
-        const scalar_t* src = packed + static_cast<int64_t>(source[j]) * kStride;
-        const Lanes w = Lanes{} + weight[j];
-        Lanes* chain = acc[(j - start[a]) % kChains];
-        for (int64_t v = 0; v < kVectors; ++v) {
-          Lanes x;
-          std::memcpy(&x, src + 16 * v, sizeof x);
-          chain[v] += w * x;
-        }
-      }
+      int64_t j = start[a];
+      for (; j + kChains <= start[a + 1]; j += kChains)
+        for (int64_t c = 0; c < kChains; ++c) add(acc[c], j + c);
+      for (; j < start[a + 1]; ++j) add(acc[0], j);
       for (int64_t v = 0; v < kVectors; ++v) {
         for (int64_t c = 1; c < kChains; ++c) acc[0][v] += acc[c][v];
         const int64_t p = v / (kWidth / 16), column = d0 + 16 * (v % (kWidth / 16));
