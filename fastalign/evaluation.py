@@ -294,8 +294,8 @@ def format_results(results: Mapping[str, float]) -> str:
 _NUMPY_FLOATS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)}
 
 
-def _check_features(name: str, x: object, shard: bool = False) -> None:
-    """3-D floating features with no empty dimension; a ``shard`` may hold no item."""
+def check_float_array(name: str, x: object) -> None:
+    """``x`` is a floating-point torch.Tensor, or a float16 / float32 / float64 numpy array."""
     if isinstance(x, np.ndarray):
         if x.dtype not in _NUMPY_FLOATS:
             raise TypeError(f"{name} must hold float16 / float32 / float64, got {x.dtype}")
@@ -304,6 +304,11 @@ def _check_features(name: str, x: object, shard: bool = False) -> None:
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _check_features(name: str, x: object, shard: bool = False) -> None:
+    """3-D floating features with no empty dimension; a ``shard`` may hold no item."""
+    check_float_array(name, x)
     if x.ndim != 3 or 0 in x.shape[1 if shard else 0 :]:
         empty = "tokens or D" if shard else "dimension"
         raise ValueError(

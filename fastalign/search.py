@@ -37,6 +37,7 @@ from fastalign.evaluation import (
     _check_features,
     _region_word_score,
     _split_tokens,
+    check_float_array,
     check_positive_int,
 )
 from fastalign.ops._checks import check_number
@@ -209,14 +210,7 @@ def global_embeddings(
 
 
 def _check_global(name: str, x: object, dim: int | None = None) -> None:
-    if isinstance(x, np.ndarray):
-        floating = x.dtype.kind == "f"
-    elif isinstance(x, Tensor):
-        floating = x.dtype.is_floating_point
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    if not floating:
-        raise TypeError(f"{name} must hold floating-point embeddings, got dtype {x.dtype}")
+    check_float_array(name, x)
     if x.ndim != 2 or 0 in x.shape or (dim is not None and x.shape[1] != dim):
         expected = "(N, D)" if dim is None else f"(N, {dim})"
         raise ValueError(f"{name} must have shape {expected} with N >= 1, got {tuple(x.shape)}")

@@ -18,8 +18,7 @@
 
 namespace fastalign {
 
-// Used when neither the C library nor sysfs says (the smallest of today's x86 cores).
-constexpr int64_t kFallbackL1Bytes = 32 << 10;
+// Used when neither the C library nor sysfs says (the smallest L2 of today's x86 cores).
 constexpr int64_t kFallbackL2Bytes = 512 << 10;
 
 // One core's level-`level` data (or unified) cache in bytes from sysfs, or 0.
@@ -54,11 +53,7 @@ inline int64_t cache_bytes(const char* env_name, int64_t reported, int64_t fallb
   return reported > 0 ? reported : fallback;
 }
 
-// One core's L1 data cache and L2 cache in bytes.
-inline int64_t l1_bytes() {
-  static const int64_t reported = reported_cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 1);
-  return cache_bytes("FASTALIGN_L1_BYTES", reported, kFallbackL1Bytes);
-}
+// One core's L2 cache in bytes: the block sizes' budget.
 inline int64_t l2_bytes() {
   static const int64_t reported = reported_cache_bytes(_SC_LEVEL2_CACHE_SIZE, 2);
   return cache_bytes("FASTALIGN_L2_BYTES", reported, kFallbackL2Bytes);

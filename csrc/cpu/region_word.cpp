@@ -269,8 +269,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_wo
     // when they hold padding.
     const int64_t n_image_groups = static_cast<int64_t>(image_groups.size()) - 1;
     const int64_t n_caption_groups = static_cast<int64_t>(caption_groups.size()) - 1;
-    const int64_t wave = std::min(n_caption_groups,
-                                  ceil_div(at::get_num_threads(), std::max<int64_t>(1, n_image_groups)));
+    const int64_t wave = std::min(
+        n_caption_groups, ceil_div(at::get_num_threads(), std::max<int64_t>(1, n_image_groups)));
     std::vector<at::Tensor> word_buffers(wave), word_rows(wave);
     for (int64_t h0 = 0; h0 < n_caption_groups; h0 += wave) {
       const int64_t groups = std::min(wave, n_caption_groups - h0);
@@ -428,7 +428,8 @@ void backward_max_side(const MaxSide<scalar_t, acc_t>& own, const MaxSide<scalar
   int64_t all_terms = 0;
   for (int64_t o = 0; o < own.items; ++o) all_terms += item_terms(o);
   const int64_t threads = at::get_num_threads();
-  const int64_t n_chunks = threads * std::max<int64_t>(1, ceil_div(all_terms, threads * kChunkEntries));
+  const int64_t n_chunks =
+      threads * std::max<int64_t>(1, ceil_div(all_terms, threads * kChunkEntries));
   const int64_t target = std::max<int64_t>(1, ceil_div(all_terms, n_chunks));
   std::vector<int64_t> chunks{0};
   int64_t terms = 0;

@@ -44,7 +44,8 @@ struct Lanes16<double> {
 // outs[p] + a * ld + d0 = the sum of weight[j] * part p of packed row source[j] (packed rows hold
 // kParts slices of kWidth columns each). Vector accumulators stay in registers while a row's
 // entries stream by; narrow blocks rotate entries over several sets of them (four vectors in
-// all), so that consecutive entries do not wait on each other's multiply-add. kWidth 1: the last dim % 16 columns.
+// all), so that consecutive entries do not wait on each other's multiply-add. kWidth 1: the
+// last dim % 16 columns.
 template <int64_t kWidth, int64_t kParts, typename scalar_t>
 __attribute__((always_inline)) inline void sum_rows_block_body(
     const int64_t* start, const int32_t* source, const scalar_t* weight, int64_t row_begin,
