@@ -116,6 +116,20 @@ def test_cpu_every_path_matches_reference(cpu_path, dim):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize(
+    "variable,value",
+    [("FASTALIGN_CPU_ISA", "avx9"), ("FASTALIGN_L2_BYTES", "1M"), ("FASTALIGN_L2_BYTES", "0")],
+)
+def test_bad_cpu_path_variables_are_refused(monkeypatch, variable, value):
+    """A mistyped stand-in for the machine is an error naming it, never silently ignored."""
+    monkeypatch.setenv(variable, value)
+    regions, words, rl, wl = make_inputs(3, 4, 5, 6, 20, dtype=torch.float32)
+    regions.requires_grad_()
+    with pytest.raises(ValueError, match=f"{variable} must be .*got '{value}'"):
+        fastalign.region_word_similarity(regions, words, rl, wl, backend="cpu").sum().backward()
+
+
+@needs_cpu_kernel
 def test_padding_never_matters_and_gets_no_gradient():
     regions, words, rl, wl = make_inputs(4, 6, 8, 10, 12, padding_value=1e3, seed=3)
     clean_r, clean_w, _, _ = make_inputs(4, 6, 8, 10, 12, padding_value=0.0, seed=3)

@@ -4,6 +4,7 @@
 // picks the best the CPU has), and the block arithmetic the kernels share.
 #pragma once
 
+#include <c10/util/Exception.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,12 +44,15 @@ inline int64_t reported_cache_bytes(int sysconf_name, int level) {
   return from_libc > 0 ? static_cast<int64_t>(from_libc) : sysfs_cache_bytes(level);
 }
 
-// FASTALIGN_<NAME>_BYTES when set (tests run the kernels under other caches' block sizes),
-// else the reported size, else the fallback.
+// FASTALIGN_<NAME>_BYTES when set (tests run the kernels under other caches' block sizes;
+// anything but a positive integer is refused), else the reported size, else the fallback.
 inline int64_t cache_bytes(const char* env_name, int64_t reported, int64_t fallback) {
   if (const char* value = std::getenv(env_name)) {
-    const int64_t bytes = std::strtoll(value, nullptr, 10);
-    if (bytes > 0) return bytes;
+    char* end = nullptr;
+    const long long bytes = std::strtoll(value, &end, 10);
+    TORCH_CHECK_VALUE(end != value && *end == '\0' && bytes > 0, env_name,
+                      " must be a positive number of bytes, got '", value, "'");
+    return bytes;
   }
   return reported > 0 ? reported : fallback;
 }
@@ -63,8 +67,8 @@ inline int64_t l2_bytes() {
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
 // The best level this CPU runs, or a lower one named by FASTALIGN_CPU_ISA ("avx2" or
-// "baseline": tests run every path on one machine); a name above the CPU's level, or unknown,
-// leaves the CPU's.
+// "baseline": tests run every path on one machine; "avx2" on a CPU without it leaves the
+// CPU's level; any other name is refused).
 inline Isa cpu_isa() {
 #ifdef FASTALIGN_X86_ISAS
   static const Isa supported = __builtin_cpu_supports("x86-64-v4")   ? Isa::kAvx512
@@ -76,8 +80,9 @@ inline Isa cpu_isa() {
   const char* requested = std::getenv("FASTALIGN_CPU_ISA");
   if (requested == nullptr) return supported;
   const std::string name(requested);
-  const Isa wanted = name == "baseline" ? Isa::kBaseline : name == "avx2" ? Isa::kAvx2 : supported;
-  return std::min(wanted, supported);
+  TORCH_CHECK_VALUE(name == "baseline" || name == "avx2", "FASTALIGN_CPU_ISA must be 'avx2' or ",
+                    "'baseline' (a level below the CPU's own), got '", name, "'");
+  return std::min(name == "baseline" ? Isa::kBaseline : Isa::kAvx2, supported);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
